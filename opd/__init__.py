@@ -1,0 +1,25 @@
+"""draft-opd: speculative decoding and on-policy distillation of draft models, in JAX.
+
+Public API (kept stable; notebooks and outside checks use it):
+  opd.load_target(path) -> opd.Target
+  opd.generate(target, prompts, max_new_tokens=..., temperature=0.0, seed=0)
+"""
+
+from opd.checkpoints.errors import CheckpointError
+from opd.decoding.batching import PromptError
+from opd.decoding.generate import GenerateOutput, generate
+from opd.decoding.sampling import SamplingParams
+from opd.models.config import ConfigError, TransformerConfig
+from opd.target import Target, load_target
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "GenerateOutput",
+    "PromptError",
+    "SamplingParams",
+    "Target",
+    "TransformerConfig",
+    "generate",
+    "load_target",
+]
