@@ -112,8 +112,10 @@ class TransformerConfig:
         except KeyError as e:
             raise ConfigError(f"config.json is missing required key {e.args[0]!r}") from None
         # transformers >= 5 nests rope settings under `rope_parameters`.
-        rope = dict(hf.get("rope_scaling") or {})
-        rope.update(hf.get("rope_parameters") or {})
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = dict(hf.get("rope_scaling") or {})
+        if legacy.get("rope_type", legacy.get("type", "default")) != "default":
+            rope.update(legacy)
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = None
         rtype = rope.get("rope_type", rope.get("type", "default"))

