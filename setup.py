@@ -1,0 +1,33 @@
+"""draft-opd: speculative decoding and on-policy distillation of draft models, in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="draft-opd",
+    version="0.1.0",
+    description="Lossless speculative decoding (EAGLE-3, DFlash) and Draft-OPD drafter training in JAX",
+    python_requires=">=3.10",
+    packages=find_packages(include=["opd", "opd.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "grain>=0.2.10",
+        "array_record>=0.7",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "safetensors>=0.4",
+        "gguf>=0.16",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # Parity checks against PyTorch/transformers only; never imported by the library.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate"],
+    },
+)
