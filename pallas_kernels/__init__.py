@@ -1,0 +1,1 @@
+"""Pallas kernels of draft-opd (each with a plain-jnp reference beside it)."""
