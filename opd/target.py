@@ -64,10 +64,11 @@ def load_target(path: str, *, dtype: str = "float32", param_dtype: str = "float3
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise CheckpointError(f"{path}: a file checkpoint must be a .gguf file (or pass an HF directory)")
-        from opd.checkpoints.gguf_file import read_gguf_checkpoint, read_gguf_metadata
+        from opd.checkpoints.gguf_file import open_gguf, read_gguf_checkpoint, read_gguf_metadata
 
-        config, state = read_gguf_checkpoint(path)
-        tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+        reader = open_gguf(path)
+        config, state = read_gguf_checkpoint(path, reader)
+        tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(reader))
     else:
         from opd.checkpoints.hf import read_hf_checkpoint
 

@@ -269,7 +269,7 @@ def _config_from_gguf(reader, tensor_names: set[str], source: str):
     return cfg
 
 
-def read_gguf_checkpoint(path: str) -> tuple["TransformerConfig", dict[str, np.ndarray]]:
+def read_gguf_checkpoint(path: str, reader=None) -> tuple["TransformerConfig", dict[str, np.ndarray]]:
     """Reads a llama / qwen2 / qwen3 GGUF file into `(TransformerConfig, state_dict)`.
 
     Tensors are dequantised to float32 and renamed/laid out as HF transformers does
@@ -282,7 +282,7 @@ def read_gguf_checkpoint(path: str) -> tuple["TransformerConfig", dict[str, np.n
     from opd.checkpoints.hf import validate_state_dict
 
     path = os.fspath(path)
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)  # pass one to avoid parsing twice
     if getattr(reader, "endianess", 0) != 0:
         raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
     file_size = os.path.getsize(path)

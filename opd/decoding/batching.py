@@ -1,7 +1,7 @@
 """Prompt preparation shared by every generator: encode, validate, pad and bucket.
 
-Shapes are bucketed (batch and prompt length to powers of two, cache length to a multiple
-of 128) so repeated calls with similar prompts reuse compiled programs.
+Shapes are bucketed (batch to powers of two, prompt length to 2^k or 1.5 * 2^k, cache length
+to a multiple of 128) so repeated calls with similar prompts reuse compiled programs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ class PromptError(ValueError):
 
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest of {2^k, 1.5 * 2^k} >= n (and >= minimum): at most a third of a prefill is padding."""
+    p = next_pow2(n, minimum)
+    return p * 3 // 4 if p * 3 // 4 >= max(n, minimum) else p
 
 
 def round_up(n: int, multiple: int) -> int:

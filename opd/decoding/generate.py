@@ -99,7 +99,7 @@ def generate(
     for start in range(0, len(ids), bs):
         chunk = ids[start : start + bs]
         B = batching.next_pow2(len(chunk))
-        P = batching.next_pow2(max(len(x) for x in chunk), minimum=16)
+        P = batching.bucket_length(max(len(x) for x in chunk))
         cache_len = min(batching.round_up(P + max_new_tokens, 128), batching.round_up(config.max_position_embeddings, 128))
         cache_len = max(cache_len, P + max_new_tokens)
         toks, lens, valid = batching.pad_batch(chunk, config.pad_token_id or 0, B, P)

@@ -31,22 +31,31 @@ _NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
-    """Keys/values of every layer, `[L, B, S, K, H]`, and the number of valid positions per row."""
+    """Keys/values of every layer and the number of valid positions per row.
 
-    k: jax.Array
-    v: jax.Array
+    `k`, `v`: a tuple of L arrays `[B, K, S, H]` (unrolled layers) or one stacked
+    `[L, B, K, S, H]` array (`config.scan_layers`)."""
+
+    k: Any
+    v: Any
     lengths: jax.Array  # [B] int32
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return jax.tree.leaves(self.k)[0].shape[-2]
 
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` rows and `max_len` positions."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if config.scan_layers:
+        shape = (config.num_layers,) + shape
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), lengths)
+    # Separate per-layer buffers: each is updated in place without slicing a stacked array.
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)), lengths)
 
 
 class ForwardOut(NamedTuple):
@@ -138,30 +147,46 @@ class Attention(nn.Module):
         k = apply_rope(k, positions_BT, inv_freq)
 
         B, T = x_BTD.shape[:2]
+        k = k.transpose(0, 2, 1, 3)  # [B, K, T, H]: the cache layout, contiguous per (row, kv head)
+        v = v.transpose(0, 2, 1, 3)
         if cache_kv is None:
             keys, values = k, v
             key_pos_BS = positions_BT
             new_cache = None
         else:
             k_all, v_all, lengths = cache_kv
-            rows = jnp.arange(B)[:, None]
-            cols = lengths[:, None] + jnp.arange(T)[None, :]  # [B, T] write slots
-            k_all = k_all.at[layer_idx, rows, cols].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[layer_idx, rows, cols].set(v.astype(v_all.dtype), mode="drop")
-            keys = k_all[layer_idx].astype(dt)
-            values = v_all[layer_idx].astype(dt)
-            S = keys.shape[1]
+            # One in-place dynamic_update_slice per row: a scatter with per-row indices
+            # lowers on CPU to a loop over the *whole* cache, costing O(L*B*S) per layer.
+            if isinstance(k_all, tuple):  # unrolled layers: one [B, K, S, H] array per layer
+                k_l, v_l = k_all[layer_idx], v_all[layer_idx]
+                for b in range(B):
+                    start = (b, 0, lengths[b], 0)
+                    k_l = jax.lax.dynamic_update_slice(k_l, k[b][None].astype(k_l.dtype), start)
+                    v_l = jax.lax.dynamic_update_slice(v_l, v[b][None].astype(v_l.dtype), start)
+                k_all = k_all[:layer_idx] + (k_l,) + k_all[layer_idx + 1 :]
+                v_all = v_all[:layer_idx] + (v_l,) + v_all[layer_idx + 1 :]
+            else:  # scanned layers: stacked [L, B, K, S, H], traced layer index
+                for b in range(B):
+                    start = (layer_idx, b, 0, lengths[b], 0)
+                    k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), start)
+                    v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), start)
+                k_l, v_l = k_all[layer_idx], v_all[layer_idx]
+            keys, values = k_l.astype(dt), v_l.astype(dt)
+            S = keys.shape[2]
             key_pos_BS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
             new_cache = (k_all, v_all)
 
         G = c.q_per_kv
-        q = q.reshape(B, T, K, G, H)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+        # Queries of one kv group side by side: [B, K, G*T, H].
+        q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+        scores = jnp.einsum("bkqh,bksh->bkqs", q, keys, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / np.sqrt(H))
         mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
-        scores = jnp.where(mask_BTS[:, None, None], scores, _NEG_INF)
+        mask_BQS = jnp.broadcast_to(mask_BTS[:, None], (B, G, T, mask_BTS.shape[-1])).reshape(B, G * T, -1)
+        scores = jnp.where(mask_BQS[:, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(B, T, N, H)
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, values)
+        out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
         return out, new_cache
 
