@@ -76,10 +76,24 @@ STAGES: dict[str, Callable] = {
 }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks config values before any work starts; raises ValueError naming the field."""
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown} in config.stages; available: {sorted(STAGES)}")
+    if config.target.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.target.dtype must be float32 or bfloat16, got {config.target.dtype!r}")
+    if "chat" in config.stages:
+        c = config.chat
+        for field in ("num_prompts", "batch_size", "max_new_tokens"):
+            if int(c[field]) < 1:
+                raise ValueError(f"config.chat.{field} must be >= 1, got {c[field]}")
+        if not c.temperature >= 0:
+            raise ValueError(f"config.chat.temperature must be >= 0, got {c.temperature}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    validate(config)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))

@@ -1,0 +1,57 @@
+"""The launcher runs a config's stages into a workdir and resumes from what is there."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(workdir, config="experiments/quickstart.py:tiny"):
+    return subprocess.run(
+        [sys.executable, "-m", "opd.main", f"--config={config}", f"--workdir={workdir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_runs_and_resumes(tmp_path):
+    first = _launch(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with open(tmp_path / "chat" / "responses.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 2 and all(r["num_tokens"] > 0 and r["response"] for r in records)
+    assert json.load(open(tmp_path / "fetch_assets" / "paths.json"))["smollm2_gguf"].endswith(".gguf")
+    second = _launch(tmp_path)  # everything is there: nothing is generated again
+    assert second.returncode == 0
+    assert "2 responses already in" in second.stderr
+    assert records[0]["response"] in second.stdout
+
+
+def test_bad_config_values_are_clear_errors(tmp_path):
+    bad = _launch(tmp_path, "experiments/quickstart.py:huge")
+    assert bad.returncode != 0 and "unknown variant 'huge'" in bad.stderr
+
+
+def test_validate_names_the_bad_field():
+    import importlib.util
+
+    from opd import pipeline
+
+    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "experiments", "quickstart.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for field, value, message in [
+        ("stages", ["fetch_assets", "train_everything"], "unknown stage"),
+        ("chat.max_new_tokens", 0, "chat.max_new_tokens must be >= 1"),
+        ("chat.temperature", -0.5, "chat.temperature must be >= 0"),
+        ("target.dtype", "float8", "target.dtype"),
+    ]:
+        config = mod.get_config("tiny")
+        node, _, leaf = field.rpartition(".")
+        (config[node] if node else config)[leaf] = value
+        with pytest.raises(ValueError, match=message):
+            pipeline.validate(config)
