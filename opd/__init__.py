@@ -3,11 +3,16 @@
 Public API (kept stable; notebooks and outside checks use it):
   opd.load_target(path) -> opd.Target
   opd.generate(target, prompts, max_new_tokens=..., temperature=0.0, seed=0)
+  opd.init_drafter("ngram" | "lm", target, seed=0, **overrides) -> opd.Drafter
+  opd.speculative_generate(target, drafter, prompts, max_new_tokens=..., num_draft_tokens=K,
+                           temperature=0.0, seed=0)
 """
 
 from opd.checkpoints.errors import CheckpointError
 from opd.decoding.batching import PromptError
 from opd.decoding.generate import GenerateOutput, generate
+from opd.decoding.speculative import speculative_generate
+from opd.drafters import Drafter, init_drafter
 from opd.decoding.sampling import SamplingParams
 from opd.models.config import ConfigError, TransformerConfig
 from opd.target import Target, load_target
@@ -15,11 +20,14 @@ from opd.target import Target, load_target
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "Drafter",
     "GenerateOutput",
     "PromptError",
     "SamplingParams",
     "Target",
     "TransformerConfig",
     "generate",
+    "init_drafter",
     "load_target",
+    "speculative_generate",
 ]

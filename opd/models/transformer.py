@@ -64,6 +64,26 @@ class ForwardOut(NamedTuple):
     cache: Optional[KVCache]
 
 
+# Batches up to this size update caches with one in-place dynamic_update_slice per row; a
+# scatter with per-row indices lowers on CPU to a loop over the whole buffer (measured 2.4x
+# slower decoding at batch 8), but unrolling costs compile time for large batches.
+_UNROLL_ROWS = 16
+
+
+def update_rows(buf: jax.Array, new: jax.Array, start_B: jax.Array, axis: int) -> jax.Array:
+    """`buf[b, ..., start_B[b] : start_B[b] + T, ...] = new[b]`, slicing `axis` (>= 1) of buf."""
+    B = buf.shape[0]
+
+    def starts(s):
+        return tuple(s if a == axis - 1 else 0 for a in range(buf.ndim - 1))
+
+    if B <= _UNROLL_ROWS:
+        for b in range(B):
+            buf = jax.lax.dynamic_update_slice(buf, new[b][None], (b,) + starts(start_B[b]))
+        return buf
+    return jax.vmap(lambda x, u, s: jax.lax.dynamic_update_slice(x, u, starts(s)))(buf, new, start_B)
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 
@@ -155,22 +175,16 @@ class Attention(nn.Module):
             new_cache = None
         else:
             k_all, v_all, lengths = cache_kv
-            # One in-place dynamic_update_slice per row: a scatter with per-row indices
-            # lowers on CPU to a loop over the *whole* cache, costing O(L*B*S) per layer.
             if isinstance(k_all, tuple):  # unrolled layers: one [B, K, S, H] array per layer
-                k_l, v_l = k_all[layer_idx], v_all[layer_idx]
-                for b in range(B):
-                    start = (b, 0, lengths[b], 0)
-                    k_l = jax.lax.dynamic_update_slice(k_l, k[b][None].astype(k_l.dtype), start)
-                    v_l = jax.lax.dynamic_update_slice(v_l, v[b][None].astype(v_l.dtype), start)
+                k_l = update_rows(k_all[layer_idx], k.astype(k_all[0].dtype), lengths, axis=2)
+                v_l = update_rows(v_all[layer_idx], v.astype(v_all[0].dtype), lengths, axis=2)
                 k_all = k_all[:layer_idx] + (k_l,) + k_all[layer_idx + 1 :]
                 v_all = v_all[:layer_idx] + (v_l,) + v_all[layer_idx + 1 :]
             else:  # scanned layers: stacked [L, B, K, S, H], traced layer index
-                for b in range(B):
-                    start = (layer_idx, b, 0, lengths[b], 0)
-                    k_all = jax.lax.dynamic_update_slice(k_all, k[b][None, None].astype(k_all.dtype), start)
-                    v_all = jax.lax.dynamic_update_slice(v_all, v[b][None, None].astype(v_all.dtype), start)
-                k_l, v_l = k_all[layer_idx], v_all[layer_idx]
+                k_l = update_rows(k_all[layer_idx], k.astype(k_all.dtype), lengths, axis=2)
+                v_l = update_rows(v_all[layer_idx], v.astype(v_all.dtype), lengths, axis=2)
+                k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, layer_idx, 0)
+                v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, layer_idx, 0)
             keys, values = k_l.astype(dt), v_l.astype(dt)
             S = keys.shape[2]
             key_pos_BS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))

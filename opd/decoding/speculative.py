@@ -1,0 +1,197 @@
+"""Lossless speculative decoding: draft K tokens, verify them in one target forward over K+1
+positions, commit the accepted prefix + one target token; the whole generation is one jitted
+`lax.while_loop`.
+
+Invariants per row b: `seq[b, :seq_len[b]]` is the committed text (prompt + generated); its
+last token is *pending* (its target logits are computed by the next verify pass); the
+target's KV cache (and an LM drafter's) holds exactly the first `seq_len[b] - 1` tokens.
+
+Axis letters: B batch, P padded prompt, S sequence/cache length, K draft tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd.decoding import batching
+from opd.decoding.generate import GenerateOutput, prefill
+from opd.decoding.sampling import SamplingParams, sample
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec
+from opd.models import transformer as tfm
+from opd.models.config import TransformerConfig
+
+VERIFY_IMPLS = ("reference", "pallas")
+
+
+def _verify(impl: str, logits_BKV1, d_BK, logq_BKV, key, sp: SamplingParams):
+    if impl == "pallas":
+        from pallas_kernels.verify import verify
+
+        return verify(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p,
+                      interpret=jax.default_backend() == "cpu")
+    from pallas_kernels.verify import verify_reference
+
+    return verify_reference(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("tconfig", "dspec", "sp", "num_draft", "max_new_tokens", "cache_len", "verify_impl"),
+)
+def _speculative_jit(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *,
+                     tconfig: TransformerConfig, dspec: DrafterSpec, sp: SamplingParams, num_draft: int,
+                     max_new_tokens: int, cache_len: int, verify_impl: str):
+    B, P = tokens_BP.shape
+    K, N = num_draft, max_new_tokens
+    aux_layers = tuple(dspec.target_hidden_layers)
+
+    # Prefill: the prompt into the target cache, first token from the target (not a verify round).
+    tcache, last_BD, pre = prefill(tparams, tconfig, tokens_BP, lengths_B, cache_len, hidden_layers=aux_layers)
+    key, k0 = jax.random.split(key)
+    first_B = sample(k0, tfm.lm_head(tparams, tconfig, last_BD), sp)
+    seq_BS = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(tokens_BP)
+    seq_BS = tfm.update_rows(seq_BS, first_B[:, None], lengths_B, axis=1)
+    seq_len_B = lengths_B + 1
+    pre_ctx = DraftContext(seq_BS[:, : P + 1], seq_len_B)
+    dstate = dspec.prefill(dparams, pre_ctx, pre.aux_hidden, cache_len)
+    n_gen_B = jnp.where(done_B, 0, 1).astype(jnp.int32)
+    done_B = done_B | jnp.isin(first_B, eos_ids) | (n_gen_B >= N)
+
+    def cond(s):
+        return (s["round"] < N) & ~jnp.all(s["done"])
+
+    def body(s):
+        key, kd, kv = jax.random.split(s["key"], 3)
+        ctx = DraftContext(s["seq"], s["seq_len"])
+        d_BK, logq_BKV, dstate = dspec.propose(dparams, s["dstate"], ctx, kd, K, sp)
+        inp_BK1 = jnp.concatenate([ctx.pending()[:, None], d_BK], axis=1)
+        o = tfm.forward(tparams, tconfig, inp_BK1, cache=s["tcache"], hidden_layers=aux_layers)
+        logits_BKV1 = tfm.lm_head(tparams, tconfig, o.hidden_BTD)
+        res = _verify(verify_impl, logits_BKV1, d_BK, logq_BKV, kv, sp)
+        active = ~s["done"]
+        n_B = jnp.where(active, res.num_accepted, 0)
+        # Committed this round: d_1..d_n, then the correction/bonus token.
+        offs = jnp.arange(K + 1)[None]
+        new_BK1 = jnp.where(offs < n_B[:, None], jnp.pad(d_BK, ((0, 0), (0, 1))), res.next_token[:, None])
+        count_B = jnp.where(active, jnp.minimum(n_B + 1, N - s["n_gen"]), 0)
+        seq = tfm.update_rows(s["seq"], jnp.where(active[:, None], new_BK1, 0), s["seq_len"], axis=1)
+        seq_len = s["seq_len"] + jnp.where(active, n_B + 1, 0)
+        hit_eos = jnp.any(jnp.isin(new_BK1, eos_ids) & (offs < count_B[:, None]), axis=1)
+        n_gen = s["n_gen"] + count_B
+        new_ctx = DraftContext(seq, seq_len)
+        return {
+            "round": s["round"] + 1,
+            "key": key,
+            "seq": seq,
+            "seq_len": seq_len,
+            "tcache": o.cache._replace(lengths=seq_len - 1),
+            "dstate": dspec.commit(dparams, dstate, new_ctx, n_B, o.aux_hidden),
+            "n_gen": n_gen,
+            "done": s["done"] | hit_eos | (n_gen >= N),
+            "rounds": s["rounds"] + active.astype(jnp.int32),
+            "committed": s["committed"] + count_B,
+            # accept_hist[n] = active rounds that accepted exactly n drafts
+            "accept_hist": s["accept_hist"] + jnp.sum(jax.nn.one_hot(n_B, K + 1, dtype=jnp.int32) * active[:, None], axis=0),
+        }
+
+    state = {
+        "round": jnp.int32(0), "key": key, "seq": seq_BS, "seq_len": seq_len_B, "tcache": tcache,
+        "dstate": dstate, "n_gen": n_gen_B, "done": done_B,
+        "rounds": jnp.zeros((B,), jnp.int32), "committed": jnp.zeros((B,), jnp.int32),
+        "accept_hist": jnp.zeros((K + 1,), jnp.int32),
+    }
+    s = jax.lax.while_loop(cond, body, state)
+    return s["seq"], s["n_gen"], s["round"], s["rounds"], s["committed"], s["accept_hist"]
+
+
+def check_compatible(target, drafter: Drafter) -> None:
+    """Raises ValueError when drafter and target do not share a vocabulary/tokenizer."""
+    if drafter.spec.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"vocab mismatch: drafter ({drafter.kind}) has vocab_size {drafter.spec.vocab_size}, "
+            f"target has {target.config.vocab_size}"
+        )
+    tt, dt = target.tokenizer, drafter.tokenizer
+    if tt is not None and dt is not None and tt is not dt:
+        if tt.backend.get_vocab(with_added_tokens=True) != dt.backend.get_vocab(with_added_tokens=True):
+            raise ValueError(f"tokenizer mismatch: the {drafter.kind} drafter's tokenizer maps tokens to different ids than the target's")
+
+
+def speculative_generate(
+    target,
+    drafter: Drafter,
+    prompts: Sequence[batching.Prompt],
+    max_new_tokens: int = 128,
+    num_draft_tokens: int = 4,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
+    verify_impl: str = "reference",
+) -> GenerateOutput:
+    """Speculative generation; the output distribution is exactly the target's.
+
+    Args as `opd.generate`, plus the drafter, `num_draft_tokens` (K) and `verify_impl`
+    ("reference" jnp or the "pallas" blockwise kernel; identical tokens for the same seed).
+    Returns GenerateOutput; `stats` has tau (committed tokens per verify round, bonus
+    included), acceptance_by_offset, target_forwards, generated_tokens, seconds.
+    """
+    sp = SamplingParams(temperature, top_k, top_p)
+    if int(num_draft_tokens) < 1:
+        raise ValueError(f"num_draft_tokens (K) must be >= 1, got {num_draft_tokens}")
+    if verify_impl not in VERIFY_IMPLS:
+        raise ValueError(f"verify_impl must be one of {VERIFY_IMPLS}, got {verify_impl!r}")
+    check_compatible(target, drafter)
+    K, config = int(num_draft_tokens), target.config
+    ids = batching.encode_prompts(target, prompts)
+    # A round may write K + 1 cache slots past the committed text.
+    batching.check_lengths(ids, max_new_tokens, config.max_position_embeddings, extra=K + 1)
+    eos = tuple(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    bs = batch_size or len(ids)
+    key = jax.random.PRNGKey(seed)
+    results, forwards, rounds, committed = [], 0, 0, 0
+    hist = np.zeros(K + 1, np.int64)
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), bs):
+        chunk = ids[start : start + bs]
+        B = batching.next_pow2(len(chunk))
+        P = batching.bucket_length(max(len(x) for x in chunk))
+        cache_len = batching.round_up(P + max_new_tokens + 2 * (K + 1), 128)
+        toks, lens, valid = batching.pad_batch(chunk, config.pad_token_id or 0, B, P)
+        key, sub = jax.random.split(key)
+        seq, n_gen, n_rounds, row_rounds, row_committed, acc_hist = _speculative_jit(
+            target.params, drafter.params, toks, lens, ~valid, sub, eos_arr,
+            tconfig=config, dspec=drafter.spec, sp=sp, num_draft=K, max_new_tokens=max_new_tokens,
+            cache_len=cache_len, verify_impl=verify_impl,
+        )
+        seq, n_gen = np.asarray(seq), np.asarray(n_gen)
+        forwards += int(n_rounds) + 1
+        rounds += int(np.asarray(row_rounds).sum())
+        committed += int(np.asarray(row_committed).sum())
+        hist += np.asarray(acc_hist)
+        for r, p in enumerate(chunk):
+            results.append(batching.truncate_at_eos(seq[r, len(p) : len(p) + n_gen[r]], max_new_tokens, eos))
+    seconds = time.perf_counter() - t0
+    generated = sum(len(r) for r in results)
+    reached = hist[::-1].cumsum()[::-1]  # reached[i] = rounds with n >= i
+    stats = {
+        "tau": committed / rounds if rounds else float("nan"),
+        "acceptance_by_offset": [float(reached[i + 1] / reached[i]) if reached[i] else float("nan") for i in range(K)],
+        "target_forwards": forwards,
+        "verify_rounds": rounds,
+        "generated_tokens": generated,
+        "seconds": seconds,
+        "tokens_per_second": generated / seconds if seconds > 0 else float("nan"),
+        "num_draft_tokens": K,
+    }
+    return GenerateOutput(results, stats)

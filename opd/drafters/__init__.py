@@ -1,0 +1,30 @@
+"""Drafters for speculative decoding, behind one interface (`opd.drafters.base`)."""
+
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec
+
+KINDS = ("ngram", "lm")
+
+
+def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
+    """Builds a drafter for `target`.
+
+    kinds: "ngram" (prompt lookup; overrides max_ngram, min_ngram) and "lm" (an independent
+    small LM: pass `model=<opd.Target with the target's vocabulary>`).
+    """
+    if kind == "ngram":
+        from opd.drafters.ngram import NGramSpec
+
+        return Drafter(NGramSpec(vocab_size=target.config.vocab_size, **overrides), None)
+    if kind == "lm":
+        from opd.drafters.lm import LMSpec
+
+        model = overrides.pop("model", None)
+        if model is None:
+            raise ValueError('init_drafter("lm", target, model=...) needs the small LM (an opd.Target)')
+        if overrides:
+            raise ValueError(f"unknown options for the lm drafter: {sorted(overrides)}")
+        return Drafter(LMSpec(vocab_size=model.config.vocab_size, config=model.config), model.params, model.tokenizer)
+    raise ValueError(f"unknown drafter kind {kind!r}; available: {KINDS}")
+
+
+__all__ = ["DraftContext", "Drafter", "DrafterSpec", "KINDS", "init_drafter"]
