@@ -6,6 +6,7 @@ there, so an interrupted launch resumes by running the same command again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -25,10 +26,16 @@ def resolve_path(spec: str) -> str:
 
 
 def load_target_from_config(config: ml_collections.ConfigDict):
+    """The config's target, loaded once per process (stages of one launch share it)."""
+    t = config.target
+    return _load_target_cached(resolve_path(t.path), t.dtype, t.scan_layers)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_target_cached(path: str, dtype: str, scan_layers: bool):
     from opd.target import load_target
 
-    t = config.target
-    return load_target(resolve_path(t.path), dtype=t.dtype, scan_layers=t.scan_layers)
+    return load_target(path, dtype=dtype, scan_layers=scan_layers)
 
 
 def stage_fetch_assets(config, workdir: str) -> dict:
@@ -70,9 +77,94 @@ def stage_chat(config, workdir: str) -> list:
     return records
 
 
+EVAL_DRAFTERS = ("none", "ngram")  # drafter kinds the eval stage can build from a config alone
+_EVAL_RUN_REQUIRED = ("name", "drafter", "prompt_set")
+_EVAL_INT_FIELDS = ("num_prompts", "batch_size", "max_new_tokens", "num_draft_tokens", "repeats")
+
+
+def eval_runs(config: ml_collections.ConfigDict) -> list[dict]:
+    """`config.eval.runs` with the block's defaults filled in; raises ValueError naming the bad field.
+
+    Every key of `config.eval` other than `runs` is a default a run may override.
+    """
+    import re
+
+    from opd.data.assets import PROMPT_SETS
+
+    if "eval" not in config:
+        raise ValueError("config.stages has 'eval' but the config has no `eval` block (see experiments/quickstart.py)")
+    e = config.eval
+    defaults = {k: v for k, v in e.items() if k != "runs"}
+    runs, names = [], set()
+    if not e.runs:
+        raise ValueError("config.eval.runs is empty: list at least one run (name, drafter, prompt_set)")
+    for i, run in enumerate(e.runs):
+        where = f"config.eval.runs[{i}]"
+        if not isinstance(run, (dict, ml_collections.ConfigDict)):
+            raise ValueError(f"{where} must be a dict, got {type(run).__name__}")
+        run = dict(run)
+        missing = [k for k in _EVAL_RUN_REQUIRED if k not in run]
+        unknown = sorted(set(run) - set(_EVAL_RUN_REQUIRED) - set(defaults))
+        if missing or unknown:
+            raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}; "
+                             f"allowed: {sorted(set(_EVAL_RUN_REQUIRED) | set(defaults))}")
+        r = {**defaults, **run}
+        where = f"{where} ({r['name']!r})"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(r["name"])) or r["name"] in names:
+            raise ValueError(f"{where}: name must be unique and use only letters, digits, '_', '.', '-'")
+        names.add(r["name"])
+        if r["drafter"] not in EVAL_DRAFTERS:
+            raise ValueError(f"{where}: drafter must be one of {EVAL_DRAFTERS}, got {r['drafter']!r}")
+        ps = str(r["prompt_set"])
+        if ps not in PROMPT_SETS and not (ps.endswith((".jsonl", ".jsonl.gz")) and os.path.isfile(os.path.expanduser(ps))):
+            raise ValueError(f"{where}: prompt_set must be one of {list(PROMPT_SETS)} or an existing .jsonl file, got {ps!r}")
+        for field in _EVAL_INT_FIELDS:
+            if field in r and int(r[field]) < 1:
+                raise ValueError(f"{where}: {field} must be >= 1, got {r[field]}")
+        if not r.get("temperature", 0.0) >= 0:
+            raise ValueError(f"{where}: temperature must be >= 0, got {r['temperature']}")
+        runs.append(r)
+    return runs
+
+
+def stage_eval(config, workdir: str) -> list:
+    """Speculative vs autoregressive decoding for each of `config.eval.runs` (opd.eval.evaluate);
+    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written."""
+    from opd.drafters import init_drafter
+    from opd.eval.harness import SUMMARY_COLUMNS, evaluate, write_eval
+    from opd.eval.report import markdown_table
+
+    runs = eval_runs(config)
+    target, results = None, []
+    for r in runs:
+        out_dir = os.path.join(workdir, "eval", r["name"])
+        path = os.path.join(out_dir, "metrics.json")
+        if os.path.exists(path):
+            logging.info("eval: run %s already done (%s)", r["name"], path)
+            with open(path) as f:
+                results.append({"run": r["name"], **json.load(f)})
+            continue
+        if target is None:
+            target = load_target_from_config(config)
+        drafter = None if r["drafter"] == "none" else init_drafter(r["drafter"], target)
+        m = evaluate(
+            target, drafter, os.path.expanduser(str(r["prompt_set"])), num_prompts=r.get("num_prompts"),
+            temperature=r.get("temperature", 0.0), num_draft_tokens=r.get("num_draft_tokens", 4),
+            batch_size=r.get("batch_size", 1), max_new_tokens=r.get("max_new_tokens", 128), seed=config.seed,
+            drafter_name=r["drafter"], both_turns=r.get("both_turns", False), repeats=r.get("repeats", 1),
+        )
+        write_eval(m, out_dir)
+        logging.info("eval: %s: tau %s, speedup %s, greedy_matches_ar %s -> %s", r["name"], m["tau"], m["speedup"],
+                     m["greedy_matches_ar"], out_dir)
+        results.append({"run": r["name"], **m})
+    print("\n" + markdown_table(results, ("run",) + SUMMARY_COLUMNS))
+    return results
+
+
 STAGES: dict[str, Callable] = {
     "fetch_assets": stage_fetch_assets,
     "chat": stage_chat,
+    "eval": stage_eval,
 }
 
 
@@ -90,6 +182,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"config.chat.{field} must be >= 1, got {c[field]}")
         if not c.temperature >= 0:
             raise ValueError(f"config.chat.temperature must be >= 0, got {c.temperature}")
+    if "eval" in config.stages:
+        eval_runs(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

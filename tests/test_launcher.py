@@ -25,10 +25,16 @@ def test_quickstart_tiny_runs_and_resumes(tmp_path):
         records = [json.loads(line) for line in f]
     assert len(records) == 2 and all(r["num_tokens"] > 0 and r["response"] for r in records)
     assert json.load(open(tmp_path / "fetch_assets" / "paths.json"))["smollm2_gguf"].endswith(".gguf")
+    for run in ("ngram_mtbench", "ngram_humaneval"):
+        m = json.load(open(tmp_path / "eval" / run / "metrics.json"))
+        assert m["drafter"] == "ngram" and m["num_prompts"] == 2 and m["greedy_matches_ar"] is True
+        assert m["tau"] >= 1.0 and m["speedup"] > 0
+        assert (tmp_path / "eval" / run / "tau_hist.png").exists()
     second = _launch(tmp_path)  # everything is there: nothing is generated again
     assert second.returncode == 0
     assert "2 responses already in" in second.stderr
     assert records[0]["response"] in second.stdout
+    assert "eval: run ngram_mtbench already done" in second.stderr and "| ngram_humaneval |" in second.stdout
 
 
 def test_bad_config_values_are_clear_errors(tmp_path):
@@ -49,6 +55,13 @@ def test_validate_names_the_bad_field():
         ("chat.max_new_tokens", 0, "chat.max_new_tokens must be >= 1"),
         ("chat.temperature", -0.5, "chat.temperature must be >= 0"),
         ("target.dtype", "float8", "target.dtype"),
+        ("eval.runs", [], "config.eval.runs is empty"),
+        ("eval.runs", [dict(name="a", drafter="eagle9", prompt_set="mtbench")], r"runs\[0\] \('a'\): drafter must be one of"),
+        ("eval.runs", [dict(name="a", drafter="ngram", prompt_set="nope")], "prompt_set must be one of"),
+        ("eval.runs", [dict(name="a", drafter="ngram", prompt_set="mtbench", topp=0.9)], r"unknown field\(s\) \['topp'\]"),
+        ("eval.runs", [dict(name="a", drafter="ngram", prompt_set="mtbench")] * 2, "name must be unique"),
+        ("eval.runs", [dict(name="a", drafter="ngram", prompt_set="mtbench", num_draft_tokens=0)], "num_draft_tokens must be >= 1"),
+        ("eval.temperature", -1.0, "temperature must be >= 0"),
     ]:
         config = mod.get_config("tiny")
         node, _, leaf = field.rpartition(".")

@@ -80,10 +80,13 @@ def _speculative_jit(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_id
         # Committed this round: d_1..d_n, then the correction/bonus token.
         offs = jnp.arange(K + 1)[None]
         new_BK1 = jnp.where(offs < n_B[:, None], jnp.pad(d_BK, ((0, 0), (0, 1))), res.next_token[:, None])
-        count_B = jnp.where(active, jnp.minimum(n_B + 1, N - s["n_gen"]), 0)
+        # Tokens that count: up to and including the first EOS, and at most N in total.
+        eos_BK1 = jnp.isin(new_BK1, eos_ids) & (offs <= n_B[:, None])
+        upto_eos_B = jnp.where(jnp.any(eos_BK1, axis=1), jnp.argmax(eos_BK1, axis=1) + 1, n_B + 1)
+        count_B = jnp.where(active, jnp.minimum(upto_eos_B, N - s["n_gen"]), 0)
         seq = tfm.update_rows(s["seq"], jnp.where(active[:, None], new_BK1, 0), s["seq_len"], axis=1)
         seq_len = s["seq_len"] + jnp.where(active, n_B + 1, 0)
-        hit_eos = jnp.any(jnp.isin(new_BK1, eos_ids) & (offs < count_B[:, None]), axis=1)
+        hit_eos = jnp.any(eos_BK1 & (offs < count_B[:, None]), axis=1)
         n_gen = s["n_gen"] + count_B
         new_ctx = DraftContext(seq, seq_len)
         return {
@@ -193,5 +196,7 @@ def speculative_generate(
         "seconds": seconds,
         "tokens_per_second": generated / seconds if seconds > 0 else float("nan"),
         "num_draft_tokens": K,
+        "accept_hist": hist.tolist(),  # accept_hist[n]: verify rounds that accepted exactly n drafts
+        "committed_tokens": committed,  # counted up to EOS / max_new_tokens; tau = committed / rounds
     }
     return GenerateOutput(results, stats)

@@ -86,6 +86,9 @@ def test_eos_mid_round_matches_autoregressive(target):
     self_drafter = opd.init_drafter("lm", target, model=target)  # accepts everything: EOS lands mid-round
     got = opd.speculative_generate(target, self_drafter, PROMPTS, max_new_tokens=20, num_draft_tokens=4, eos_token_ids=eos)
     assert got.tokens == want
+    # tau's numerator counts each row's verified tokens up to and including its EOS, no further
+    # (the first token comes from the prefill, not from a verify round).
+    assert got.stats["committed_tokens"] == sum(len(t) + (len(t) < 20) - 1 for t in want)
 
 
 def test_self_drafting_accepts_everything_and_counts_tau(target):

@@ -1,0 +1,416 @@
+"""Evaluation harness: speculative decoding vs autoregressive decoding on a prompt set.
+
+`evaluate` runs `opd.speculative_generate` and `opd.generate` side by side in this process on
+the same prompts (chunk by chunk, alternating, after a warm-up that compiles every shape both
+of them will use, so compile time is excluded), and returns the metrics of DESIGN §3:
+τ, acceptance by offset, speed-up, tokens/s, target forwards, and, at temperature 0, whether
+the speculative tokens equal the autoregressive ones for every prompt. `write_eval` writes
+`metrics.json`, `metrics.md` and the τ / acceptance plots.
+
+Prompt sources: "mtbench" (turn 1; `both_turns=True` adds turn 2 built from the model's own
+first answer through the chat template), "humaneval" (`prompt` as the user message),
+"alpacaeval" (held-out split by default, see `opd.data.splits`), a `.jsonl` path (records
+with `turns` / `prompt` / `instruction` text, or pre-tokenised `prompt_ids`), or a list of
+records / strings / token-id lists.
+
+Axis letters: K draft tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+from absl import logging
+import numpy as np
+
+from opd.decoding import batching
+
+DRAFTER_NAMES = ("none", "ngram", "lm", "eagle3", "dflash")
+PromptSet = Union[str, Sequence[Any]]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_eval_records(prompt_set: PromptSet, num_prompts: Optional[int] = None, heldout_split: bool = True) -> tuple[str, list[dict]]:
+    """Resolves a prompt source to (name, records); each record has `id` and either
+    `prompt_ids` (token ids) or `turns` (user messages).
+
+    AlpacaEval is restricted to its held-out split unless `heldout_split=False`.
+    """
+    from opd.data.assets import load_prompt_set
+    from opd.data.splits import alpaca_split
+
+    if isinstance(prompt_set, str):
+        name = prompt_set
+        if prompt_set.endswith(".jsonl") and os.path.isfile(prompt_set):
+            rows = _read_jsonl(prompt_set)
+            if rows and all("prompt_ids" in r for r in rows):
+                records = [{**r, "id": str(r.get("id", i))} for i, r in enumerate(rows)]
+            else:
+                records = load_prompt_set(prompt_set)
+        else:
+            records = load_prompt_set(prompt_set)
+            if prompt_set == "alpacaeval" and heldout_split:
+                records = alpaca_split(records, "heldout")
+    else:
+        name = "custom"
+        records = []
+        for i, p in enumerate(prompt_set):
+            if isinstance(p, dict):
+                records.append({**p, "id": str(p.get("id", i))})
+            elif isinstance(p, str):
+                records.append({"id": str(i), "turns": [p]})
+            else:
+                records.append({"id": str(i), "prompt_ids": [int(t) for t in p]})
+    if num_prompts is not None:
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        if num_prompts > len(records):
+            raise ValueError(f"num_prompts={num_prompts} but prompt set {name!r} has only {len(records)} prompts")
+        records = records[:num_prompts]
+    for r in records:
+        if "prompt_ids" not in r and not r.get("turns"):
+            raise ValueError(f"prompt record {r['id']!r} of {name!r} has neither 'prompt_ids' nor 'turns'")
+    return name, records
+
+
+def _first_turn_prompt(r: dict):
+    return list(r["prompt_ids"]) if "prompt_ids" in r else r["turns"][0]
+
+
+def _second_turn_ids(target, record: dict, first_answer_ids: Sequence[int]) -> list[int]:
+    tok = target.tokenizer
+    if tok is None:
+        raise ValueError("both_turns needs the target's tokenizer and chat template (this target has none)")
+    messages = [
+        {"role": "user", "content": record["turns"][0]},
+        {"role": "assistant", "content": tok.decode(first_answer_ids)},
+        {"role": "user", "content": record["turns"][1]},
+    ]
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def _accept_hist(stats: dict, K: int) -> np.ndarray:
+    """Rounds that accepted exactly n drafts, n = 0..K, recovered from the engine's stats."""
+    if "accept_hist" in stats:
+        return np.asarray(stats["accept_hist"], np.int64)
+    reached = [int(stats["verify_rounds"])]  # reached[i] = rounds with >= i accepted
+    for a in stats["acceptance_by_offset"]:
+        reached.append(int(round(reached[-1] * a)) if reached[-1] and not math.isnan(a) else 0)
+    reached.append(0)
+    return np.array([reached[i] - reached[i + 1] for i in range(K + 1)], np.int64)
+
+
+def _shape_key(chunk) -> tuple:
+    return batching.next_pow2(len(chunk)), batching.bucket_length(max(len(p) for p in chunk))
+
+
+class _BatchResult(NamedTuple):
+    """One decoding call of each method on the same prompts (seconds: median over repeats)."""
+
+    prompts: list
+    ar: Any  # GenerateOutput
+    ar_seconds: float
+    spec: Any  # GenerateOutput, or None without a drafter
+    spec_seconds: float
+
+    def summary(self) -> dict:
+        out = self.spec or self.ar
+        return {"prompt_lengths": [len(p) for p in self.prompts], "ar_seconds": self.ar_seconds,
+                "ar_target_forwards": self.ar.stats["target_forwards"],
+                "seconds": self.spec_seconds if self.spec else self.ar_seconds,
+                "generated_tokens": out.stats["generated_tokens"], "target_forwards": out.stats["target_forwards"],
+                "verify_rounds": out.stats.get("verify_rounds", 0)}
+
+
+class _Runner:
+    """Runs AR and speculative decoding chunk by chunk with shared settings."""
+
+    def __init__(self, target, drafter, *, temperature, top_k, top_p, num_draft_tokens, max_new_tokens,
+                 seed, eos_token_ids, repeats):
+        self.target, self.drafter = target, drafter
+        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       eos_token_ids=eos_token_ids)
+        self.K, self.seed, self.repeats = num_draft_tokens, seed, repeats
+        self.compiled: set = set()
+        self.warmup_seconds = 0.0
+
+    def ar(self, chunk, ci):
+        from opd.decoding.generate import generate
+
+        return generate(self.target, chunk, seed=self.seed + ci, batch_size=len(chunk), **self.kw)
+
+    def spec(self, chunk, ci):
+        from opd.decoding.speculative import speculative_generate
+
+        return speculative_generate(self.target, self.drafter, chunk, num_draft_tokens=self.K, seed=self.seed + ci,
+                                    batch_size=len(chunk), **self.kw)
+
+    def run(self, chunks) -> list["_BatchResult"]:
+        for chunk in chunks:  # warm-up: compile every (batch, prompt-length) bucket once for both
+            key = _shape_key(chunk)
+            if key not in self.compiled:
+                self.compiled.add(key)
+                self.warmup_seconds += self.ar(chunk, 0).stats["seconds"]
+                if self.drafter is not None:
+                    self.warmup_seconds += self.spec(chunk, 0).stats["seconds"]
+        results = []
+        for ci, chunk in enumerate(chunks):
+            ar_runs, sp_runs = [], []
+            for _ in range(self.repeats):  # alternate so machine-load drift hits both alike
+                ar_runs.append(self.ar(chunk, ci))
+                if self.drafter is not None:
+                    sp_runs.append(self.spec(chunk, ci))
+            ar_t = [o.stats["seconds"] for o in ar_runs]
+            sp_t = [o.stats["seconds"] for o in sp_runs]
+            results.append(_BatchResult(chunk, ar_runs[0], statistics.median(ar_t),
+                                        sp_runs[0] if sp_runs else None, statistics.median(sp_t) if sp_t else 0.0))
+        return results
+
+
+def _none_if_nan(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def evaluate(
+    target,
+    drafter=None,
+    prompt_set: PromptSet = "mtbench",
+    *,
+    num_prompts: Optional[int] = None,
+    temperature: float = 0.0,
+    num_draft_tokens: int = 4,
+    batch_size: int = 1,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    drafter_name: Optional[str] = None,
+    training: str = "none",
+    training_flops: float = 0,
+    both_turns: bool = False,
+    heldout_split: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    repeats: int = 1,
+    return_tokens: bool = False,
+) -> dict:
+    """Speculative vs autoregressive decoding of a prompt set; returns the metrics dict.
+
+    Args:
+      target: an `opd.Target`.
+      drafter: an `opd.Drafter`, or None to measure autoregressive decoding alone
+        (then tau = speedup = 1 and num_draft_tokens = 0).
+      prompt_set: a set name, a `.jsonl` path, or a list of records / strings / token-id lists.
+      num_prompts: first N prompts of the set (default: all).
+      batch_size: prompts per decoding call, for both methods.
+      drafter_name: recorded as `drafter` (default: the drafter's kind, or "none").
+      training, training_flops: how the drafter was trained (recorded as given).
+      both_turns: also decode each record's second turn (MT-Bench), its prompt built from the
+        model's own (autoregressive) first answer through the chat template.
+      heldout_split: restrict AlpacaEval to its held-out split (default True).
+      repeats: timed repetitions per chunk (median seconds is used).
+      return_tokens: also return `tokens` (per sequence: the speculative output, or the
+        autoregressive one without a drafter).
+
+    Returns:
+      A JSON-able dict: tau, acceptance_by_offset, speedup (speculative tokens/s over
+      autoregressive tokens/s; at T = 0 both produce the same tokens so it is also the
+      wall-time ratio), tokens_per_second, target_forwards, generated_tokens, temperature,
+      num_draft_tokens, batch_size, prompt_set, num_prompts, drafter, training,
+      training_flops, greedy_matches_ar (bool at T = 0, None at T > 0), greedy_mismatches,
+      round_accept_hist (verify rounds by accepted drafts 0..K), tau_per_batch (per chunk;
+      per prompt at batch 1), per_batch (lengths, seconds, forwards of each decoding call) and
+      the autoregressive side (ar_tokens_per_second, ...).
+    """
+    if batch_size < 1 or max_new_tokens < 1 or repeats < 1:
+        raise ValueError(f"batch_size, max_new_tokens and repeats must be >= 1, got {batch_size}, {max_new_tokens}, {repeats}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    name = drafter_name or (drafter.kind if drafter is not None else "none")
+    if name not in DRAFTER_NAMES:
+        raise ValueError(f"drafter name must be one of {DRAFTER_NAMES}, got {name!r}")
+    if (drafter is None) != (name == "none"):
+        raise ValueError(f"drafter_name={name!r} does not match the drafter passed ({drafter!r})")
+    greedy = temperature == 0.0
+    K = int(num_draft_tokens) if drafter is not None else 0
+    set_name, records = load_eval_records(prompt_set, num_prompts, heldout_split)
+    runner = _Runner(target, drafter, temperature=temperature, top_k=top_k, top_p=top_p, num_draft_tokens=K,
+                     max_new_tokens=max_new_tokens, seed=seed, eos_token_ids=eos_token_ids, repeats=repeats)
+
+    def chunked(ids):
+        return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+    seq_ids = batching.encode_prompts(target, [_first_turn_prompt(r) for r in records])
+    seq_names = [f"{r['id']}" for r in records]
+    results = runner.run(chunked(seq_ids))
+    if both_turns:
+        ar_first = [t for b in results for t in b.ar.tokens]
+        two = [(r, a) for r, a in zip(records, ar_first) if len(r.get("turns", [])) >= 2]
+        turn2 = [_second_turn_ids(target, r, a) for r, a in two]
+        seq_ids += turn2
+        seq_names += [f"{r['id']}/turn2" for r, _ in two]
+        results += runner.run(chunked(turn2))
+
+    ar_tokens = [t for b in results for t in b.ar.tokens]
+    ar_seconds = sum(b.ar_seconds for b in results)
+    ar_generated = sum(len(t) for t in ar_tokens)
+    ar_forwards = sum(b.ar.stats["target_forwards"] for b in results)
+    m: dict[str, Any] = {
+        "drafter": name, "training": training, "training_flops": float(training_flops),
+        "prompt_set": set_name, "num_prompts": len(records), "num_sequences": len(seq_ids),
+        "turns": 2 if both_turns else 1, "prompt_ids": seq_names,
+        "heldout_split": bool(heldout_split) if set_name == "alpacaeval" else None,
+        "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
+        "num_draft_tokens": K, "batch_size": int(batch_size), "max_new_tokens": int(max_new_tokens),
+        "seed": int(seed), "repeats": int(repeats), "model": getattr(target, "source", None),
+        "ar_seconds": ar_seconds, "ar_generated_tokens": ar_generated, "ar_target_forwards": ar_forwards,
+        "ar_tokens_per_second": ar_generated / ar_seconds if ar_seconds > 0 else None,
+        "warmup_seconds": runner.warmup_seconds, "per_batch": [b.summary() for b in results],
+    }
+    if drafter is None:
+        m.update(tau=1.0, acceptance_by_offset=[], speedup=1.0, tokens_per_second=m["ar_tokens_per_second"],
+                 target_forwards=ar_forwards, generated_tokens=ar_generated, seconds=ar_seconds, verify_rounds=0,
+                 round_accept_hist=[], tau_per_batch=[1.0] * len(results),
+                 greedy_matches_ar=True if greedy else None, greedy_mismatches=[])
+        if return_tokens:
+            m["tokens"] = ar_tokens
+        return m
+
+    spec_tokens = [t for b in results for t in b.spec.tokens]
+    spec_seconds = sum(b.spec_seconds for b in results)
+    hist = sum(_accept_hist(b.spec.stats, K) for b in results)
+    rounds = int(hist.sum())
+    committed = sum(int(round(b.spec.stats["tau"] * b.spec.stats["verify_rounds"])) for b in results if b.spec.stats["verify_rounds"])
+    reached = hist[::-1].cumsum()[::-1]
+    generated = sum(len(t) for t in spec_tokens)
+    tps = generated / spec_seconds if spec_seconds > 0 else None
+    mismatches = []
+    if greedy:
+        for i, (s, a) in enumerate(zip(spec_tokens, ar_tokens)):
+            if s != a:
+                pos = next((j for j, (x, y) in enumerate(zip(s, a)) if x != y), min(len(s), len(a)))
+                mismatches.append({"prompt_index": i, "id": seq_names[i], "position": pos,
+                                   "speculative": s[pos] if pos < len(s) else None, "ar": a[pos] if pos < len(a) else None})
+        if mismatches:
+            first = mismatches[0]
+            logging.error(
+                "GREEDY MISMATCH: speculative output differs from autoregressive output for %d of %d sequences "
+                "(%s, %s); first: prompt %d (id %s) at position %d: speculative %s vs autoregressive %s",
+                len(mismatches), len(spec_tokens), name, set_name, first["prompt_index"], first["id"], first["position"],
+                first["speculative"], first["ar"])
+    m.update(
+        tau=committed / rounds if rounds else None,
+        acceptance_by_offset=[float(reached[i + 1] / reached[i]) if reached[i] else None for i in range(K)],
+        speedup=(tps / m["ar_tokens_per_second"]) if tps and m["ar_tokens_per_second"] else None,
+        tokens_per_second=tps,
+        target_forwards=sum(b.spec.stats["target_forwards"] for b in results),
+        generated_tokens=generated, seconds=spec_seconds, verify_rounds=rounds,
+        round_accept_hist=[int(x) for x in hist],
+        tau_per_batch=[_none_if_nan(float(b.spec.stats["tau"])) for b in results],
+        greedy_matches_ar=(not mismatches) if greedy else None,
+        greedy_mismatches=mismatches,
+    )
+    if return_tokens:
+        m["tokens"] = spec_tokens
+    return m
+
+
+# ----------------------------------------------------------------------------- files
+
+SUMMARY_COLUMNS = ("drafter", "training", "prompt_set", "num_prompts", "temperature", "num_draft_tokens", "batch_size",
+                   "tau", "speedup", "tokens_per_second", "ar_tokens_per_second", "target_forwards",
+                   "generated_tokens", "greedy_matches_ar")
+
+
+def write_eval(metrics: dict, out_dir: str) -> str:
+    """Writes `metrics.json` (+ provenance), `metrics.md`, `tau_hist.png`, `acceptance_by_offset.png`.
+
+    `metrics.json` is written last (atomically): its presence marks a finished run.
+    """
+    from opd.eval.report import markdown_table, provenance
+
+    os.makedirs(out_dir, exist_ok=True)
+    _plot_tau(metrics, os.path.join(out_dir, "tau_hist.png"))
+    _plot_acceptance(metrics, os.path.join(out_dir, "acceptance_by_offset.png"))
+    prov = provenance()
+    K = metrics["num_draft_tokens"]
+    md = [f"# eval: {metrics['drafter']} on {metrics['prompt_set']}\n", markdown_table([metrics], SUMMARY_COLUMNS)]
+    if K:
+        md.append("\nAcceptance by offset (P(d_i accepted | d_<i accepted)):\n\n")
+        md.append(markdown_table([{f"d{i + 1}": a for i, a in enumerate(metrics["acceptance_by_offset"])}],
+                                 [f"d{i + 1}" for i in range(K)], floatfmt="{:.3f}"))
+    if metrics.get("greedy_mismatches"):
+        md.append(f"\n**Greedy mismatch** in {len(metrics['greedy_mismatches'])} sequence(s): "
+                  f"{metrics['greedy_mismatches'][:5]}\n")
+    md.append(f"\nCommand: `{prov['command']}`  \nCommit: `{prov['git_commit']}`{' (dirty)' if prov['git_dirty'] else ''}  \n"
+              f"Machine: {prov['machine']['platform']}, {prov['machine']['cpu_count']} CPUs, jax {prov['machine']['jax']}  \n"
+              f"Date: {prov['date_utc']}\n")
+    with open(os.path.join(out_dir, "metrics.md"), "w") as f:
+        f.write("".join(md))
+    tmp = os.path.join(out_dir, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({**metrics, "provenance": prov}, f, indent=2, allow_nan=False)
+    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    return out_dir
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(m: dict) -> str:
+    return f"{m['drafter']} on {m['prompt_set']}, T={m['temperature']:g}, K={m['num_draft_tokens']}, batch {m['batch_size']}"
+
+
+def _plot_tau(m: dict, path: str) -> None:
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    hist = m.get("round_accept_hist") or []
+    if hist:
+        a.bar(np.arange(1, len(hist) + 1), hist)
+        a.set_xticks(np.arange(1, len(hist) + 1))
+    a.set_xlabel("tokens committed in a verify round (accepted + 1)")
+    a.set_ylabel("verify rounds")
+    taus = [t for t in m.get("tau_per_batch") or [] if t is not None]
+    if taus:
+        b.hist(taus, bins=min(20, max(1, len(taus))))
+    b.set_xlabel("τ per prompt" if m["batch_size"] == 1 else f"τ per batch of {m['batch_size']}")
+    b.set_ylabel("count")
+    fig.suptitle(f"τ = {m['tau'] if m['tau'] is None else round(m['tau'], 3)}; {_title(m)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_acceptance(m: dict, path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    acc = [np.nan if a is None else a for a in m.get("acceptance_by_offset") or []]
+    if acc:
+        ax.plot(np.arange(1, len(acc) + 1), acc, "o-")
+        ax.set_xticks(np.arange(1, len(acc) + 1))
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("draft offset i")
+    ax.set_ylabel("P(d_i accepted | d_<i accepted)")
+    ax.set_title(_title(m), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

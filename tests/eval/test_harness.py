@@ -1,0 +1,147 @@
+"""Evaluation harness on a tiny random target: metrics, greedy check, files; prompt splits."""
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import opd
+from conftest import make_hf_model
+from opd.data import splits
+from opd.eval import harness
+from opd.models import transformer as tfm
+
+# Repetitive token-id prompts, so prompt lookup finds matches.
+PROMPTS = [[5, 9, 2, 5, 9, 2, 5, 9], [17, 3] * 6, [1, 2, 3, 4, 1, 2, 3], list(range(40, 60))]
+KEYS = {
+    "tau": float, "acceptance_by_offset": list, "speedup": float, "tokens_per_second": float,
+    "target_forwards": int, "generated_tokens": int, "temperature": float, "num_draft_tokens": int,
+    "batch_size": int, "prompt_set": str, "num_prompts": int, "drafter": str, "training": str,
+    "training_flops": float, "round_accept_hist": list, "tau_per_batch": list, "greedy_mismatches": list,
+}
+
+
+@pytest.fixture(scope="module")
+def target():
+    model, d = make_hf_model("llama", seed=3)
+    config = opd.TransformerConfig.from_hf(d)
+    params = jax.tree.map(jnp.asarray, tfm.params_from_hf(config, {k: v.detach().numpy() for k, v in model.state_dict().items()}))
+    return opd.Target(config, params)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "ids.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt_ids": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def greedy_metrics(target, prompt_file):
+    drafter = opd.init_drafter("ngram", target)
+    return harness.evaluate(target, drafter, prompt_file, num_prompts=4, num_draft_tokens=3, batch_size=2,
+                            max_new_tokens=12, training="none")
+
+
+def test_metrics_keys_types_and_greedy_equality(greedy_metrics):
+    m = greedy_metrics
+    for key, typ in KEYS.items():
+        assert isinstance(m[key], typ), (key, m[key])
+    assert m["greedy_matches_ar"] is True and m["greedy_mismatches"] == []
+    assert m["drafter"] == "ngram" and m["num_prompts"] == 4 and m["prompt_set"].endswith("ids.jsonl")
+    assert m["speedup"] > 0 and m["tokens_per_second"] > 0 and m["ar_tokens_per_second"] > 0
+    assert m["generated_tokens"] == m["ar_generated_tokens"] == 4 * 12
+    assert len(m["acceptance_by_offset"]) == 3 and all(a is None or 0 <= a <= 1 for a in m["acceptance_by_offset"])
+    # tau from the per-round histogram agrees with the engine's committed count (no round is truncated here
+    # unless it hits max_new_tokens, so tau <= mean(n + 1)).
+    hist = m["round_accept_hist"]
+    assert sum(hist) == m["verify_rounds"] > 0 and len(m["tau_per_batch"]) == 2
+    assert 1.0 <= m["tau"] <= sum((n + 1) * c for n, c in enumerate(hist)) / sum(hist) + 1e-9
+    assert m["target_forwards"] < m["ar_target_forwards"] + 2  # drafting saved (or at worst matched) forwards
+
+
+def test_write_eval_files_and_plots(greedy_metrics, tmp_path):
+    harness.write_eval(greedy_metrics, str(tmp_path))
+    back = json.load(open(tmp_path / "metrics.json"))
+    assert back["tau"] == greedy_metrics["tau"] and "provenance" in back
+    assert "| ngram |" in (tmp_path / "metrics.md").read_text()
+    for png in ("tau_hist.png", "acceptance_by_offset.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_greedy_mismatch_is_loud_and_recorded(target, prompt_file, monkeypatch, caplog):
+    real_spec = harness._Runner.spec
+
+    def corrupted(self, chunk, ci):
+        out = real_spec(self, chunk, ci)
+        out.tokens[0] = out.tokens[0][:5] + [(out.tokens[0][5] + 1) % 128] + out.tokens[0][6:]
+        return out
+
+    monkeypatch.setattr(harness._Runner, "spec", corrupted)
+    with caplog.at_level(logging.ERROR):
+        m = harness.evaluate(target, opd.init_drafter("ngram", target), prompt_file, num_prompts=4,
+                             num_draft_tokens=3, batch_size=2, max_new_tokens=12)
+    assert m["greedy_matches_ar"] is False
+    assert [(x["prompt_index"], x["position"]) for x in m["greedy_mismatches"]] == [(0, 5), (2, 5)]
+    assert any("GREEDY MISMATCH" in r.getMessage() and "prompt 0" in r.getMessage() for r in caplog.records)
+
+
+def test_sampling_and_no_drafter(target):
+    m = harness.evaluate(target, opd.init_drafter("ngram", target), PROMPTS[:2], temperature=1.0,
+                         num_draft_tokens=3, batch_size=2, max_new_tokens=6)
+    assert m["greedy_matches_ar"] is None and m["prompt_set"] == "custom" and m["tau"] >= 1.0
+    ar = harness.evaluate(target, None, PROMPTS[:2], batch_size=2, max_new_tokens=6)
+    assert ar["drafter"] == "none" and ar["tau"] == 1.0 and ar["speedup"] == 1.0 and ar["greedy_matches_ar"] is True
+    assert ar["num_draft_tokens"] == 0 and ar["acceptance_by_offset"] == []
+
+
+def test_bad_arguments_are_clear_errors(target, prompt_file):
+    drafter = opd.init_drafter("ngram", target)
+    with pytest.raises(ValueError, match="has only 4 prompts"):
+        harness.evaluate(target, drafter, prompt_file, num_prompts=5)
+    with pytest.raises(ValueError, match="drafter name must be one of"):
+        harness.evaluate(target, drafter, prompt_file, drafter_name="medusa")
+    with pytest.raises(ValueError, match="does not match"):
+        harness.evaluate(target, None, prompt_file, drafter_name="ngram")
+
+
+# ----------------------------------------------------------------------------- splits
+
+RECORDS = [{"id": str(i), "instruction": f"Instruction number {i}: write about topic {i * 7 % 13}."} for i in range(500)]
+
+
+def test_alpaca_split_is_deterministic_disjoint_and_complete():
+    train, held = splits.alpaca_split(RECORDS, "train"), splits.alpaca_split(RECORDS, "heldout")
+    assert splits.alpaca_split(list(reversed(RECORDS)), "heldout") == list(reversed(held))  # order-independent
+    ids_t, ids_h = {r["id"] for r in train}, {r["id"] for r in held}
+    assert not ids_t & ids_h and ids_t | ids_h == {r["id"] for r in RECORDS}
+    assert 0.12 < len(held) / len(RECORDS) < 0.28
+    # Whitespace / case variants of a held-out instruction are held out too.
+    r = held[0]
+    assert splits.alpaca_split([{"instruction": "  " + r["instruction"].upper() + "\n"}], "heldout")
+    splits.check_disjoint(train, held)
+    with pytest.raises(ValueError, match="also occur in the training data"):
+        splits.check_disjoint(train + [held[0]], held)
+    with pytest.raises(ValueError, match="split must be one of"):
+        splits.alpaca_split(RECORDS, "test")
+
+
+def test_eval_prompt_sets_never_leak_into_training():
+    from opd.data.assets import AssetError, asset_path
+
+    for name in ("mtbench", "humaneval"):
+        with pytest.raises(ValueError, match="evaluation-only"):
+            splits.training_records(name)
+    try:
+        asset_path("alpacaeval", fetch=False)
+    except AssetError:
+        pytest.skip("AlpacaEval is not cached (offline)")
+    _, heldout = harness.load_eval_records("alpacaeval")
+    train = splits.training_records("alpacaeval")
+    assert len(train) + len(heldout) == 805
+    assert not {r["id"] for r in train} & {r["id"] for r in heldout}
+    splits.check_disjoint(train, heldout)
+    _, everything = harness.load_eval_records("alpacaeval", heldout_split=False)
+    assert len(everything) == 805
