@@ -104,14 +104,8 @@ def _second_turn_ids(target, record: dict, first_answer_ids: Sequence[int]) -> l
 
 
 def _accept_hist(stats: dict, K: int) -> np.ndarray:
-    """Rounds that accepted exactly n drafts, n = 0..K, recovered from the engine's stats."""
-    if "accept_hist" in stats:
-        return np.asarray(stats["accept_hist"], np.int64)
-    reached = [int(stats["verify_rounds"])]  # reached[i] = rounds with >= i accepted
-    for a in stats["acceptance_by_offset"]:
-        reached.append(int(round(reached[-1] * a)) if reached[-1] and not math.isnan(a) else 0)
-    reached.append(0)
-    return np.array([reached[i] - reached[i + 1] for i in range(K + 1)], np.int64)
+    """Rounds that accepted exactly n drafts, n = 0..K (zeros for autoregressive stats)."""
+    return np.asarray(stats.get("accept_hist") or [0] * (K + 1), np.int64)
 
 
 def _shape_key(chunk) -> tuple:
