@@ -6,7 +6,7 @@ to a multiple of 128) so repeated calls with similar prompts reuse compiled prog
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -88,3 +88,32 @@ def truncate_at_eos(row: Sequence[int], n: int, eos_ids: Sequence[int]) -> list[
             break
         out.append(int(t))
     return out
+
+
+class Chunk(NamedTuple):
+    """One compiled batch: right-padded prompts (rows past `len(prompts)` are dummies)."""
+
+    prompts: list  # the chunk's token-id lists
+    tokens: np.ndarray  # [B, P] int32, B a power of two, P = bucket_length(longest)
+    lengths: np.ndarray  # [B] int32
+    valid: np.ndarray  # [B] bool
+
+
+def chunks(prompt_ids: Sequence[Sequence[int]], pad_id: int, batch_size: Optional[int]) -> Iterator[Chunk]:
+    """Splits prompts into bucketed batches of at most `batch_size` (default: all at once)."""
+    bs = batch_size or len(prompt_ids)
+    for start in range(0, len(prompt_ids), bs):
+        part = [list(p) for p in prompt_ids[start : start + bs]]
+        B, P = next_pow2(len(part)), bucket_length(max(len(x) for x in part))
+        yield Chunk(part, *pad_batch(part, pad_id, B, P))
+
+
+def resolve_eos(target, eos_token_ids: Optional[Sequence[int]]) -> tuple:
+    """The ids that end generation: given ones, else the target's; () disables EOS."""
+    return tuple(int(e) for e in (target.eos_token_ids if eos_token_ids is None else eos_token_ids))
+
+
+def eos_array(eos: Sequence[int]):
+    import jax.numpy as jnp
+
+    return jnp.asarray(eos if eos else (-1,), jnp.int32)  # -1 never matches a token

@@ -91,26 +91,21 @@ def generate(
     config = target.config
     ids = batching.encode_prompts(target, prompts)
     batching.check_lengths(ids, max_new_tokens, config.max_position_embeddings)
-    eos = tuple(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    bs = batch_size or len(ids)
+    eos = batching.resolve_eos(target, eos_token_ids)
     key = jax.random.PRNGKey(seed)
     results, forwards, t0 = [], 0, time.perf_counter()
-    for start in range(0, len(ids), bs):
-        chunk = ids[start : start + bs]
-        B = batching.next_pow2(len(chunk))
-        P = batching.bucket_length(max(len(x) for x in chunk))
+    for chunk in batching.chunks(ids, config.pad_token_id or 0, batch_size):
+        P = chunk.tokens.shape[1]
         cache_len = min(batching.round_up(P + max_new_tokens, 128), batching.round_up(config.max_position_embeddings, 128))
         cache_len = max(cache_len, P + max_new_tokens)
-        toks, lens, valid = batching.pad_batch(chunk, config.pad_token_id or 0, B, P)
         key, sub = jax.random.split(key)
         out, n_gen, n_fwd = _generate_jit(
-            target.params, toks, lens, ~valid, sub, eos_arr,
+            target.params, chunk.tokens, chunk.lengths, ~chunk.valid, sub, batching.eos_array(eos),
             config=config, sp=sp, max_new_tokens=max_new_tokens, cache_len=cache_len,
         )
         out = np.asarray(out)
         forwards += int(n_fwd)
-        results += [batching.truncate_at_eos(out[r], max_new_tokens, eos) for r in range(len(chunk))]
+        results += [batching.truncate_at_eos(out[r], max_new_tokens, eos) for r in range(len(chunk.prompts))]
     seconds = time.perf_counter() - t0
     generated = sum(len(r) for r in results)
     stats = {

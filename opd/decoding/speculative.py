@@ -158,22 +158,16 @@ def speculative_generate(
     ids = batching.encode_prompts(target, prompts)
     # A round may write K + 1 cache slots past the committed text.
     batching.check_lengths(ids, max_new_tokens, config.max_position_embeddings, extra=K + 1)
-    eos = tuple(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    bs = batch_size or len(ids)
+    eos = batching.resolve_eos(target, eos_token_ids)
     key = jax.random.PRNGKey(seed)
     results, forwards, rounds, committed = [], 0, 0, 0
     hist = np.zeros(K + 1, np.int64)
     t0 = time.perf_counter()
-    for start in range(0, len(ids), bs):
-        chunk = ids[start : start + bs]
-        B = batching.next_pow2(len(chunk))
-        P = batching.bucket_length(max(len(x) for x in chunk))
-        cache_len = batching.round_up(P + max_new_tokens + 2 * (K + 1), 128)
-        toks, lens, valid = batching.pad_batch(chunk, config.pad_token_id or 0, B, P)
+    for chunk in batching.chunks(ids, config.pad_token_id or 0, batch_size):
+        cache_len = batching.round_up(chunk.tokens.shape[1] + max_new_tokens + 2 * (K + 1), 128)
         key, sub = jax.random.split(key)
         seq, n_gen, n_rounds, row_rounds, row_committed, acc_hist = _speculative_jit(
-            target.params, drafter.params, toks, lens, ~valid, sub, eos_arr,
+            target.params, drafter.params, chunk.tokens, chunk.lengths, ~chunk.valid, sub, batching.eos_array(eos),
             tconfig=config, dspec=drafter.spec, sp=sp, num_draft=K, max_new_tokens=max_new_tokens,
             cache_len=cache_len, verify_impl=verify_impl,
         )
@@ -182,7 +176,7 @@ def speculative_generate(
         rounds += int(np.asarray(row_rounds).sum())
         committed += int(np.asarray(row_committed).sum())
         hist += np.asarray(acc_hist)
-        for r, p in enumerate(chunk):
+        for r, p in enumerate(chunk.prompts):
             results.append(batching.truncate_at_eos(seq[r, len(p) : len(p) + n_gen[r]], max_new_tokens, eos))
     seconds = time.perf_counter() - t0
     generated = sum(len(r) for r in results)
