@@ -90,3 +90,14 @@ def test_bad_input_is_a_clear_error(tiny):
         opd.generate(target, [[1]], temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         opd.generate(target, [[1]], temperature=1.0, top_p=0.0)
+
+
+def test_prompt_lengths_in_one_bucket_reuse_the_compiled_loop(tiny):
+    from opd.decoding.generate import _generate_jit
+
+    _, target = tiny
+    opd.generate(target, [[1] * 17, [2] * 20], max_new_tokens=5)  # bucket 24, batch 2
+    before = _generate_jit._cache_size()
+    opd.generate(target, [[3] * 24, [4] * 18], max_new_tokens=5)
+    opd.generate(target, [[5] * 21], max_new_tokens=5, batch_size=2)  # batch 1 -> own bucket
+    assert _generate_jit._cache_size() == before + 1

@@ -1,0 +1,162 @@
+"""DFlash drafting on the engine's interface: one drafter forward proposes a whole block.
+
+Engine invariants (opd.decoding.speculative): committed x_1..x_n per row, x_n pending; the
+target's features are known for x_1..x_{n-1}. That is exactly DFlash's context (z-lab's
+`dflash_generate` feeds the prompt's features at prefill, then the verify pass's features of
+[pending, accepted drafts]; the block's anchor is the pending token whose own feature is not
+known yet).
+
+State: `KVCache` with, per draft layer, the context K/V of every committed position but the
+pending one (slot s = position s) and `lengths = seq_len - 1` per row. Prefill writes the
+prompt's features; commit writes the verify pass's K+1 positions at `lengths` and advances
+`lengths` by n_accepted + 1, so the slots of rejected drafts are stale and masked by position.
+
+Axis letters: B batch, S cache length, K draft tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from opd.decoding.sampling import process_logits
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec
+from opd.models import dflash as dfm
+from opd.models.config import TransformerConfig
+
+# Target parameters the drafter shares (frozen): the input embedding and, if untied, the LM head.
+SHARED_TARGET_PARAMS = ("embedding", "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class DFlashSpec(DrafterSpec):
+    """params = {"dflash": trainable tree (opd.models.dflash), "target": the target's
+    `embedding` (+ `lm_head` when untied): the same arrays, never trained}."""
+
+    config: dfm.DFlashConfig = None
+    target_config: TransformerConfig = None
+
+    kind = "dflash"
+
+    def __post_init__(self):
+        if self.config is None or self.target_config is None:
+            raise ValueError("DFlashSpec needs a DFlashConfig and the target's TransformerConfig")
+        check_fits_target(self.config, self.target_config)
+        object.__setattr__(self, "target_hidden_layers", self.config.target_layer_ids)
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.config.max_draft_tokens
+
+    def check_num_draft(self, num_draft: int) -> None:
+        if not 1 <= num_draft <= self.config.max_draft_tokens:
+            raise ValueError(
+                f"num_draft_tokens (K={num_draft}) must be in [1, block_size - 1 = {self.config.max_draft_tokens}] "
+                f"for this DFlash drafter (block_size {self.config.block_size})"
+            )
+
+    def prefill(self, params, ctx: DraftContext, target_aux, cache_len: int):
+        # target_aux covers the padded prompt: positions [0, len_b) are x_1..x_{n-1}, the rest stale.
+        cache = dfm.init_context_cache(self.config, ctx.seq_BS.shape[0], cache_len)
+        cache = dfm.write_context(params["dflash"], self.config, cache, target_aux, jnp.zeros_like(ctx.seq_len_B))
+        return cache._replace(lengths=ctx.seq_len_B - 1)
+
+    def propose(self, params, cache, ctx: DraftContext, key, num_draft: int, sp):
+        self.check_num_draft(num_draft)
+        S = jax.tree.leaves(cache.k)[0].shape[2]
+        valid_BS = jnp.arange(S)[None] < cache.lengths[:, None]
+        logits = dfm.block_logits(params["dflash"], params["target"], self.config, self.target_config,
+                                  ctx.pending(), ctx.seq_len_B - 1, cache.k, cache.v, valid_BS)[:, :num_draft]
+        if sp.greedy:
+            return jnp.argmax(logits, -1).astype(jnp.int32), None, cache
+        # q_i is the proposal for position i on its own, so independent samples keep the
+        # rejection-sampling rule exact.
+        logq_BKV = process_logits(logits, sp)
+        return jax.random.categorical(key, logq_BKV, axis=-1).astype(jnp.int32), logq_BKV, cache
+
+    def commit(self, params, cache, ctx: DraftContext, n_accepted_B, target_aux):
+        # target_aux covers [pending, d_1..d_K] at positions lengths + [0, K]; the first
+        # n_accepted + 1 are now committed context. Inactive rows keep their length.
+        cache = dfm.write_context(params["dflash"], self.config, cache, target_aux, cache.lengths)
+        return cache._replace(lengths=ctx.seq_len_B - 1)
+
+
+def check_fits_target(config: dfm.DFlashConfig, tconfig: TransformerConfig, source: str = "DFlash drafter") -> None:
+    """ValueError naming the first field of `config` that does not fit the target."""
+    if config.hidden_size != tconfig.hidden_size:
+        raise ValueError(f"{source}: hidden_size {config.hidden_size} != the target's {tconfig.hidden_size}")
+    if config.vocab_size != tconfig.vocab_size:
+        raise ValueError(f"{source}: vocab_size {config.vocab_size} != the target's {tconfig.vocab_size}")
+    if config.num_target_layers != tconfig.num_layers:
+        raise ValueError(
+            f"{source}: built for a {config.num_target_layers}-layer target (num_target_layers), "
+            f"the target has {tconfig.num_layers} layers"
+        )
+    bad = [i for i in config.target_layer_ids if not 0 <= i < tconfig.num_layers]
+    if bad:
+        raise ValueError(f"{source}: target_layer_ids {config.target_layer_ids} out of range for a "
+                         f"{tconfig.num_layers}-layer target")
+
+
+def shared_target_params(target) -> dict:
+    """The target's embedding (+ untied LM head): references, not copies."""
+    return {k: target.params[k] for k in SHARED_TARGET_PARAMS if k in target.params}
+
+
+def default_mask_token_id(target) -> int:
+    """z-lab's choice made general: the first embedding row no tokenizer token maps to (Qwen3:
+    151669); without such a row, the pad token; else the last id."""
+    V = target.config.vocab_size
+    tok = getattr(target, "tokenizer", None)
+    if tok is not None and tok.vocab_size < V:
+        return int(tok.vocab_size)
+    if target.config.pad_token_id is not None:
+        return int(target.config.pad_token_id)
+    return V - 1
+
+
+CONFIG_OVERRIDES = ("num_layers", "block_size", "mask_token_id", "target_layer_ids", "num_target_features",
+                    "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "attention_bias", "dtype", "param_dtype")
+
+
+def config_for_target(target, **overrides) -> dfm.DFlashConfig:
+    """A DFlashConfig shaped like the target (width, heads, MLP, RoPE, norm eps).
+
+    overrides: num_layers (1), block_size (16), mask_token_id (`default_mask_token_id`),
+    target_layer_ids or num_target_features (default: as many as draft layers, z-lab's rule),
+    intermediate_size, num_heads, num_kv_heads, head_dim, attention_bias, dtype, param_dtype."""
+    unknown = sorted(set(overrides) - set(CONFIG_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown options for the dflash drafter: {unknown}; known: {list(CONFIG_OVERRIDES)}")
+    t = target.config
+    num_layers = int(overrides.pop("num_layers", 1))
+    n_feat = overrides.pop("num_target_features", num_layers)
+    ids = overrides.pop("target_layer_ids", None)
+    if ids is None:
+        ids = dfm.default_target_layer_ids(t.num_layers, n_feat)
+    kw = dict(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, target_layer_ids=tuple(ids),
+        num_target_layers=t.num_layers, mask_token_id=default_mask_token_id(target), num_layers=num_layers,
+        rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, rope_scaling=t.rope_scaling,
+        dtype=t.dtype, param_dtype=t.param_dtype,
+    )
+    kw.update(overrides)
+    return dfm.DFlashConfig(**kw)
+
+
+def make_drafter(target, config: dfm.DFlashConfig, dflash_params) -> Drafter:
+    """Wraps trainable DFlash parameters for `target` (checks that they fit it)."""
+    spec = DFlashSpec(vocab_size=target.config.vocab_size, config=config, target_config=target.config)
+    return Drafter(spec, {"dflash": dflash_params, "target": shared_target_params(target)})
+
+
+def init_dflash(target, seed: int = 0, **overrides) -> Drafter:
+    """A randomly initialised DFlash drafter for `target` (`config_for_target` lists overrides).
+
+    Trainable: `drafter.params["dflash"]`; `drafter.params["target"]` shares the target's
+    embedding / LM head (keep it out of the optimizer)."""
+    config = config_for_target(target, **overrides)
+    return make_drafter(target, config, dfm.init_params(config, jax.random.PRNGKey(seed)))
