@@ -154,6 +154,8 @@ def speculative_generate(
     if verify_impl not in VERIFY_IMPLS:
         raise ValueError(f"verify_impl must be one of {VERIFY_IMPLS}, got {verify_impl!r}")
     check_compatible(target, drafter)
+    if hasattr(drafter.spec, "check_num_draft"):  # e.g. DFlash: K <= block_size - 1
+        drafter.spec.check_num_draft(int(num_draft_tokens))
     K, config = int(num_draft_tokens), target.config
     ids = batching.encode_prompts(target, prompts)
     # A round may write K + 1 cache slots past the committed text.

@@ -2,14 +2,15 @@
 
 from opd.drafters.base import DraftContext, Drafter, DrafterSpec
 
-KINDS = ("ngram", "lm")
+KINDS = ("ngram", "lm", "dflash")
 
 
 def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
     """Builds a drafter for `target`.
 
-    kinds: "ngram" (prompt lookup; overrides max_ngram, min_ngram) and "lm" (an independent
-    small LM: pass `model=<opd.Target with the target's vocabulary>`).
+    kinds: "ngram" (prompt lookup; overrides max_ngram, min_ngram), "lm" (an independent
+    small LM: pass `model=<opd.Target with the target's vocabulary>`) and "dflash" (block
+    diffusion drafter over the target's features; see `opd.drafters.dflash.init_dflash`).
     """
     if kind == "ngram":
         from opd.drafters.ngram import NGramSpec
@@ -24,6 +25,10 @@ def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
         if overrides:
             raise ValueError(f"unknown options for the lm drafter: {sorted(overrides)}")
         return Drafter(LMSpec(vocab_size=model.config.vocab_size, config=model.config), model.params, model.tokenizer)
+    if kind == "dflash":
+        from opd.drafters.dflash import init_dflash
+
+        return init_dflash(target, seed=seed, **overrides)
     raise ValueError(f"unknown drafter kind {kind!r}; available: {KINDS}")
 
 

@@ -1,0 +1,263 @@
+"""DFlash drafters in the z-lab/dflash HF layout (what SGLang / vLLM / z-lab load).
+
+Layout (z-lab `DFlashDraftModel`, a Qwen3-style config):
+  config.json: architectures ["DFlashDraftModel"], model_type "qwen3", the usual Qwen3 size
+    fields (hidden_size = the target's, num_hidden_layers = draft layers, ...), block_size,
+    num_target_layers, and dflash_config {mask_token_id, target_layer_ids, block_size}.
+    `target_layer_ids` are z-lab's = ours (0-based decoder-layer outputs; see
+    opd/models/dflash.py), stored unchanged.
+  model.safetensors: fc.weight [D, A*D], hidden_norm.weight, norm.weight (the drafter's
+    final norm), layers.{i}.{input_layernorm, post_attention_layernorm}.weight,
+    layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ .bias with attention_bias),
+    layers.{i}.self_attn.{q,k}_norm.weight, layers.{i}.mlp.{gate,up,down}_proj.weight.
+    No embed_tokens / lm_head: the drafter shares the target's.
+
+Every problem is a CheckpointError naming it (including a drafter that does not fit the
+target: hidden size, vocabulary, target layers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from opd.checkpoints.errors import CheckpointError
+from opd.checkpoints.hf import _read_file, _shard_files
+from opd.models import dflash as dfm
+from opd.models.config import ConfigError, TransformerConfig
+
+ARCHITECTURE = "DFlashDraftModel"
+__all__ = ["export_dflash_hf", "read_dflash_hf", "load_dflash_hf", "ARCHITECTURE"]
+
+
+def _hf_config(c: dfm.DFlashConfig) -> dict:
+    rope_scaling = None
+    if c.rope_scaling is not None:
+        rs = c.rope_scaling
+        rope_scaling = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+                        "high_freq_factor": rs.high_freq_factor,
+                        "original_max_position_embeddings": rs.original_max_position_embeddings}
+    return {
+        "architectures": [ARCHITECTURE],
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "model_type": "qwen3",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": c.attention_bias,
+        "attention_dropout": 0.0,
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": False,
+        "layer_types": ["full_attention"] * c.num_layers,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": c.num_layers,
+        "block_size": c.block_size,
+        "num_target_layers": c.num_target_layers,
+        "dflash_config": {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids),
+                          "block_size": c.block_size},
+        "torch_dtype": "float32",
+    }
+
+
+def _tensor_shapes(c: dfm.DFlashConfig) -> dict:
+    D, N, K, H, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    shapes = {"fc.weight": (D, len(c.target_layer_ids) * D), "hidden_norm.weight": (D,), "norm.weight": (D,)}
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.k_proj.weight": (K * H, D),
+            p + "self_attn.v_proj.weight": (K * H, D), p + "self_attn.o_proj.weight": (D, N * H),
+            p + "self_attn.q_norm.weight": (H,), p + "self_attn.k_norm.weight": (H,),
+            p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
+        })
+        if c.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (N * H,), p + "self_attn.k_proj.bias": (K * H,),
+                           p + "self_attn.v_proj.bias": (K * H,), p + "self_attn.o_proj.bias": (D,)})
+    return shapes
+
+
+def state_dict_from_params(c: dfm.DFlashConfig, params) -> dict:
+    """Our trainable tree -> z-lab names / torch Linear layouts ([out, in]), float32 numpy."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    sd = {"fc.weight": p["fc"].T, "hidden_norm.weight": p["hidden_norm"]["scale"], "norm.weight": p["final_norm"]["scale"]}
+    for i in range(c.num_layers):
+        l, pre = p[f"layers_{i}"], f"layers.{i}."
+        a = l["attn"]
+        sd.update({
+            pre + "input_layernorm.weight": l["attn_norm"]["scale"],
+            pre + "post_attention_layernorm.weight": l["mlp_norm"]["scale"],
+            pre + "self_attn.q_proj.weight": a["q"].reshape(D, N * H).T,
+            pre + "self_attn.k_proj.weight": a["k"].reshape(D, K * H).T,
+            pre + "self_attn.v_proj.weight": a["v"].reshape(D, K * H).T,
+            pre + "self_attn.o_proj.weight": a["o"].reshape(N * H, D).T,
+            pre + "self_attn.q_norm.weight": a["q_norm"]["scale"],
+            pre + "self_attn.k_norm.weight": a["k_norm"]["scale"],
+            pre + "mlp.gate_proj.weight": l["mlp"]["gate"].T,
+            pre + "mlp.up_proj.weight": l["mlp"]["up"].T,
+            pre + "mlp.down_proj.weight": l["mlp"]["down"].T,
+        })
+        if c.attention_bias:
+            sd.update({pre + "self_attn.q_proj.bias": a["q_bias"].reshape(-1), pre + "self_attn.k_proj.bias": a["k_bias"].reshape(-1),
+                       pre + "self_attn.v_proj.bias": a["v_bias"].reshape(-1), pre + "self_attn.o_proj.bias": a["o_bias"]})
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+def params_from_state_dict(c: dfm.DFlashConfig, sd: dict):
+    """z-lab-named state dict -> our trainable tree (numpy, `c.param_dtype` unless bfloat16)."""
+    D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    params = {"fc": sd["fc.weight"].T, "hidden_norm": {"scale": sd["hidden_norm.weight"]},
+              "final_norm": {"scale": sd["norm.weight"]}}
+    for i in range(c.num_layers):
+        pre = f"layers.{i}."
+        attn = {
+            "q": sd[pre + "self_attn.q_proj.weight"].T.reshape(D, N, H),
+            "k": sd[pre + "self_attn.k_proj.weight"].T.reshape(D, K, H),
+            "v": sd[pre + "self_attn.v_proj.weight"].T.reshape(D, K, H),
+            "o": sd[pre + "self_attn.o_proj.weight"].T.reshape(N, H, D),
+            "q_norm": {"scale": sd[pre + "self_attn.q_norm.weight"]},
+            "k_norm": {"scale": sd[pre + "self_attn.k_norm.weight"]},
+        }
+        if c.attention_bias:
+            attn.update(q_bias=sd[pre + "self_attn.q_proj.bias"].reshape(N, H), k_bias=sd[pre + "self_attn.k_proj.bias"].reshape(K, H),
+                        v_bias=sd[pre + "self_attn.v_proj.bias"].reshape(K, H), o_bias=sd[pre + "self_attn.o_proj.bias"])
+        params[f"layers_{i}"] = {
+            "attn_norm": {"scale": sd[pre + "input_layernorm.weight"]},
+            "attn": attn,
+            "mlp_norm": {"scale": sd[pre + "post_attention_layernorm.weight"]},
+            "mlp": {"gate": sd[pre + "mlp.gate_proj.weight"].T, "up": sd[pre + "mlp.up_proj.weight"].T,
+                    "down": sd[pre + "mlp.down_proj.weight"].T},
+        }
+    if c.param_dtype == "bfloat16":
+        import jax.numpy as jnp
+
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=np.dtype(c.param_dtype)), params)
+
+
+def export_dflash_hf(drafter, path: str) -> None:
+    """Writes `drafter` (a DFlash `opd.Drafter`) as config.json + model.safetensors in `path`."""
+    from safetensors.numpy import save_file
+
+    c = drafter.spec.config
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(_hf_config(c), f, indent=2)
+    save_file(state_dict_from_params(c, drafter.params["dflash"]), os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"no config.json in DFlash checkpoint directory {path}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            hf = json.load(f)
+        if not isinstance(hf, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"cannot parse {cfg_path}: {e}") from e
+    archs = hf.get("architectures") or []
+    if ARCHITECTURE not in archs:
+        raise CheckpointError(f"{cfg_path}: architectures {archs} is not a DFlash v1 drafter ({ARCHITECTURE!r})")
+    dcfg = hf.get("dflash_config") or {}
+    if not isinstance(dcfg, dict):
+        raise CheckpointError(f"{cfg_path}: dflash_config is not an object")
+
+    def value(name, default=None):  # z-lab reads dflash_config first, then the top level
+        return dcfg.get(name, hf.get(name, default))
+
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+        raise CheckpointError(f"{cfg_path}: sliding-window draft layers are not supported")
+    if hf.get("is_causal") or dcfg.get("causal"):
+        raise CheckpointError(f"{cfg_path}: causal draft attention is not supported (DFlash v1 is non-causal)")
+    for name, neutral in (("input_embedding_scale", 1.0), ("output_multiplier", 1.0), ("final_logit_softcapping", None)):
+        v = value(name, neutral)
+        if v is not None and v != neutral and not (neutral is None and float(v) <= 0):
+            raise CheckpointError(f"{cfg_path}: {name}={v} is not supported")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"{cfg_path}: unsupported hidden_act {hf.get('hidden_act')!r}")
+    try:
+        base = TransformerConfig.from_hf({k: v for k, v in hf.items() if k != "architectures"} | {"model_type": "qwen3"})
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid value: {e}") from e
+    ids, mask = value("target_layer_ids"), value("mask_token_id")
+    if ids is None or mask is None:
+        missing = "target_layer_ids" if ids is None else "mask_token_id"
+        raise CheckpointError(f"{cfg_path}: dflash_config.{missing} is missing")
+    # Fit to the target, before any tensor is read.
+    if base.hidden_size != tconfig.hidden_size:
+        raise CheckpointError(f"{cfg_path}: hidden_size {base.hidden_size} does not match the target's {tconfig.hidden_size}")
+    if base.vocab_size != tconfig.vocab_size:
+        raise CheckpointError(f"{cfg_path}: vocab_size {base.vocab_size} does not match the target's {tconfig.vocab_size}")
+    n_target = int(hf.get("num_target_layers", tconfig.num_layers))
+    if n_target != tconfig.num_layers:
+        raise CheckpointError(f"{cfg_path}: num_target_layers {n_target} does not match the target's {tconfig.num_layers} layers")
+    try:
+        ids = tuple(int(i) for i in ids)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: target_layer_ids {ids!r} is not a list of integers") from e
+    if not ids or any(not 0 <= i < tconfig.num_layers for i in ids):
+        raise CheckpointError(f"{cfg_path}: target_layer_ids {list(ids)} out of range for the {tconfig.num_layers}-layer target")
+    try:
+        return dfm.DFlashConfig(
+            vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
+            num_heads=base.num_heads, num_kv_heads=base.num_kv_heads, head_dim=base.head_dim,
+            target_layer_ids=ids, num_target_layers=n_target, mask_token_id=int(mask),
+            num_layers=base.num_layers, block_size=int(value("block_size", 16)), rms_norm_eps=base.rms_norm_eps,
+            rope_theta=base.rope_theta, rope_scaling=base.rope_scaling, attention_bias=bool(hf.get("attention_bias", False)),
+            dtype=tconfig.dtype, param_dtype=tconfig.param_dtype,
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from e
+
+
+def read_dflash_hf(path: str, tconfig: TransformerConfig):
+    """(DFlashConfig, trainable params) from a z-lab layout directory, checked against `tconfig`."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"DFlash checkpoint directory not found: {path}")
+    c = _config_from_json(path, tconfig)
+    sd = {}
+    for fname, names in _shard_files(path).items():
+        for name, arr in _read_file(os.path.join(path, fname), names, np.float32).items():
+            if name in sd:
+                raise CheckpointError(f"tensor {name!r} appears in more than one safetensors file ({fname})")
+            sd[name] = arr
+    expected = _tensor_shapes(c)
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]]})")
+    unexpected = sorted(k for k in sd if k not in expected)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} with shape {tuple(sd[unexpected[0]].shape)} "
+                              "for a DFlash drafter with this config")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {shape} from the config")
+        if not np.isfinite(sd[k]).all():
+            raise CheckpointError(f"{path}: tensor {k!r} contains NaN or infinite values")
+    return c, params_from_state_dict(c, sd)
+
+
+def load_dflash_hf(path: str, target):
+    """A DFlash `opd.Drafter` for `target` from a z-lab layout directory."""
+    from opd.drafters.dflash import make_drafter
+
+    c, params = read_dflash_hf(path, target.config)
+    return make_drafter(target, c, jax.tree.map(jax.numpy.asarray, params))
