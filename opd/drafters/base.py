@@ -19,6 +19,7 @@ Axis letters: B batch, S sequence buffer, K draft tokens, V vocabulary.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -39,7 +40,7 @@ class DraftContext(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class DrafterSpec:
+class DrafterSpec(abc.ABC):
     """Base class of drafter specs. Subclasses are frozen dataclasses (jit static args)."""
 
     vocab_size: int
@@ -47,14 +48,17 @@ class DrafterSpec:
     kind = "base"
     target_hidden_layers: tuple = ()  # target layers whose outputs the drafter consumes
 
+    @abc.abstractmethod
     def prefill(self, params, ctx: DraftContext, target_aux, cache_len: int):
-        raise NotImplementedError(f"{type(self).__name__} must implement prefill")
+        """Drafter state after the prompt (`ctx` holds the padded prompt bucket + first token)."""
 
+    @abc.abstractmethod
     def propose(self, params, state, ctx: DraftContext, key, num_draft: int, sp):
-        raise NotImplementedError(f"{type(self).__name__} must implement propose")
+        """-> (tokens [B, K] int32, processed log q [B, K, V] or None when greedy, state)."""
 
+    @abc.abstractmethod
     def commit(self, params, state, ctx: DraftContext, n_accepted_B, target_aux):
-        raise NotImplementedError(f"{type(self).__name__} must implement commit")
+        """State after a verify round committed `n_accepted + 1` tokens (ctx is already updated)."""
 
 
 @dataclasses.dataclass
