@@ -3,11 +3,13 @@
 Public API (kept stable; notebooks and outside checks use it):
   opd.load_target(path) -> opd.Target
   opd.generate(target, prompts, max_new_tokens=..., temperature=0.0, seed=0)
-  opd.init_drafter("ngram" | "lm", target, seed=0, **overrides) -> opd.Drafter
+  opd.init_drafter("ngram" | "lm" | "eagle3" | "dflash", target, seed=0, **overrides) -> opd.Drafter
+  opd.load_drafter(path, target) / opd.export_drafter(drafter, path)   (public HF layouts)
   opd.speculative_generate(target, drafter, prompts, max_new_tokens=..., num_draft_tokens=K,
                            temperature=0.0, seed=0)
 """
 
+from opd.checkpoints.drafters import export_drafter, load_drafter
 from opd.checkpoints.errors import CheckpointError
 from opd.decoding.batching import PromptError
 from opd.decoding.generate import GenerateOutput, generate
@@ -26,8 +28,10 @@ __all__ = [
     "SamplingParams",
     "Target",
     "TransformerConfig",
+    "export_drafter",
     "generate",
     "init_drafter",
+    "load_drafter",
     "load_target",
     "speculative_generate",
 ]

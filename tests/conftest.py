@@ -78,3 +78,17 @@ def smollm2_hf(smollm2_gguf_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype="float32").eval()
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     return model, tok
+
+
+def make_target(family: str = "llama", seed: int = 0, **overrides):
+    """An `opd.Target` (no tokenizer) with the weights of `make_hf_model`."""
+    import jax
+    import jax.numpy as jnp
+
+    import opd
+    from opd.models import transformer as tfm
+
+    model, d = make_hf_model(family, seed=seed, **overrides)
+    config = opd.TransformerConfig.from_hf(d)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return opd.Target(config, jax.tree.map(jnp.asarray, tfm.params_from_hf(config, sd)))

@@ -46,12 +46,12 @@ def _rope_scaling_json(rs):
             "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_position_embeddings}
 
 
-def save_eagle3_hf(drafter: Drafter, path: str) -> None:
+def export_eagle3_hf(drafter: Drafter, path: str) -> None:
     """Writes `drafter` (an EAGLE-3 `opd.Drafter`) as an HF EAGLE-3 directory at `path`."""
     from safetensors.numpy import save_file
 
     if drafter.kind != "eagle3":
-        raise ValueError(f"save_eagle3_hf needs an eagle3 drafter, got {drafter.kind!r}")
+        raise ValueError(f"export_eagle3_hf needs an eagle3 drafter, got {drafter.kind!r}")
     c: e3.Eagle3Config = drafter.spec.config
     os.makedirs(path, exist_ok=True)
     layers = [int(i) for i in c.target_layers]

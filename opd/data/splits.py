@@ -5,7 +5,9 @@ text (not its position in the file): the same instruction always lands on the sa
 whatever file order or copy it comes from, and duplicates cannot straddle the split.
 About 80 % is "train" (may be used for SFT / Draft-OPD data), 20 % "heldout" (evaluation).
 
-MT-Bench and HumanEval are evaluation-only: `training_records` refuses them.
+MT-Bench and HumanEval are evaluation-only: `training_records` refuses them, and removes from
+any training set every record whose text equals one of their prompts (AlpacaEval contains
+MT-Bench questions verbatim, e.g. its records 791 and 801).
 """
 
 from __future__ import annotations
@@ -61,7 +63,22 @@ def training_records(prompt_set: str) -> list[dict]:
     if prompt_set in EVAL_ONLY_SETS:
         raise ValueError(f"prompt set {prompt_set!r} is evaluation-only and must not be used for training")
     records = load_prompt_set(prompt_set)
-    return alpaca_split(records, "train") if prompt_set == "alpacaeval" else records
+    if prompt_set == "alpacaeval":
+        records = alpaca_split(records, "train")
+    return drop_eval_prompts(records)
+
+
+def eval_prompt_texts() -> set:
+    """Normalised texts of every user turn of the evaluation-only sets."""
+    from opd.data.assets import load_prompt_set
+
+    return {_normalise(t) for name in EVAL_ONLY_SETS for r in load_prompt_set(name) for t in r["turns"]}
+
+
+def drop_eval_prompts(records: Sequence[dict]) -> list[dict]:
+    """`records` without any whose text equals an evaluation prompt (MT-Bench / HumanEval)."""
+    banned = eval_prompt_texts()
+    return [r for r in records if _normalise(record_text(r)) not in banned]
 
 
 def check_disjoint(train: Iterable[dict], heldout: Iterable[dict]) -> None:

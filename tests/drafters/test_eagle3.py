@@ -11,7 +11,7 @@ import pytest
 
 import opd
 from conftest import make_hf_model, tol
-from opd.checkpoints.eagle3_hf import load_eagle3_hf, save_eagle3_hf
+from opd.checkpoints.eagle3_hf import load_eagle3_hf, export_eagle3_hf
 from opd.decoding import batching
 from opd.decoding.generate import prefill as target_prefill
 from opd.decoding.sampling import SamplingParams
@@ -194,7 +194,7 @@ def test_default_target_layers_convention():
 def test_hf_round_trip_and_mismatch_errors(target, small_vocab_drafter, tmp_path):
     dr = small_vocab_drafter
     path = tmp_path / "eagle3"
-    save_eagle3_hf(dr, str(path))
+    export_eagle3_hf(dr, str(path))
     hf = json.loads((path / "config.json").read_text())
     assert hf["architectures"] == ["LlamaForCausalLMEagle3"]
     assert (hf["vocab_size"], hf["draft_vocab_size"], hf["target_hidden_size"], hf["hidden_size"]) == (128, 24, 64, 64)

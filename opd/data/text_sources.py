@@ -1,0 +1,255 @@
+"""Training prompts made from real offline text: the Python stdlib sources and the Python docs.
+
+Two sources, both deterministic (sorted files, source order inside a file) with stable ids:
+
+* `stdlib_code_prompts()`: every function and method (found with `ast`) in the `*.py` files of
+  the running interpreter's stdlib (`sysconfig.get_paths()["stdlib"]`; always present), minus
+  `test/`, `idlelib/`, `lib2to3/` and `site-packages/`. Each function becomes one prompt of one
+  kind, picked by a hash of its id: "explain" (explain what the function does), "docstring"
+  (write a docstring; the function's own docstring is removed from the shown code) or "tests"
+  (write unit tests). Id: `stdlib:<relative path>:<qualname>` (+ `#k` for the k-th repeat of a
+  qualname in one file). Ids are stable for a given Python version; the text follows the stdlib.
+* `pydocs_prompts()`: prose paragraphs of the Python documentation's reST sources
+  (`/usr/share/doc/python3.11/html/_sources/**/*.rst.txt`, Debian package `python3.11-doc`).
+  Directives, code blocks, tables and headings are dropped, inline roles are reduced to their
+  text, and each kept paragraph becomes a "summarize" or "explain" prompt (hash-picked).
+  Id: `pydocs:<relative path>:<k>` (k-th kept paragraph of that file). When the folder is
+  absent a warning is logged and no prompts are returned.
+
+Records have the shape of `opd.data.assets.load_prompt_set` records: `id` (str), `turns`
+(one user turn), plus `source`, `path`, `kind` and (stdlib) `qualname`.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import re
+import sysconfig
+import textwrap
+from typing import Iterator
+
+from absl import logging
+
+DEFAULT_PYDOCS_ROOT = "/usr/share/doc/python3.11/html/_sources"
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"})
+
+CODE_TEMPLATES = {
+    "explain": "Explain what this Python function does:\n```python\n{code}\n```",
+    "docstring": "Write a docstring for this Python function:\n```python\n{code}\n```",
+    "tests": "Write unit tests with pytest for this Python function:\n```python\n{code}\n```",
+}
+DOC_TEMPLATES = {
+    "summarize": "Summarize this passage from the Python documentation:\n\n{text}",
+    "explain": "Explain this passage from the Python documentation in simpler terms:\n\n{text}",
+}
+
+_MAX_FILE_BYTES = 1 << 20
+
+
+def _pick(uid: str, kinds) -> str:
+    kinds = sorted(kinds)
+    h = int.from_bytes(hashlib.sha256(uid.encode("utf-8")).digest()[:8], "big")
+    return kinds[h % len(kinds)]
+
+
+def stdlib_root() -> str:
+    """The running interpreter's stdlib folder."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _sorted_files(root: str, suffix: str, excluded=frozenset()) -> list[str]:
+    """Relative paths (with '/') of the files under `root` ending in `suffix`, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in excluded]
+        rel_dir = os.path.relpath(dirpath, root)
+        for f in filenames:
+            if f.endswith(suffix):
+                rel = f if rel_dir == "." else os.path.join(rel_dir, f)
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def _functions(tree: ast.AST) -> Iterator[tuple[str, ast.AST]]:
+    """(qualname, node) of every function in source order (pre-order, nested included)."""
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                qual = f"{prefix}{child.name}"
+                yield qual, child
+                yield from visit(child, f"{qual}.<locals>.")
+            elif isinstance(child, ast.ClassDef):
+                yield from visit(child, f"{prefix}{child.name}.")
+            else:
+                yield from visit(child, prefix)
+
+    yield from visit(tree, "")
+
+
+def _function_source(lines: list[str], node, strip_docstring: bool) -> str | None:
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+    end = node.end_lineno
+    body = node.body
+    has_doc = (
+        body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    )
+    keep = list(range(start, end))
+    if strip_docstring and has_doc:
+        doc = body[0]
+        if doc.lineno == node.lineno or len(body) == 1:
+            return None  # one-liner or docstring-only function: nothing left to document
+        drop = set(range(doc.lineno - 1, doc.end_lineno))
+        keep = [i for i in keep if i not in drop]
+    return textwrap.dedent("".join(lines[i] for i in keep)).rstrip()
+
+
+def stdlib_code_prompts(
+    root: str | None = None,
+    *,
+    max_prompts: int | None = None,
+    max_files: int | None = None,
+    min_lines: int = 4,
+    max_lines: int = 60,
+    max_chars: int = 2500,
+) -> list[dict]:
+    """Instruction prompts about functions of the Python stdlib (see the module docstring).
+
+    Args:
+      root: folder of `*.py` files; default the running interpreter's stdlib.
+      max_prompts: stop after this many prompts (the first ones in deterministic order).
+      max_files: read at most this many files (in sorted order).
+      min_lines, max_lines, max_chars: size limits on the shown function source.
+    """
+    root = root or stdlib_root()
+    files = _sorted_files(root, ".py", STDLIB_EXCLUDED_DIRS)
+    if max_files is not None:
+        files = files[:max_files]
+    records: list[dict] = []
+    for rel in files:
+        path = os.path.join(root, rel)
+        try:
+            if os.path.getsize(path) > _MAX_FILE_BYTES:
+                continue
+            with open(path, encoding="utf-8") as f:
+                src = f.read()
+            tree = ast.parse(src, filename=rel)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue  # a few stdlib files are templates or in other encodings
+        lines = src.splitlines(keepends=True)
+        seen: dict[str, int] = {}
+        for qual, node in _functions(tree):
+            seen[qual] = seen.get(qual, 0) + 1
+            uid = f"stdlib:{rel}:{qual}" + (f"#{seen[qual]}" if seen[qual] > 1 else "")
+            kind = _pick(uid, CODE_TEMPLATES)
+            code = _function_source(lines, node, strip_docstring=kind == "docstring")
+            if code is None:
+                continue
+            n_lines = code.count("\n") + 1
+            if not (min_lines <= n_lines <= max_lines) or len(code) > max_chars:
+                continue
+            records.append({
+                "id": uid,
+                "turns": [CODE_TEMPLATES[kind].format(code=code)],
+                "source": "stdlib_code",
+                "path": rel,
+                "qualname": qual,
+                "kind": kind,
+            })
+            if max_prompts is not None and len(records) >= max_prompts:
+                return records
+    return records
+
+
+# ----------------------------------------------------------------------------- reST docs
+
+_ROLE = re.compile(r":[\w:.+-]+:`(?:[^`<]*<)?~?([^`>]+)>?`")  # :func:`~a.b` / :ref:`text <target>`
+_LITERAL = re.compile(r"``([^`]+)``")
+_LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`_+")
+_EMPH = re.compile(r"(?<![\w*])\*\*?([^*\s][^*]*?)\*\*?(?![\w*])")
+_HEADING = re.compile(r"^([=\-~^\"'*+#`:._])\1{2,}\s*$")
+_BULLET = re.compile(r"^\s*([-*+•]|\d+\.|#\.)\s")
+
+
+def _clean_inline(text: str) -> str:
+    text = _ROLE.sub(r"\1", text)
+    text = _LINK.sub(r"\1", text)
+    text = _LITERAL.sub(r"`\1`", text)
+    text = _EMPH.sub(r"\1", text)
+    return " ".join(text.split())
+
+
+def _prose_paragraphs(rst: str) -> Iterator[str]:
+    """Prose paragraphs of one reST file: unindented blocks that are not markup."""
+    block: list[str] = []
+    for line in rst.splitlines() + [""]:
+        if line.strip():
+            block.append(line)
+            continue
+        if block:
+            first = block[0]
+            is_prose = (
+                not first[:1].isspace()
+                and not first.startswith((".. ", "..\t", "|", "+-", "=="))
+                and not any(_HEADING.match(l) for l in block)
+                and not any(l[:1].isspace() for l in block)  # definition lists, code, options
+                and not _BULLET.match(first)
+                and not block[-1].rstrip().endswith("::")  # introduces a code block
+            )
+            if is_prose:
+                yield _clean_inline(" ".join(l.strip() for l in block))
+            block = []
+
+
+def pydocs_prompts(
+    root: str | None = None,
+    *,
+    max_prompts: int | None = None,
+    min_chars: int = 200,
+    max_chars: int = 1500,
+) -> list[dict]:
+    """Summarize / explain prompts from the Python docs' reST sources (see the module docstring).
+
+    Args:
+      root: the `_sources` folder of an HTML build of the Python docs (`*.rst.txt` files);
+        default `DEFAULT_PYDOCS_ROOT`.
+      max_prompts: stop after this many prompts (the first ones in deterministic order).
+      min_chars, max_chars: length limits on a paragraph after markup removal.
+
+    Returns:
+      The prompt records; `[]` (with a logged warning) when `root` does not exist.
+    """
+    root = root or DEFAULT_PYDOCS_ROOT
+    if not os.path.isdir(root):
+        logging.warning(
+            "Python docs reST sources not found at %s: pydocs prompts skipped "
+            "(install them with `apt-get install python3.11-doc`)", root,
+        )
+        return []
+    records: list[dict] = []
+    for rel in _sorted_files(root, ".rst.txt"):
+        try:
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                rst = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        k = 0
+        for para in _prose_paragraphs(rst):
+            if not min_chars <= len(para) <= max_chars:
+                continue
+            uid = f"pydocs:{rel}:{k}"
+            k += 1
+            kind = _pick(uid, DOC_TEMPLATES)
+            records.append({
+                "id": uid,
+                "turns": [DOC_TEMPLATES[kind].format(text=para)],
+                "source": "pydocs",
+                "path": rel,
+                "kind": kind,
+            })
+            if max_prompts is not None and len(records) >= max_prompts:
+                return records
+    return records

@@ -1,0 +1,96 @@
+"""Training FLOPs per step and a cumulative counter (for matched-FLOPs comparisons).
+
+Convention (the usual 2N / 6N matmul estimate; attention score/softmax FLOPs, norms and
+element-wise ops are ignored):
+  * a forward costs 2 * N * tokens, a forward + backward 6 * N * tokens, where N counts the
+    parameters used as matmul weights (an embedding *lookup* is free: the input embedding
+    counts only when tied to the LM head);
+  * target forward (frozen, every step):            2 * N_target * B * T;
+  * EAGLE-3 SFT (training-time test, `steps`):      6 * N_drafter * B * T * steps,
+    N_drafter = the trainable params (fc, the decoder layer, the draft LM head);
+  * DFlash SFT:                                     6 * N_block * B * A * Q
+                                                    + 6 * N_context * B * T,
+    N_block = trainable params + the target's LM head it runs through (frozen, but the
+    backward pass still flows through it), over the A anchored blocks of Q positions;
+    N_context = fc + every layer's k/v projections, over all T context positions.
+Total per step = target forward + drafter term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from opd.drafters.base import DrafterSpec
+from opd.models import dflash as dfm
+from opd.models import eagle3 as e3
+from opd.models import transformer as tfm
+from opd.models.config import TransformerConfig
+
+
+def _count(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def target_matmul_params(config: TransformerConfig) -> int:
+    """N_target: all target params but the input embedding (unless tied to the LM head)."""
+    n = _count(_unboxed(tfm.abstract_params(config)))
+    if not config.tie_word_embeddings:
+        n -= config.vocab_size * config.hidden_size
+    return n
+
+
+def _unboxed(boxed):
+    return nn.unbox(boxed)
+
+
+def target_forward_flops(config: TransformerConfig, batch: int, seq_len: int) -> int:
+    return 2 * target_matmul_params(config) * batch * seq_len
+
+
+def eagle3_sft_flops(config: e3.Eagle3Config, batch: int, seq_len: int, steps: int) -> int:
+    return 6 * _count(_unboxed(e3.abstract_params(config))) * batch * seq_len * steps
+
+
+def dflash_sft_flops(config: dfm.DFlashConfig, target_config: TransformerConfig, batch: int, seq_len: int,
+                     num_anchors: int) -> int:
+    D, K, H = config.hidden_size, config.num_kv_heads, config.head_dim
+    n_block = _count(_unboxed(dfm.abstract_params(config))) + target_config.vocab_size * D
+    n_context = len(config.target_layer_ids) * D * D + config.num_layers * 2 * D * K * H
+    return 6 * n_block * batch * num_anchors * config.block_size + 6 * n_context * batch * seq_len
+
+
+def sft_step_flops(spec: DrafterSpec, target_config: TransformerConfig, batch: int, seq_len: int,
+                   ttt_steps: int = 7, num_anchors: int = 4) -> int:
+    """Total training FLOPs of one SFT step (module docstring)."""
+    f = target_forward_flops(target_config, batch, seq_len)
+    if spec.kind == "eagle3":
+        return f + eagle3_sft_flops(spec.config, batch, seq_len, ttt_steps)
+    if spec.kind == "dflash":
+        return f + dflash_sft_flops(spec.config, target_config, batch, seq_len, num_anchors)
+    raise ValueError(f"no FLOP model for drafter kind {spec.kind!r}")
+
+
+@dataclasses.dataclass
+class FlopCounter:
+    """Cumulative training FLOPs; `add_step((B, T))` adds one SFT step of that batch shape."""
+
+    spec: Any
+    target_config: TransformerConfig
+    ttt_steps: int = 7
+    num_anchors: int = 4
+    total: int = 0
+
+    def add_step(self, batch_shape) -> int:
+        B, T = int(batch_shape[0]), int(batch_shape[1])
+        self.total += sft_step_flops(self.spec, self.target_config, B, T, self.ttt_steps, self.num_anchors)
+        return self.total
+
+    def add(self, flops: int) -> int:
+        """Adds FLOPs counted elsewhere (e.g. a Draft-OPD rollout)."""
+        self.total += int(flops)
+        return self.total

@@ -1,0 +1,246 @@
+"""SFT: the jitted train step overfits a fixed batch for both drafters, never touches frozen
+parameters, gives the same result on 1 device and on a (2, 2, 2) mesh of 8 fake CPU devices;
+sharding rules, optimizer / loss config checks, FLOP counting."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import opd
+from conftest import make_hf_model
+from opd import sharding as shd
+from opd.models import dflash as dfm
+from opd.models import eagle3 as e3
+from opd.models import transformer as tfm
+from opd.training import flops, optim, sft
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TESTS_DIR)
+
+
+def _target(seed=3, logit_scale=40.0):
+    model, d = make_hf_model("llama", seed=seed)
+    config = opd.TransformerConfig.from_hf(d)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["lm_head.weight"] * logit_scale  # peaked targets: the soft CE can drop far
+    return opd.Target(config, jax.tree.map(jnp.asarray, tfm.params_from_hf(config, sd)))
+
+
+def _drafter(target, kind):
+    if kind == "eagle3":
+        return opd.init_drafter("eagle3", target, seed=1, draft_vocab_size=64)
+    return opd.init_drafter("dflash", target, seed=2, block_size=4)
+
+
+def _batch(vocab, B=4, T=12, seed=0):
+    rs = np.random.RandomState(seed)
+    tokens = rs.randint(0, vocab, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), np.float32)
+    mask[:, :3] = 0  # a "prompt" whose tokens are not trained
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+LOSS_CFG = sft.SFTLossConfig(ttt_steps=3, num_anchors=3)
+
+
+def _setup(target, drafter, mesh, lr=1e-2):
+    optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, warmup_steps=1, total_steps=100, clip_norm=1.0))
+    sh = sft.make_shardings(mesh, drafter.spec, target.config, optimizer)
+    trainable, frozen = sft.split_drafter_params(drafter)
+    state = sft.init_train_state(trainable, optimizer, sh, seed=0)
+    tparams = jax.device_put(target.params, sh.target)
+    frozen = jax.device_put(frozen, sh.drafter_frozen)
+    step = sft.make_train_step(drafter.spec, target.config, optimizer, sh, LOSS_CFG)
+    return sh, state, tparams, frozen, step
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _target()
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_sft_overfits_and_keeps_frozen_parts(target, kind):
+    drafter = _drafter(target, kind)
+    before = jax.tree.map(np.array, {"target": target.params, "drafter": drafter.params})
+    mesh = shd.make_mesh(1, 1, 1)
+    sh, state, tparams, frozen, step = _setup(target, drafter, mesh)
+    batch = _batch(target.config.vocab_size)
+    history = []
+    counter = flops.FlopCounter(drafter.spec, target.config, ttt_steps=LOSS_CFG.ttt_steps, num_anchors=LOSS_CFG.num_anchors)
+    state = sft.run(step, state, tparams, frozen, [batch] * 12, sh, flop_counter=counter,
+                    on_metrics=lambda i, m: history.append(jax.device_get(m)))
+    losses = [float(m["loss"]) for m in history]
+    assert int(state.step) == 12
+    assert losses[-1] < 0.75 * losses[0] and losses[-1] == min(losses), losses
+    n_steps = 3 if kind == "eagle3" else 3  # TTT steps / DFlash offsets (block_size 4)
+    assert history[0]["accuracy"].shape == (n_steps,) and history[0]["per_step_loss"].shape == (n_steps,)
+    assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in history)
+    assert counter.total == 12 * flops.sft_step_flops(drafter.spec, target.config, 4, 12, 3, 3)
+    # Frozen: the target, the shared embedding / LM head and the vocabulary maps are bit-identical;
+    # the drafter's own initial trainable arrays were not donated away.
+    after = jax.tree.map(np.array, {"target": target.params, "drafter": drafter.params})
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, tparams), before["target"])
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen),
+                 {"vocab": before["drafter"]["vocab"]} if kind == "eagle3" else {})
+    trained = jax.tree.map(np.array, state.params)
+    init = before["drafter"]["eagle" if kind == "eagle3" else "dflash"]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(init)))
+
+    # A non-finite loss stops the host loop naming the step (same shapes: no recompile).
+    bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tparams)
+    with pytest.raises(FloatingPointError, match="step 12"):
+        sft.run(step, state, bad, frozen, [batch], sh)
+
+
+def test_check_finite():
+    sft.check_finite({"loss": jnp.float32(1.0)}, 3)
+    with pytest.raises(FloatingPointError, match="step 7"):
+        sft.check_finite({"loss": jnp.float32(jnp.inf)}, 7)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _logical_names(boxed):
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return {n for leaf in leaves for n in leaf.names if n is not None}
+
+
+def test_rule_table_covers_every_logical_name(target):
+    c = target.config
+    names = set()
+    for tc in (c, c.replace(scan_layers=True), c.replace(family="qwen3", qk_norm=True, attention_bias=True,
+                                                          tie_word_embeddings=True)):
+        names |= _logical_names(tfm.abstract_params(tc))
+    names |= _logical_names(e3.abstract_params(_drafter(target, "eagle3").spec.config))
+    names |= _logical_names(dfm.abstract_params(_drafter(target, "dflash").spec.config.replace(attention_bias=True)))
+    rules = dict(shd.LOGICAL_AXIS_RULES)
+    assert names <= set(rules), names - set(rules)
+    assert {"layers", "fused_embed", "concat_embed", "aux_embed", "draft_vocab", "vocab"} <= names
+
+
+def test_specs_replicate_indivisible_dims_and_reject_unknown_names():
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), shd.MESH_AXES)
+    P = jax.sharding.PartitionSpec
+    assert shd.logical_to_spec(("vocab", "embed"), (128, 64), mesh) == P("tensor", "fsdp")
+    assert shd.logical_to_spec(("embed", "heads", "head_dim"), (64, 3, 16), mesh) == P("fsdp", None, None)
+    assert shd.logical_to_spec(("batch", None), (4, 7), mesh) == P(("data", "fsdp"), None)
+    assert shd.logical_to_spec(("batch", None), (6, 7), mesh) == P(None, None)  # 6 % 4: replicated
+    with pytest.raises(ValueError, match="no sharding rule"):
+        shd.logical_to_spec(("embed", "mystery"), (64, 8), mesh)
+    with pytest.raises(ValueError, match="unknown mesh axis"):
+        shd.logical_to_spec(("embed",), (64,), mesh, rules=(("embed", "model"),))
+
+
+def test_make_mesh_errors():
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"{n} device"):
+        shd.make_mesh(2, n, 1)
+    with pytest.raises(ValueError, match="positive"):
+        shd.make_mesh(0, 1, 1)
+    assert shd.make_mesh(1, 1, 1, devices=jax.devices()[:1]).axis_names == shd.MESH_AXES
+
+
+_SHARDED_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path[:0] = [TESTS_DIR]
+import test_sft as t
+from opd import sharding as shd
+from opd.training import sft
+assert len(jax.devices()) == 8, jax.devices()
+target = t._target()
+batch = t._batch(target.config.vocab_size)
+result = {}
+for kind in ("eagle3", "dflash"):
+    drafter = t._drafter(target, kind)
+    runs = {}
+    for name, mesh in (("one", shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])), ("mesh", shd.make_mesh(2, 2, 2))):
+        sh, state, tparams, frozen, step = t._setup(target, drafter, mesh)
+        losses = []
+        state = sft.run(step, state, tparams, frozen, [batch] * 2, sh, on_metrics=lambda i, m: losses.append(float(m["loss"])))
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
+        runs[name] = (losses, jax.tree.map(np.asarray, state.params), specs)
+    (l1, p1, _), (l8, p8, specs) = runs["one"], runs["mesh"]
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+    result[kind] = {"loss_one": l1, "loss_mesh": l8, "max_param_diff": diff, "specs": specs}
+print("RESULT" + json.dumps(result))
+""".replace("TESTS_DIR", repr(os.path.join(TESTS_DIR, "training")))
+
+
+def test_step_on_8_fake_devices_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    result = json.loads(line[len("RESULT"):])
+    for kind, r in result.items():
+        np.testing.assert_allclose(r["loss_mesh"], r["loss_one"], rtol=1e-4, err_msg=kind)
+        assert r["max_param_diff"] < 1e-4, (kind, r["max_param_diff"])
+        assert any("tensor" in s for s in r["specs"]) and any("fsdp" in s for s in r["specs"]), r["specs"]
+
+
+# ----------------------------------------------------------------------------- configs, FLOPs
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(warmup_steps=50, total_steps=10), "warmup_steps"),
+    (dict(total_steps=0), "total_steps"),
+    (dict(warmup_steps=1.5), "warmup_steps"),
+    (dict(end_lr_ratio=2.0), "end_lr_ratio"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(b2=1.0), "b2"),
+    (dict(eps=0.0), "eps"),
+    (dict(clip_norm=0.0), "clip_norm"),
+])
+def test_bad_optimizer_config_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        optim.OptimConfig(**kw)
+
+
+def test_optimizer_schedule_and_unknown_keys():
+    cfg = optim.OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
+    sched = optim.learning_rate_schedule(cfg)
+    np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110), sched(500)],
+                               [0.0, 5e-4, 1e-3, 0.55e-3, 1e-4, 1e-4], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown optimizer options"):
+        optim.make_optimizer({"lr": 1e-3})
+    assert optim.make_optimizer({"learning_rate": 1e-3, "total_steps": 5, "warmup_steps": 1}) is not None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ttt_steps=0), "ttt_steps"), (dict(step_decay=0.0), "step_decay"),
+    (dict(num_anchors=0), "num_anchors"), (dict(gamma=-7.0), "gamma"),
+])
+def test_bad_loss_config_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        sft.SFTLossConfig(**kw)
+
+
+def test_flop_formulas(target):
+    c = target.config
+    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+    per_layer = D * c.num_heads * c.head_dim * 2 + D * c.num_kv_heads * c.head_dim * 2 + 3 * D * F + 2 * D
+    n_target = L * per_layer + D + D * V  # layers + final norm + untied LM head (embedding lookup free)
+    assert flops.target_matmul_params(c) == n_target
+    d = _drafter(target, "eagle3")
+    n_drafter = sum(math.prod(x.shape) for x in jax.tree.leaves(d.params["eagle"]))
+    assert flops.sft_step_flops(d.spec, c, 2, 8, ttt_steps=7) == 2 * n_target * 16 + 6 * n_drafter * 16 * 7
+    counter = flops.FlopCounter(d.spec, c, ttt_steps=7)
+    counter.add_step((2, 8))
+    counter.add(5)
+    assert counter.total == 2 * n_target * 16 + 6 * n_drafter * 16 * 7 + 5
