@@ -3,8 +3,8 @@
 Convention (the usual 2N / 6N matmul estimate; attention score/softmax FLOPs, norms and
 element-wise ops are ignored):
   * a forward costs 2 * N * tokens, a forward + backward 6 * N * tokens, where N counts the
-    parameters used as matmul weights (an embedding *lookup* is free: the input embedding
-    counts only when tied to the LM head);
+    parameters (norm scales included, they are negligible) except an embedding table that is
+    only looked up: the input embedding counts only when tied to the LM head;
   * target forward (frozen, every step):            2 * N_target * B * T;
   * EAGLE-3 SFT (training-time test, `steps`):      6 * N_drafter * B * T * steps,
     N_drafter = the trainable params (fc, the decoder layer, the draft LM head);

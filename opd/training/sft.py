@@ -115,14 +115,15 @@ def make_shardings(mesh, spec: DrafterSpec, target_config: TransformerConfig, op
     return SFTShardings(state, target, frozen, batch)
 
 
-def _init_state(params, rng, *, optimizer):
+def initial_state(params, rng, *, optimizer) -> TrainState:
+    """The step-0 state (pure; jitted by `init_train_state`, shape-evaluated by checkpoint.py)."""
     params = jax.tree.map(jnp.copy, params)  # the state owns its buffers (it is donated later)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
 def init_train_state(trainable, optimizer: optax.GradientTransformation, shardings: SFTShardings, seed: int = 0) -> TrainState:
     """The initial state, built by a jit with `out_shardings` (params copied, never aliased)."""
-    init = jax.jit(functools.partial(_init_state, optimizer=optimizer),
+    init = jax.jit(functools.partial(initial_state, optimizer=optimizer),
                    in_shardings=(shardings.state.params, shardings.state.rng), out_shardings=shardings.state)
     return init(trainable, jax.random.PRNGKey(seed))
 
@@ -173,8 +174,6 @@ def make_train_step(spec: DrafterSpec, target_config: TransformerConfig, optimiz
     Returns step(state, target_params, drafter_frozen, batch) -> (state, metrics)."""
     _check_kind(spec)
     loss_config = loss_config or SFTLossConfig()
-    if spec.kind == "dflash" and loss_config.num_anchors < 1:
-        raise ValueError("DFlash SFT needs num_anchors >= 1")
     fn = functools.partial(train_step, spec=spec, target_config=target_config, optimizer=optimizer,
                            loss_config=loss_config)
     rep = jax.tree.leaves(shardings.state.rng)[0]
@@ -196,9 +195,8 @@ def run(step_fn, state: TrainState, target_params, drafter_frozen, batches: Iter
     """Host loop: places each batch with `shardings.batch`, steps, checks the loss is finite,
     counts FLOPs (`opd.training.flops.FlopCounter`) and hands metrics to `on_metrics(step,
     metrics)`. Raises FloatingPointError at the first non-finite loss."""
-    for batch in batches:
+    for step, batch in enumerate(batches, start=int(jax.device_get(state.step))):
         batch = jax.device_put({k: jnp.asarray(batch[k]) for k in ("tokens", "loss_mask")}, shardings.batch)
-        step = int(jax.device_get(state.step))
         state, metrics = step_fn(state, target_params, drafter_frozen, batch)
         check_finite(metrics, step)
         if flop_counter is not None:

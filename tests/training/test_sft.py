@@ -81,7 +81,7 @@ def test_sft_overfits_and_keeps_frozen_parts(target, kind):
     losses = [float(m["loss"]) for m in history]
     assert int(state.step) == 12
     assert losses[-1] < 0.75 * losses[0] and losses[-1] == min(losses), losses
-    n_steps = 3 if kind == "eagle3" else 3  # TTT steps / DFlash offsets (block_size 4)
+    n_steps = 3  # eagle3: LOSS_CFG.ttt_steps; dflash: block_size 4 - 1 offsets
     assert history[0]["accuracy"].shape == (n_steps,) and history[0]["per_step_loss"].shape == (n_steps,)
     assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in history)
     assert counter.total == 12 * flops.sft_step_flops(drafter.spec, target.config, 4, 12, 3, 3)
@@ -168,7 +168,7 @@ for kind in ("eagle3", "dflash"):
     for name, mesh in (("one", shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])), ("mesh", shd.make_mesh(2, 2, 2))):
         sh, state, tparams, frozen, step = t._setup(target, drafter, mesh)
         losses = []
-        state = sft.run(step, state, tparams, frozen, [batch] * 2, sh, on_metrics=lambda i, m: losses.append(float(m["loss"])))
+        state = sft.run(step, state, tparams, frozen, [batch] * 3, sh, on_metrics=lambda i, m: losses.append(float(m["loss"])))
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
         runs[name] = (losses, jax.tree.map(np.asarray, state.params), specs)
     (l1, p1, _), (l8, p8, specs) = runs["one"], runs["mesh"]
@@ -244,3 +244,46 @@ def test_flop_formulas(target):
     counter.add_step((2, 8))
     counter.add(5)
     assert counter.total == 2 * n_target * 16 + 6 * n_drafter * 16 * 7 + 5
+
+
+# ----------------------------------------------------------------------------- checkpoint / resume
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(target, tmp_path):
+    from opd.training import checkpoint as ckpt
+
+    drafter = _drafter(target, "dflash")  # its anchors come from the state's PRNG key
+    mesh = shd.make_mesh(1, 1, 1)
+    sh, state, tparams, frozen, step = _setup(target, drafter, mesh)
+    optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=100, clip_norm=1.0))
+    batches = [_batch(target.config.vocab_size, seed=s) for s in range(5)]
+    trainable, _ = sft.split_drafter_params(drafter)
+
+    def loop(state, data_state, n, manager=None):
+        for _ in range(n):
+            i = data_state["position"]
+            state = sft.run(step, state, tparams, frozen, [batches[i]], sh)
+            data_state = {"position": i + 1}
+            if manager is not None:
+                ckpt.save(manager, state, data_state)
+        return state, data_state
+
+    straight, _ = loop(state, {"position": 0}, 5)
+    straight = jax.tree.map(np.asarray, straight)
+
+    mgr = ckpt.make_manager(tmp_path / "run", max_to_keep=2)
+    state, data = ckpt.restore_or_init(mgr, drafter.spec, trainable, optimizer, sh, {"position": 0})
+    assert data == {"position": 0} and int(state.step) == 0
+    loop(state, data, 2, mgr)  # "interrupted" after 2 steps
+    mgr.wait_until_finished()
+    mgr.close()
+
+    mgr = ckpt.make_manager(tmp_path / "run", max_to_keep=2)
+    assert mgr.all_steps() == [1, 2]
+    state, data = ckpt.restore_or_init(mgr, drafter.spec, trainable, optimizer, sh, {"position": 0})
+    assert data == {"position": 2} and int(state.step) == 2
+    assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(sh.state.params)[0]
+    resumed, data = loop(state, data, 3)
+    mgr.close()
+    assert data == {"position": 5}
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed), straight)

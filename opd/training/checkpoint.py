@@ -1,0 +1,82 @@
+"""Orbax checkpoints of a drafter training run (SFT now; Draft-OPD uses the same state).
+
+One orbax step directory per saved step, two items (orbax args API):
+  "state"  the `TrainState` (step, trainable drafter params, optimizer state, PRNG key):
+           `ocp.args.StandardSave`; restored straight onto the train step's shardings;
+  "data"   the data iterator's state, a JSON-serialisable dict (`ocp.args.JsonSave`), e.g.
+           {"epoch": 1, "position": 4096, "seed": 0}; saved with the model so a resumed run
+           sees exactly the batches the interrupted one would have seen next.
+Frozen inputs (target params, draft-vocabulary maps) are not saved here: they come from the
+target checkpoint and the drafter checkpoint, which never change during training.
+
+Resume order (`restore_or_init`; the launcher must follow it):
+  1. build the mesh, the optimizer and the shardings (`sft.make_shardings`);
+  2. the abstract state (`abstract_state`: shapes from `jax.eval_shape(init)` + shardings);
+  3. if the manager has a checkpoint: restore "state" onto the abstract state and "data";
+     else: `sft.init_train_state` and the caller's fresh iterator state;
+  4. rebuild the data iterator from the "data" state, then loop from `int(state.step)`.
+Saves are asynchronous: device arrays are copied to host before `save` returns, so the next
+(donating) train step may run at once; call `wait_until_finished()` before exiting.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+
+from opd.drafters.base import DrafterSpec
+from opd.training import sft
+
+STATE, DATA = "state", "data"
+
+
+def make_manager(directory: str, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager for `directory` (created if missing; must be absolute for orbax)."""
+    if save_interval_steps < 1:
+        raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    if max_to_keep is not None and max_to_keep < 1:
+        raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                           create=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options, item_names=(STATE, DATA))
+
+
+def abstract_state(spec: DrafterSpec, optimizer: optax.GradientTransformation, shardings: sft.SFTShardings):
+    """ShapeDtypeStructs (with the train step's shardings) of the `TrainState`."""
+    init = functools.partial(sft.initial_state, optimizer=optimizer)
+    shapes = jax.eval_shape(init, nn.unbox(sft.abstract_trainable(spec)), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings.state)
+
+
+def save(manager: ocp.CheckpointManager, state: sft.TrainState, data_state: dict, force: bool = False) -> bool:
+    """Saves at step `int(state.step)` (subject to the save interval unless `force`)."""
+    step = int(jax.device_get(state.step))
+    return manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                          DATA: ocp.args.JsonSave(dict(data_state))}), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] = None):
+    """(state, data_state) of `step` (default: the latest); None when there is no checkpoint."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract),
+                                                            DATA: ocp.args.JsonRestore()}))
+    return sft.TrainState(*out[STATE]), dict(out[DATA])
+
+
+def restore_or_init(manager: ocp.CheckpointManager, spec: DrafterSpec, trainable, optimizer: optax.GradientTransformation,
+                    shardings: sft.SFTShardings, fresh_data_state: dict, seed: int = 0):
+    """Steps 2-3 of the resume order: (state, data_state), restored or fresh."""
+    got = restore(manager, abstract_state(spec, optimizer, shardings))
+    if got is not None:
+        return got
+    return sft.init_train_state(trainable, optimizer, shardings, seed=seed), dict(fresh_data_state)
