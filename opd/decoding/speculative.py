@@ -11,7 +11,6 @@ Axis letters: B batch, P padded prompt, S sequence/cache length, K draft tokens,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Optional, Sequence

@@ -36,7 +36,6 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from opd.models import transformer as tfm
 from opd.models.config import RopeScaling, TransformerConfig
@@ -163,7 +162,6 @@ class DFlashAttention(nn.Module):
 
     def __call__(self, x_BQD, positions_BQ, ctx_k_BKSH, ctx_v_BKSH, ctx_valid_BS):
         c = self.config
-        D, N, K, H, G = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.q_per_kv
         dt = jnp.dtype(c.dtype)
         B, Q = x_BQD.shape[:2]
         q = jnp.einsum("bqd,dnh->bqnh", x_BQD.astype(dt), self.wq.astype(dt))
@@ -175,12 +173,8 @@ class DFlashAttention(nn.Module):
         values = jnp.concatenate([ctx_v_BKSH.astype(dt), v_blk], axis=2)
         # Non-causal: every block position sees every valid context slot and the whole block.
         valid_BS = jnp.concatenate([ctx_valid_BS, jnp.ones((B, Q), bool)], axis=1)
-        q = q.reshape(B, Q, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * Q, H)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q, keys, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(H))
-        scores = jnp.where(valid_BS[:, None, None, :], scores, tfm._NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, values)
-        out = out.reshape(B, K, G, Q, H).transpose(0, 3, 1, 2, 4).reshape(B, Q, N, H)
+        mask_BQS = jnp.broadcast_to(valid_BS[:, None, :], (B, Q, valid_BS.shape[-1]))
+        out = tfm.grouped_attention(q, keys, values, mask_BQS, dt)
         out = jnp.einsum("bqnh,nhd->bqd", out, self.wo.astype(dt))
         if c.attention_bias:
             out = out + self.bo.astype(dt)[None, None]

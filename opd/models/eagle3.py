@@ -45,7 +45,6 @@ from opd.models import transformer as tfm
 from opd.models.config import RopeScaling, TransformerConfig
 
 Params = Any
-_NEG_INF = -1e30
 
 
 def default_target_layers(num_layers: int) -> tuple[int, int, int]:
@@ -239,15 +238,8 @@ class Eagle3Attention(nn.Module):
             S = keys.shape[2]
             key_pos_BS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
             new_kv = (k_all, v_all)
-        G = N // K
-        q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q, keys, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(H))
         mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
-        mask_BQS = jnp.broadcast_to(mask_BTS[:, None], (B, G, T, mask_BTS.shape[-1])).reshape(B, G * T, -1)
-        scores = jnp.where(mask_BQS[:, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, values)
-        out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+        out = tfm.grouped_attention(q, keys, values, mask_BTS, dt)
         return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_kv
 
 

@@ -116,6 +116,25 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
     return out.astype(x_BTNH.dtype)
 
 
+# ----------------------------------------------------------------------------- attention core
+
+
+def grouped_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array, dtype) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v with grouped-query heads (N = K * G); `mask_BTS` is True
+    where query t may attend key s. Shared by the target, EAGLE-3 and DFlash layers."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    G = N // K
+    # Queries of one kv group side by side: [B, K, G*T, H].
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k_BKSH, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(H))
+    mask_BQS = jnp.broadcast_to(mask_BTS[:, None], (B, G, T, mask_BTS.shape[-1])).reshape(B, G * T, -1)
+    scores = jnp.where(mask_BQS[:, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_BKSH)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -190,17 +209,8 @@ class Attention(nn.Module):
             key_pos_BS = jnp.broadcast_to(jnp.arange(S)[None, :], (B, S))
             new_cache = (k_all, v_all)
 
-        G = c.q_per_kv
-        # Queries of one kv group side by side: [B, K, G*T, H].
-        q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q, keys, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / np.sqrt(H))
         mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
-        mask_BQS = jnp.broadcast_to(mask_BTS[:, None], (B, G, T, mask_BTS.shape[-1])).reshape(B, G * T, -1)
-        scores = jnp.where(mask_BQS[:, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, values)
-        out = out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+        out = grouped_attention(q, keys, values, mask_BTS, dt)
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
         return out, new_cache
 
