@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from opd.checkpoints.errors import CheckpointError
-from opd.checkpoints.hf import _read_file, _shard_files
+from opd.checkpoints.hf import _read_file, _shard_files, read_config_json
 from opd.models import dflash as dfm
 from opd.models.config import ConfigError, TransformerConfig
 
@@ -160,16 +160,7 @@ def export_dflash_hf(drafter, path: str) -> None:
 
 
 def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"no config.json in DFlash checkpoint directory {path}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            hf = json.load(f)
-        if not isinstance(hf, dict):
-            raise TypeError("not a JSON object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"cannot parse {cfg_path}: {e}") from e
+    cfg_path, hf = read_config_json(path, "DFlash checkpoint")
     archs = hf.get("architectures") or []
     if ARCHITECTURE not in archs:
         raise CheckpointError(f"{cfg_path}: architectures {archs} is not a DFlash v1 drafter ({ARCHITECTURE!r})")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd.checkpoints.errors import CheckpointError
+from opd.checkpoints.hf import read_config_json
 from opd.drafters.base import Drafter
 from opd.models import eagle3 as e3
 from opd.models.config import RopeScaling
@@ -86,16 +87,7 @@ def export_eagle3_hf(drafter: Drafter, path: str) -> None:
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"no config.json in EAGLE-3 checkpoint directory {path}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {cfg_path}: {e}") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{cfg_path} does not hold a JSON object")
+    cfg_path, hf = read_config_json(path, "EAGLE-3 checkpoint")
     if ARCHITECTURE not in (hf.get("architectures") or []):
         raise CheckpointError(f"{cfg_path}: architectures {hf.get('architectures')!r} is not [{ARCHITECTURE!r}]")
     return hf

@@ -105,10 +105,11 @@ def validate_state_dict(cfg: TransformerConfig, sd: dict[str, np.ndarray], sourc
     return sd
 
 
-def _config_from_json(path: str) -> tuple[TransformerConfig, dict[str, Any]]:
+def read_config_json(path: str, what: str = "checkpoint") -> tuple[str, dict[str, Any]]:
+    """(path of, parsed) `config.json` of a checkpoint directory; CheckpointError if absent or bad."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"no config.json in checkpoint directory {path}")
+        raise CheckpointError(f"no config.json in {what} directory {path}")
     try:
         with open(cfg_path, encoding="utf-8") as f:
             hf = json.load(f)
@@ -116,6 +117,11 @@ def _config_from_json(path: str) -> tuple[TransformerConfig, dict[str, Any]]:
         raise CheckpointError(f"cannot parse {cfg_path}: {e}") from e
     if not isinstance(hf, dict):
         raise CheckpointError(f"{cfg_path} does not hold a JSON object")
+    return cfg_path, hf
+
+
+def _config_from_json(path: str) -> tuple[TransformerConfig, dict[str, Any]]:
+    cfg_path, hf = read_config_json(path)
     try:
         cfg = TransformerConfig.from_hf(hf)
     except ConfigError as e:
