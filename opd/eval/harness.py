@@ -287,7 +287,7 @@ def evaluate(
     spec_seconds = sum(b.spec_seconds for b in results)
     hist = sum(_accept_hist(b.spec.stats, K) for b in results)
     rounds = int(hist.sum())
-    committed = sum(int(round(b.spec.stats["tau"] * b.spec.stats["verify_rounds"])) for b in results if b.spec.stats["verify_rounds"])
+    committed = sum(int(b.spec.stats.get("committed_tokens", 0)) for b in results)
     reached = hist[::-1].cumsum()[::-1]
     generated = sum(len(t) for t in spec_tokens)
     tps = generated / spec_seconds if spec_seconds > 0 else None
@@ -385,7 +385,7 @@ def _plot_tau(m: dict, path: str) -> None:
     a.set_ylabel("verify rounds")
     taus = [t for t in m.get("tau_per_batch") or [] if t is not None]
     if taus:
-        b.hist(taus, bins=min(20, max(1, len(taus))))
+        b.hist(taus, bins=min(20, max(1, len(taus))), edgecolor="white")
     b.set_xlabel("τ per prompt" if m["batch_size"] == 1 else f"τ per batch of {m['batch_size']}")
     b.set_ylabel("count")
     fig.suptitle(f"τ = {m['tau'] if m['tau'] is None else round(m['tau'], 3)}; {_title(m)}", fontsize=9)
