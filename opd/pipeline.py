@@ -161,9 +161,37 @@ def stage_eval(config, workdir: str) -> list:
     return results
 
 
+def stage_regenerate(config, workdir: str) -> dict:
+    """The target answers training prompts (`config.regenerate.sources`); writes trajectory
+    shards to `DIR/regenerate/<source>/`, resuming shard by shard; hosts split the shards."""
+    import jax
+
+    from opd.data import regenerate as regen
+    from opd.drafters import init_drafter
+
+    c = config.regenerate
+    target, out = None, {}
+    for source in c.sources:
+        name = os.path.splitext(os.path.basename(source))[0] if source.endswith(".jsonl") else source
+        records = regen.training_prompts(source, c.num_prompts)
+        if target is None:
+            target = load_target_from_config(config)
+        drafter = None if c.drafter == "none" else init_drafter(c.drafter, target)
+        out[source] = regen.regenerate(
+            target, records, os.path.join(workdir, "regenerate", name),
+            prompt_set="alpacaeval_train" if source == "alpacaeval" else name, target_name=config.target.path,
+            max_new_tokens=c.max_new_tokens, temperature=c.temperature, batch_size=c.batch_size,
+            shard_size=c.shard_size, seed=config.seed, drafter=drafter, num_draft_tokens=c.num_draft_tokens,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        logging.info("regenerate: %s -> %d shards", source, len(out[source]))
+    return out
+
+
 STAGES: dict[str, Callable] = {
     "fetch_assets": stage_fetch_assets,
     "chat": stage_chat,
+    "regenerate": stage_regenerate,
     "eval": stage_eval,
 }
 
@@ -184,6 +212,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.chat.temperature must be >= 0, got {c.temperature}")
     if "eval" in config.stages:
         eval_runs(config)
+    if "regenerate" in config.stages:
+        from opd.data.regenerate import SOURCES
+
+        if "regenerate" not in config:
+            raise ValueError("config.stages has 'regenerate' but the config has no `regenerate` block")
+        c = config.regenerate
+        for source in c.sources:
+            if source not in SOURCES and not str(source).endswith(".jsonl"):
+                raise ValueError(f"config.regenerate.sources: unknown source {source!r}; use {SOURCES} or a .jsonl file")
+        for field in ("num_prompts", "max_new_tokens", "batch_size", "shard_size", "num_draft_tokens"):
+            if int(c[field]) < 1:
+                raise ValueError(f"config.regenerate.{field} must be >= 1, got {c[field]}")
+        if c.drafter not in ("none", "ngram"):
+            raise ValueError(f"config.regenerate.drafter must be 'none' or 'ngram', got {c.drafter!r}")
+        if not c.temperature >= 0:
+            raise ValueError(f"config.regenerate.temperature must be >= 0, got {c.temperature}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

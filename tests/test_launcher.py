@@ -68,3 +68,15 @@ def test_validate_names_the_bad_field():
         (config[node] if node else config)[leaf] = value
         with pytest.raises(ValueError, match=message):
             pipeline.validate(config)
+
+
+@pytest.mark.slow
+def test_regenerate_tiny_writes_trajectory_shards_and_resumes(tmp_path):
+    from opd.data.builders import read_trajectory_shards
+
+    first = _launch(tmp_path, "experiments/regenerate_smollm2.py:tiny")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = read_trajectory_shards(str(tmp_path / "regenerate" / "stdlib_code"))
+    assert len(rows) == 2 and all(len(r["response_ids"]) > 0 for r in rows)
+    second = _launch(tmp_path, "experiments/regenerate_smollm2.py:tiny")
+    assert second.returncode == 0 and "0 of this process's 1 shards to write" in second.stderr
