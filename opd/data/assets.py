@@ -260,7 +260,8 @@ PROMPT_SETS = ("mtbench", "humaneval", "alpacaeval")
 _PROMPT_FIELDS = ("turns", "prompt", "instruction")
 
 
-def _read_jsonl_lines(text: str, source: str) -> list[tuple[int, dict]]:
+def read_jsonl_lines(text: str, source: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; ValueError naming `source` and the line."""
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -278,7 +279,7 @@ def _read_jsonl_lines(text: str, source: str) -> list[tuple[int, dict]]:
 def _load_mtbench() -> list[dict]:
     path = asset_path("mtbench")
     with open(path, encoding="utf-8") as f:
-        rows = _read_jsonl_lines(f.read(), path)
+        rows = read_jsonl_lines(f.read(), path)
     return [
         {"id": str(r["question_id"]), "category": r["category"], "turns": list(r["turns"])} for _, r in rows
     ]
@@ -287,7 +288,7 @@ def _load_mtbench() -> list[dict]:
 def _load_humaneval() -> list[dict]:
     path = asset_path("humaneval")
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = _read_jsonl_lines(f.read(), path)
+        rows = read_jsonl_lines(f.read(), path)
     return [{"id": r["task_id"], "prompt": r["prompt"], "turns": [r["prompt"]]} for _, r in rows]
 
 
@@ -306,7 +307,7 @@ def _load_jsonl(path: str) -> list[dict]:
         raise FileNotFoundError(f"prompt file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
-        rows = _read_jsonl_lines(f.read(), path)
+        rows = read_jsonl_lines(f.read(), path)
     records = []
     for lineno, row in rows:
         field = next((k for k in _PROMPT_FIELDS if k in row), None)

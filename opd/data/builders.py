@@ -311,25 +311,18 @@ def read_trajectory_shards(folder: str) -> list[dict]:
     for path in trajectory_shards(folder):
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: expected a JSON object")
-                ex = parse_trajectory(row, where)
-                key = (ex["prompt_set"], ex["prompt_id"])
-                k = counts.get(key, 0)
-                counts[key] = k + 1
-                ex["id"] = str(row.get("id") or f"{ex['prompt_set']}/{ex['prompt_id']}/{k}")
-                if ex["id"] in ids:
-                    raise ValueError(f"{where}: duplicate trajectory id {ex['id']!r}")
-                ids.add(ex["id"])
-                out.append(ex)
+            rows = assets.read_jsonl_lines(f.read(), path)
+        for lineno, row in rows:
+            where = f"{path}, line {lineno}"
+            ex = parse_trajectory(row, where)
+            key = (ex["prompt_set"], ex["prompt_id"])
+            k = counts.get(key, 0)
+            counts[key] = k + 1
+            ex["id"] = str(row.get("id") or f"{ex['prompt_set']}/{ex['prompt_id']}/{k}")
+            if ex["id"] in ids:
+                raise ValueError(f"{where}: duplicate trajectory id {ex['id']!r}")
+            ids.add(ex["id"])
+            out.append(ex)
     return out
 
 
