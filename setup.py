@@ -24,6 +24,7 @@ setup(
         "tokenizers>=0.20",
         "jinja2>=3.1",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",
     ],
     extras_require={

@@ -77,8 +77,9 @@ def stage_chat(config, workdir: str) -> list:
     return records
 
 
-EVAL_DRAFTERS = ("none", "ngram")  # drafter kinds the eval stage can build from a config alone
+EVAL_DRAFTERS = ("none", "ngram", "eagle3", "dflash")  # eagle3 / dflash are read from `drafter_path`
 _EVAL_RUN_REQUIRED = ("name", "drafter", "prompt_set")
+_EVAL_RUN_OPTIONAL = ("drafter_path",)  # HF-layout drafter: a path, asset:<name> or workdir:<rel>
 _EVAL_INT_FIELDS = ("num_prompts", "batch_size", "max_new_tokens", "num_draft_tokens", "repeats")
 
 
@@ -104,7 +105,7 @@ def eval_runs(config: ml_collections.ConfigDict) -> list[dict]:
             raise ValueError(f"{where} must be a dict, got {type(run).__name__}")
         run = dict(run)
         missing = [k for k in _EVAL_RUN_REQUIRED if k not in run]
-        unknown = sorted(set(run) - set(_EVAL_RUN_REQUIRED) - set(defaults))
+        unknown = sorted(set(run) - set(_EVAL_RUN_REQUIRED) - set(_EVAL_RUN_OPTIONAL) - set(defaults))
         if missing or unknown:
             raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}; "
                              f"allowed: {sorted(set(_EVAL_RUN_REQUIRED) | set(defaults))}")
@@ -115,6 +116,8 @@ def eval_runs(config: ml_collections.ConfigDict) -> list[dict]:
         names.add(r["name"])
         if r["drafter"] not in EVAL_DRAFTERS:
             raise ValueError(f"{where}: drafter must be one of {EVAL_DRAFTERS}, got {r['drafter']!r}")
+        if r["drafter"] in ("eagle3", "dflash") and not r.get("drafter_path"):
+            raise ValueError(f"{where}: a {r['drafter']} drafter needs drafter_path (e.g. 'workdir:export/drafter')")
         ps = str(r["prompt_set"])
         if ps not in PROMPT_SETS and not (ps.endswith((".jsonl", ".jsonl.gz")) and os.path.isfile(os.path.expanduser(ps))):
             raise ValueError(f"{where}: prompt_set must be one of {list(PROMPT_SETS)} or an existing .jsonl file, got {ps!r}")
@@ -127,10 +130,41 @@ def eval_runs(config: ml_collections.ConfigDict) -> list[dict]:
     return runs
 
 
+def eval_drafter(run: dict, target, workdir: str):
+    """The drafter of one eval run: None, a fresh n-gram drafter, or an HF-layout checkpoint."""
+    from opd.drafters import init_drafter
+
+    if run["drafter"] == "none":
+        return None
+    if run["drafter"] == "ngram":
+        return init_drafter("ngram", target)
+    from opd.checkpoints.drafters import load_drafter
+    from opd.training.sft_stage import resolve
+
+    drafter = load_drafter(resolve(str(run["drafter_path"]), workdir), target)
+    if drafter.kind != run["drafter"]:
+        raise ValueError(f"eval run {run['name']!r}: {run['drafter_path']} holds a {drafter.kind} drafter, "
+                         f"not {run['drafter']}")
+    return drafter
+
+
+def drafter_training(run: dict, workdir: str) -> dict:
+    """{"source", "flops"} of an exported trained drafter (its export.json), else untrained."""
+    if not run.get("drafter_path"):
+        return {"source": "none", "flops": 0}
+    from opd.training.sft_stage import resolve
+
+    meta = os.path.join(resolve(str(run["drafter_path"]), workdir), "export.json")
+    if not os.path.isfile(meta):
+        return {"source": "none", "flops": 0}
+    with open(meta) as f:
+        info = json.load(f)
+    return {"source": f"{info['source']} ({info['step']} steps)", "flops": info.get("flops", 0)}
+
+
 def stage_eval(config, workdir: str) -> list:
     """Speculative vs autoregressive decoding for each of `config.eval.runs` (opd.eval.evaluate);
     writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written."""
-    from opd.drafters import init_drafter
     from opd.eval.harness import SUMMARY_COLUMNS, evaluate, write_eval
     from opd.eval.report import markdown_table
 
@@ -146,12 +180,14 @@ def stage_eval(config, workdir: str) -> list:
             continue
         if target is None:
             target = load_target_from_config(config)
-        drafter = None if r["drafter"] == "none" else init_drafter(r["drafter"], target)
+        drafter = eval_drafter(r, target, workdir)
+        training = drafter_training(r, workdir)
         m = evaluate(
             target, drafter, os.path.expanduser(str(r["prompt_set"])), num_prompts=r.get("num_prompts"),
             temperature=r.get("temperature", 0.0), num_draft_tokens=r.get("num_draft_tokens", 4),
             batch_size=r.get("batch_size", 1), max_new_tokens=r.get("max_new_tokens", 128), seed=config.seed,
-            drafter_name=r["drafter"], both_turns=r.get("both_turns", False), repeats=r.get("repeats", 1),
+            drafter_name=r["drafter"], training=training["source"], training_flops=training["flops"],
+            both_turns=r.get("both_turns", False), repeats=r.get("repeats", 1),
         )
         write_eval(m, out_dir)
         logging.info("eval: %s: tau %s, speedup %s, greedy_matches_ar %s -> %s", r["name"], m["tau"], m["speedup"],
@@ -188,10 +224,24 @@ def stage_regenerate(config, workdir: str) -> dict:
     return out
 
 
+def stage_sft(config, workdir: str):
+    from opd.training.sft_stage import stage_sft as run_sft
+
+    return run_sft(config, workdir)
+
+
+def stage_export(config, workdir: str):
+    from opd.training.sft_stage import stage_export as run_export
+
+    return run_export(config, workdir)
+
+
 STAGES: dict[str, Callable] = {
     "fetch_assets": stage_fetch_assets,
     "chat": stage_chat,
     "regenerate": stage_regenerate,
+    "sft": stage_sft,
+    "export": stage_export,
     "eval": stage_eval,
 }
 
@@ -212,6 +262,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.chat.temperature must be >= 0, got {c.temperature}")
     if "eval" in config.stages:
         eval_runs(config)
+    if "sft" in config.stages:
+        from opd.training.sft_stage import validate as validate_sft
+
+        validate_sft(config)
     if "regenerate" in config.stages:
         from opd.data.regenerate import SOURCES
 

@@ -1,0 +1,362 @@
+"""Launcher stages `sft` and `export`: train an EAGLE-3 / DFlash drafter on trajectories.
+
+Layout under `DIR/sft/<kind>/` (kind = eagle3 | dflash, so one workdir holds both drafters
+trained on the same trajectories; every piece is written once, then only read back):
+  run.json        what the run was started with (target, drafter kind and config); a resume
+                  under another target / drafter config is refused;
+  init/           the step-0 drafter in its public HF layout: a fresh drafter whose EAGLE-3
+                  draft vocabulary (d2t/t2d) is built here, once, from the training tokens,
+                  or a copy of `config.drafter.init` when fine-tuning (its d2t is kept, never
+                  rebuilt). Every resume and export starts from this directory;
+  checkpoints/    orbax steps: train state + data-iterator position + cumulative counters;
+  metrics.jsonl, tb/   training metrics (JSONL, TensorBoard).
+`export` writes the latest checkpoint's drafter to `DIR/export/sft_<kind>/` (HF layout) with
+`export.json` (which step) inside. `eval` runs can load `workdir:sft/<kind>/init` (the
+untrained drafter) and `workdir:export/sft_<kind>`.
+
+Data: every trajectory folder under `DIR/regenerate/` (or `config.sft.data`), read as TFDS
+array_record sources through the grain pipeline (padded rows: the train step has no
+segment masking, so packing would let sequences attend to each other).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from opd.checkpoints.errors import CheckpointError
+
+DRAFTER_KINDS = ("eagle3", "dflash")
+TARGET_FEATURES = ("online",)  # how the train step gets target hidden states (see BUILD_NOTES)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the `drafter` and `sft` blocks; raises ValueError naming the field."""
+    from opd.training.optim import OptimConfig
+    from opd.training.sft import SFTLossConfig
+
+    for block in ("drafter", "sft"):
+        if block not in config:
+            raise ValueError(f"config.stages has 'sft' but the config has no `{block}` block (see experiments/sft_smollm2.py)")
+    d, s = config.drafter, config.sft
+    if d.kind not in DRAFTER_KINDS:
+        raise ValueError(f"config.drafter.kind must be one of {DRAFTER_KINDS}, got {d.kind!r}")
+    if d.init and not d.init.startswith("asset:") and not os.path.isdir(os.path.expanduser(d.init)):
+        raise ValueError(f"config.drafter.init: no drafter directory at {d.init!r}")
+    for field in ("seq_len", "batch_size", "num_steps", "log_every", "save_every", "keep_checkpoints"):
+        if int(s[field]) < 1:
+            raise ValueError(f"config.sft.{field} must be >= 1, got {s[field]}")
+    if s.target_features not in TARGET_FEATURES:
+        raise ValueError(f"config.sft.target_features must be one of {TARGET_FEATURES}, got {s.target_features!r}")
+    OptimConfig.from_config({"total_steps": int(s.num_steps), **dict(s.optimizer)})
+    SFTLossConfig(**dict(s.loss))
+    m = s.mesh
+    sizes = [int(m.data), int(m.fsdp), int(m.tensor)]
+    if sizes[1] < 1 or sizes[2] < 1 or (sizes[0] < 1 and sizes[0] != -1):
+        raise ValueError(f"config.sft.mesh: data must be -1 (all remaining devices) or >= 1, fsdp and tensor >= 1; got {sizes}")
+
+
+def mesh_from_config(m: ml_collections.ConfigDict):
+    from opd import sharding as shd
+
+    n = jax.device_count()
+    data, fsdp, tensor = int(m.data), int(m.fsdp), int(m.tensor)
+    if data == -1:
+        if n % (fsdp * tensor):
+            raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {n} devices")
+        data = n // (fsdp * tensor)
+    return shd.make_mesh(data, fsdp, tensor)
+
+
+def resolve(spec: str, workdir: str) -> str:
+    """`workdir:<rel>` -> DIR/<rel>; `asset:<name>` -> the cached asset; else the path."""
+    if spec.startswith("workdir:"):
+        return os.path.join(workdir, spec[len("workdir:"):])
+    from opd.pipeline import resolve_path
+
+    return resolve_path(spec)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Concat:
+    """Random access over several sources, one after another."""
+
+    def __init__(self, sources):
+        self.sources = [s for s in sources if len(s)]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        j = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.sources[j][i - int(self.offsets[j])]
+
+
+def trajectory_folders(config, workdir: str) -> list[str]:
+    folders = [resolve(p, workdir) for p in config.sft.data] if config.sft.data else sorted(
+        os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "regenerate", "*", "shard-00000.jsonl")))
+    if not folders:
+        raise FileNotFoundError(f"no trajectories: run the `regenerate` stage first (nothing in {workdir}/regenerate/*/) "
+                                "or list trajectory folders in config.sft.data")
+    for f in folders:
+        if not glob.glob(os.path.join(f, "shard-*.jsonl")):
+            raise FileNotFoundError(f"config.sft.data: {f} holds no shard-*.jsonl trajectory files")
+    return folders
+
+
+def training_source(folders, workdir: str):
+    from opd.data import builders
+
+    data_dir = os.path.join(workdir, "tfds")
+    return _Concat([builders.load_source(f"trajectories:{os.path.abspath(f)}", data_dir) for f in folders])
+
+
+def response_token_counts(folders, vocab_size: int) -> np.ndarray:
+    """Frequencies of the trained (response) tokens: what the EAGLE-3 draft vocabulary keeps."""
+    from opd.data.builders import read_trajectory_shards
+
+    counts = np.zeros(vocab_size, np.int64)
+    for f in folders:
+        for r in read_trajectory_shards(f):
+            ids = np.asarray(r["response_ids"], np.int64)
+            if ids.size and ids.max() >= vocab_size:
+                raise ValueError(f"{f}: token id {ids.max()} >= the target's vocabulary size {vocab_size} "
+                                 "(trajectories of another target?)")
+            counts += np.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+# ----------------------------------------------------------------------------- drafter
+
+
+def _fingerprint(config, target) -> dict:
+    """What a run's checkpoints depend on: the target and the drafter block of the config."""
+    tc = target.config
+    return {
+        "target": {"path": str(config.target.path), "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size,
+                   "num_layers": tc.num_layers},
+        "drafter": json.loads(json.dumps(config.drafter.to_dict(), default=str)),
+    }
+
+
+def check_run(config, target, stage_dir: str) -> None:
+    """Writes `stage_dir/run.json`, or refuses a config that differs from the one there."""
+    run_json = os.path.join(stage_dir, "run.json")
+    fp = _fingerprint(config, target)
+    if os.path.isfile(run_json):
+        with open(run_json) as f:
+            old = json.load(f)
+        if old != fp:
+            raise CheckpointError(
+                f"{stage_dir} was started with {json.dumps(old)}, but this config gives {json.dumps(fp)}: the "
+                "checkpoints there belong to another target or drafter. Use another --workdir.")
+    else:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(run_json, "w") as f:
+            json.dump(fp, f, indent=2)
+
+
+def initial_drafter(config, workdir: str, target, folders, stage_dir: str):
+    """The step-0 drafter: read from `stage_dir/init` when it exists (resume), else built
+    (fresh, or loaded from `config.drafter.init`) and written there."""
+    from opd.checkpoints.drafters import export_drafter, load_drafter
+    from opd.drafters import init_drafter
+
+    init_dir = os.path.join(stage_dir, "init")
+    check_run(config, target, stage_dir)
+    if os.path.isfile(os.path.join(init_dir, "config.json")):
+        drafter = load_drafter(init_dir, target)  # refuses another target's vocabulary / sizes
+    else:
+        d = config.drafter
+        overrides = dict(d.overrides) if "overrides" in d else {}
+        if d.init:
+            drafter = load_drafter(resolve(d.init, workdir), target)
+            if drafter.kind != d.kind:
+                raise CheckpointError(f"config.drafter.init {d.init} holds a {drafter.kind} drafter, "
+                                      f"but config.drafter.kind is {d.kind!r}")
+            logging.info("sft: fine-tuning %s (its draft vocabulary is kept)", d.init)
+        elif d.kind == "eagle3":
+            counts = response_token_counts(folders, target.config.vocab_size)
+            drafter = init_drafter("eagle3", target, seed=int(config.seed), token_counts=counts, **overrides)
+        else:
+            drafter = init_drafter("dflash", target, seed=int(config.seed), **overrides)
+        tmp = init_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_drafter(drafter, tmp)
+        os.replace(tmp, init_dir)
+        drafter = load_drafter(init_dir, target)  # what every later resume sees, bit for bit
+    if drafter.kind != config.drafter.kind:
+        raise CheckpointError(f"{init_dir} holds a {drafter.kind} drafter but config.drafter.kind is "
+                              f"{config.drafter.kind!r}; use another --workdir")
+    return drafter
+
+
+def with_trainable(drafter, trainable):
+    """The drafter with its trainable subtree replaced (inverse of `sft.split_drafter_params`)."""
+    key = "eagle" if drafter.kind == "eagle3" else "dflash"
+    return dataclasses.replace(drafter, params={**drafter.params, key: trainable})
+
+
+def restore_state(manager, abstract, directory: str):
+    """(state, data_state) of the latest checkpoint, or None; a clear error if unreadable."""
+    from opd.training import checkpoint as ckpt
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        return ckpt.restore(manager, abstract, step)
+    except Exception as e:  # orbax raises many kinds (missing files, shape/dtype mismatch, bad metadata)
+        raise CheckpointError(
+            f"cannot restore step {step} from {directory}: {type(e).__name__}: {e}. The checkpoint is corrupt or "
+            "was written for another drafter / target; move that step directory away to resume from an older "
+            "one, or use another --workdir.") from e
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_sft(config, workdir: str):
+    """Trains the drafter to `config.sft.num_steps`, resuming from `DIR/sft/checkpoints`."""
+    from opd.data import pipeline as dp
+    from opd.pipeline import load_target_from_config
+    from opd.training import checkpoint as ckpt
+    from opd.training import flops, optim, sft
+    from opd.training.loop import train_loop
+    from opd.training.metrics import MetricsWriter
+
+    s = config.sft
+    stage_dir = os.path.join(workdir, "sft", config.drafter.kind)
+    os.makedirs(stage_dir, exist_ok=True)
+    target = load_target_from_config(config)
+    check_run(config, target, stage_dir)
+    manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), max_to_keep=int(s.keep_checkpoints))
+    if manager.latest_step() is not None and manager.latest_step() >= int(s.num_steps):
+        logging.info("sft: already at step %d (config.sft.num_steps = %d)", manager.latest_step(), s.num_steps)
+        return os.path.join(stage_dir, "checkpoints")
+    folders = trajectory_folders(config, workdir)
+    drafter = initial_drafter(config, workdir, target, folders, stage_dir)
+    spec = drafter.spec
+
+    mesh = mesh_from_config(s.mesh)
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if int(s.batch_size) % n_batch:
+        raise ValueError(f"config.sft.batch_size {s.batch_size} must be divisible by data x fsdp = {n_batch}")
+    ocfg = optim.OptimConfig.from_config({"total_steps": int(s.num_steps), **dict(s.optimizer)})
+    optimizer = optim.make_optimizer(ocfg)
+    loss_cfg = sft.SFTLossConfig(**dict(s.loss))
+    shardings = sft.make_shardings(mesh, spec, target.config, optimizer)
+    trainable, frozen = sft.split_drafter_params(drafter)
+    abstract = ckpt.abstract_state(spec, optimizer, shardings)
+
+    pcfg = dp.PipelineConfig(seq_len=int(s.seq_len), batch_size=int(s.batch_size) // jax.process_count(),
+                             packing=False, seed=int(config.seed), pad_id=0)
+    import grain
+
+    source = training_source(folders, workdir)
+    dataset = dp.make_dataset(source, pcfg, shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
+    batches = iter(dataset)
+    restored = restore_state(manager, abstract, manager.directory)
+    if restored is None:
+        state, counters = sft.init_train_state(trainable, optimizer, shardings, seed=int(config.seed)), {}
+        logging.info("sft: new run: %d trajectories from %s", len(source), folders)
+    else:
+        state, data = restored
+        batches.set_state(data["iterator"])
+        counters = dict(data.get("counters", {}))
+        logging.info("sft: resumed at step %d from %s", int(state.step), manager.directory)
+
+    with open(os.path.join(stage_dir, "sft_config.json"), "w") as f:  # this launch's training settings
+        json.dump(json.loads(s.to_json_best_effort()), f, indent=2)
+    writer = MetricsWriter(stage_dir, tensorboard=bool(s.tensorboard))
+    writer.truncate_after(int(state.step))
+    step_fn = sft.make_train_step(spec, target.config, optimizer, shardings, loss_cfg)
+    frozen_dev = jax.device_put(frozen, shardings.drafter_frozen)
+    target_params = jax.device_put(target.params, shardings.target)
+
+    def place(batch):
+        return jax.device_put({k: jnp.asarray(batch[k]) for k in ("tokens", "loss_mask")}, shardings.batch)
+
+    def step_flops(batch):
+        B, T = batch["tokens"].shape
+        return flops.sft_step_flops(spec, target.config, B * jax.process_count(), T, loss_cfg.ttt_steps,
+                                    loss_cfg.num_anchors)
+
+    try:
+        state = train_loop(
+            step_fn, state, (target_params, frozen_dev), batches, num_steps=int(s.num_steps), manager=manager,
+            place_batch=place, step_flops=step_flops, counters=counters,
+            data_state=lambda: {"iterator": batches.get_state()}, writer=writer,
+            lr_fn=optim.learning_rate_schedule(ocfg), log_every=int(s.log_every), save_every=int(s.save_every),
+            desc=f"sft {spec.kind}")
+    finally:
+        writer.close()
+    logging.info("sft: done at step %d; %.3g training FLOPs", int(state.step), counters["flops"])
+    return os.path.join(stage_dir, "checkpoints")
+
+
+def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=None):
+    """(drafter, info): `DIR/<source>/<kind>/init` with the trainable params of its latest (or
+    `step`) checkpoint; info = {"source", "step", "flops" (cumulative training FLOPs)}."""
+    from opd.checkpoints.drafters import load_drafter
+    from opd.training import checkpoint as ckpt
+    from opd.training import optim, sft
+
+    stage_dir = os.path.join(workdir, source, kind)
+    init_dir = os.path.join(stage_dir, "init")
+    if not os.path.isfile(os.path.join(init_dir, "config.json")):
+        raise FileNotFoundError(f"no {source} {kind} run in {workdir}: {init_dir} is missing (run the `{source}` stage)")
+    drafter = load_drafter(init_dir, target)
+    manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    # The optimizer only shapes the restored state; its hyperparameters do not matter here.
+    optimizer = optim.make_optimizer(optim.OptimConfig())
+    mesh = mesh_from_config(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+    shardings = sft.make_shardings(mesh, drafter.spec, target.config, optimizer)
+    abstract = ckpt.abstract_state(drafter.spec, optimizer, shardings)
+    state, data = restore_state(manager, abstract, manager.directory) if step is None else ckpt.restore(manager, abstract, step)
+    info = {"source": source, "step": int(state.step), "flops": int(data.get("counters", {}).get("flops", 0))}
+    return with_trainable(drafter, jax.device_get(state.params)), info
+
+
+def stage_export(config, workdir: str) -> str:
+    """Writes the latest `config.export.source` checkpoint's drafter to DIR/export/<source>_<kind>/."""
+    from opd.checkpoints.drafters import export_drafter
+    from opd.pipeline import load_target_from_config
+
+    source = config.export.source if "export" in config else "sft"
+    kind = config.drafter.kind
+    out = os.path.join(workdir, "export", f"{source}_{kind}")
+    meta = os.path.join(out, "export.json")
+    target = load_target_from_config(config)
+    drafter, info = trained_drafter(workdir, target, kind, source)
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            if json.load(f) == info:
+                logging.info("export: %s step %d already in %s", source, info["step"], out)
+                return out
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_drafter(drafter, tmp)
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+        json.dump(info, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    logging.info("export: %s step %d -> %s", source, info["step"], out)
+    return out

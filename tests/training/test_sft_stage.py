@@ -1,0 +1,239 @@
+"""The `sft` / `export` launcher stages on a tiny random target: exact resume after SIGTERM,
+NaN stop keeping the last good checkpoint, refusal of corrupt / mismatched checkpoints, the
+draft vocabulary never rebuilt when fine-tuning, metrics (JSONL + TensorBoard) and export."""
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+import opd
+from opd import pipeline
+from conftest import make_hf_model
+from opd.checkpoints.errors import CheckpointError
+from opd.training import loop, sft_stage
+from opd.training.metrics import MetricsWriter, read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+V = 128
+
+
+def _save_target(path, seed=7, **overrides):
+    import torch
+
+    model, _ = make_hf_model("llama", seed=seed, **overrides)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked target distributions: the soft CE can fall far
+    model.config.eos_token_id = 1
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    return _save_target(tmp_path_factory.mktemp("target"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Trajectory shards: prompts of random ids, answers that follow a fixed pattern."""
+    d = tmp_path_factory.mktemp("trajectories")
+    rs = np.random.RandomState(0)
+    with open(d / "shard-00000.jsonl", "w") as f:
+        for i in range(12):
+            prompt = rs.randint(2, V, 4 + i % 3).tolist()
+            start = int(rs.randint(2, V))
+            answer = [(start + 5 * j) % (V - 2) + 2 for j in range(10 + i % 4)] + [1]
+            f.write(json.dumps({"prompt_id": f"p{i}", "prompt_set": "test", "target": "tiny",
+                                "prompt_ids": prompt, "response_ids": answer}) + "\n")
+    return str(d)
+
+
+def _config(target_dir, data_dir, kind="eagle3", **sft):
+    spec = importlib.util.spec_from_file_location("sft_smollm2", os.path.join(REPO, "experiments", "sft_smollm2.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(f"{kind},tiny")
+    c.stages = ["sft", "export"]
+    c.target.path = target_dir
+    c.target.scan_layers = False
+    c.sft.data = [data_dir]
+    c.sft.seq_len = 24
+    c.sft.batch_size = 2
+    c.sft.num_steps = 6
+    c.sft.log_every = 1
+    c.sft.save_every = 2
+    c.sft.keep_checkpoints = 10
+    c.sft.optimizer.learning_rate = 3e-3
+    c.sft.optimizer.warmup_steps = 1
+    if kind == "eagle3":
+        c.drafter.overrides.draft_vocab_size = 32
+        c.sft.loss.ttt_steps = 3
+    else:
+        c.drafter.overrides = dict(block_size=4, num_layers=1, num_target_features=1)
+        c.sft.loss.num_anchors = 2
+    for k, v in sft.items():
+        c.sft[k] = v
+    return c
+
+
+def _trained(config, workdir):
+    from opd.pipeline import load_target_from_config
+
+    drafter, info = sft_stage.trained_drafter(str(workdir), load_target_from_config(config), config.drafter.kind)
+    return drafter, info["step"]
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, data_dir, tmp_path, monkeypatch, kind):
+    config = _config(target_dir, data_dir, kind)
+    straight = tmp_path / "straight"
+    sft_stage.stage_sft(config, str(straight))
+    want, step = _trained(config, straight)
+    assert step == 6
+
+    interrupted = tmp_path / "interrupted"
+    real_write = MetricsWriter.write
+
+    def write_then_sigterm(self, step, metrics):  # the scheduler's SIGTERM arrives during step 3
+        row = real_write(self, step, metrics)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_sigterm)
+    with pytest.raises(loop.Preempted, match="SIGTERM at step 3"):
+        sft_stage.stage_sft(config, str(interrupted))
+    monkeypatch.setattr(MetricsWriter, "write", real_write)
+    assert sorted(int(os.path.basename(p)) for p in glob.glob(str(interrupted / "sft" / kind / "checkpoints" / "[0-9]*"))) == [2, 3]
+
+    sft_stage.stage_sft(config, str(interrupted))  # same command again: resumes at step 3
+    got, step = _trained(config, interrupted)
+    assert step == 6
+    key = "eagle" if kind == "eagle3" else "dflash"
+    for a, b in zip(jax.tree.leaves(want.params[key]), jax.tree.leaves(got.params[key])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Each step is logged once, and the cumulative counters continued across the restart.
+    rows = [r for r in read_jsonl(str(interrupted / "sft" / kind / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    straight_rows = [r for r in read_jsonl(str(straight / "sft" / kind / "metrics.jsonl")) if "loss" in r]
+    assert [r["flops"] for r in rows] == [r["flops"] for r in straight_rows]
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in straight_rows], rtol=1e-6)
+
+
+def test_metrics_loss_falls_and_export_round_trips(target_dir, data_dir, tmp_path):
+    config = _config(target_dir, data_dir, num_steps=30, save_every=10, log_every=5)
+    pipeline.run(config, str(tmp_path))
+    rows = [r for r in read_jsonl(str(tmp_path / "sft" / "eagle3" / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    assert rows[-1]["accuracy/1"] > rows[0]["accuracy/1"]
+    for key in ("accuracy/1", "accuracy/3", "per_step_loss/2", "grad_norm", "tokens_per_s", "learning_rate"):
+        assert all(r[key] is not None for r in rows), key
+    assert all(b["flops"] > a["flops"] > 0 for a, b in zip(rows, rows[1:]))
+    assert glob.glob(str(tmp_path / "sft" / "eagle3" / "tb" / "events.out.tfevents.*"))
+    # The exported HF-layout drafter is the latest checkpoint's.
+    from opd.checkpoints.drafters import load_drafter
+    from opd.pipeline import load_target_from_config
+
+    target = load_target_from_config(config)
+    exported = load_drafter(str(tmp_path / "export" / "sft_eagle3"), target)
+    trained, step = _trained(config, tmp_path)
+    assert step == 30 and json.load(open(tmp_path / "export" / "sft_eagle3" / "export.json"))["step"] == 30
+    for a, b in zip(jax.tree.leaves(trained.params["eagle"]), jax.tree.leaves(exported.params["eagle"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A second launch finds everything done.
+    pipeline.run(config, str(tmp_path))
+    assert len([r for r in read_jsonl(str(tmp_path / "sft" / "eagle3" / "metrics.jsonl")) if "loss" in r]) == 6
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(target_dir, data_dir, tmp_path):
+    config = _config(target_dir, data_dir, save_every=1)
+    config.sft.optimizer.learning_rate = 1e30  # the first update sends the parameters to ~1e30
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+).*last good checkpoint is step") as e:
+        sft_stage.stage_sft(config, str(tmp_path))
+    bad = int(str(e.value).split("at step ")[1].split(";")[0])
+    steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "sft" / "eagle3" / "checkpoints" / "[0-9]*")))
+    assert steps and steps[-1] == bad - 1  # nothing of the bad step was saved
+    assert f"last good checkpoint is step {bad - 1}" in str(e.value)
+
+
+def test_corrupt_or_mismatched_checkpoints_are_refused(target_dir, data_dir, tmp_path):
+    config = _config(target_dir, data_dir, num_steps=2, save_every=2)
+    sft_stage.stage_sft(config, str(tmp_path))
+    # Another drafter configuration in the same workdir.
+    other = _config(target_dir, data_dir, num_steps=4)
+    other.drafter.overrides.draft_vocab_size = 48
+    with pytest.raises(CheckpointError, match="belong to another target or drafter"):
+        sft_stage.stage_sft(other, str(tmp_path))
+    # Another target (other vocabulary) in the same workdir.
+    other_target = _save_target(tmp_path / "other_target", vocab_size=160)
+    other = _config(other_target, data_dir, num_steps=4)
+    with pytest.raises(CheckpointError, match="another target"):
+        sft_stage.stage_sft(other, str(tmp_path))
+    # A corrupt checkpoint: its array data truncated.
+    for p in glob.glob(str(tmp_path / "sft" / "eagle3" / "checkpoints" / "2" / "state" / "**" / "*"), recursive=True):
+        if os.path.isfile(p) and "d" in os.path.basename(p) and os.path.getsize(p) > 64:
+            with open(p, "r+b") as f:
+                f.truncate(16)
+    more = _config(target_dir, data_dir, num_steps=4)
+    with pytest.raises(CheckpointError, match="cannot restore step 2"):
+        sft_stage.stage_sft(more, str(tmp_path))
+
+
+def test_fine_tuning_keeps_the_draft_vocabulary(target_dir, data_dir, tmp_path):
+    from opd.checkpoints.drafters import export_drafter, load_drafter
+    from opd.pipeline import load_target_from_config
+
+    config = _config(target_dir, data_dir, num_steps=2)
+    target = load_target_from_config(config)
+    # A pretrained drafter whose draft vocabulary came from other data than ours.
+    counts = np.random.RandomState(5).randint(0, 1000, V)
+    pretrained = opd.init_drafter("eagle3", target, seed=3, token_counts=counts, draft_vocab_size=32)
+    export_drafter(pretrained, str(tmp_path / "pretrained"))
+    ours = sft_stage.response_token_counts([data_dir], V)
+    from opd.models import eagle3 as e3
+    from opd.drafters.eagle3 import special_token_ids
+
+    rebuilt, _ = e3.build_draft_vocab(ours, 32, special_token_ids(target))
+    assert not np.array_equal(rebuilt, np.asarray(pretrained.params["vocab"]["d2t"]))  # a rebuild would show
+
+    config.drafter.init = str(tmp_path / "pretrained")
+    pipeline.run(config, str(tmp_path / "run"))
+    out = load_drafter(str(tmp_path / "run" / "export" / "sft_eagle3"), target)
+    for k in ("d2t", "t2d"):
+        np.testing.assert_array_equal(np.asarray(out.params["vocab"][k]), np.asarray(pretrained.params["vocab"][k]))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(out.params["eagle"]), jax.tree.leaves(pretrained.params["eagle"]))]
+    assert any(moved)  # it was trained, from the pretrained weights
+
+
+def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
+    from opd import pipeline
+
+    for field, value, message in [
+        ("drafter.kind", "medusa", "config.drafter.kind must be one of"),
+        ("drafter.init", str(tmp_path / "nope"), "config.drafter.init: no drafter directory"),
+        ("sft.num_steps", 0, "config.sft.num_steps must be >= 1"),
+        ("sft.target_features", "disk", "config.sft.target_features"),
+        ("sft.optimizer.learning_rate", -1.0, "learning_rate must be > 0"),
+        ("sft.loss.ttt_steps", 0, "ttt_steps must be a positive integer"),
+    ]:
+        c = _config(target_dir, data_dir)
+        section, key = field.rsplit(".", 1)
+        node = c
+        for part in section.split("."):
+            node = node[part]
+        node[key] = value
+        with pytest.raises(ValueError, match=message):
+            pipeline.validate(c)
+    c = _config(target_dir, data_dir, batch_size=3)
+    c.sft.mesh.data = -1
+    with pytest.raises(FileNotFoundError, match="run the `regenerate` stage first"):
+        c.sft.data = []
+        sft_stage.stage_sft(c, str(tmp_path / "empty"))
