@@ -182,7 +182,10 @@ class TokenizeTrajectory(grain.transforms.Map):
 
     def map(self, element):
         out = tokenize_trajectory(element, self.tokenizer, self.template, **self.template_kwargs)
-        return {k: v[: self.seq_len] for k, v in out.items()}
+        out = {k: v[: self.seq_len] for k, v in out.items()}
+        if "record_index" in element:  # `IndexedSource`: kept (padding only) to look up cached features
+            out["record_index"] = np.int64(element["record_index"])
+        return out
 
 
 class PadToLength(grain.transforms.Map):
@@ -202,7 +205,10 @@ class PadToLength(grain.transforms.Map):
         positions[:n] = np.arange(n, dtype=np.int32)
         segment_ids = np.zeros((self.seq_len,), np.int32)
         segment_ids[:n] = 1
-        return {"tokens": tokens, "loss_mask": mask, "positions": positions, "segment_ids": segment_ids}
+        out = {"tokens": tokens, "loss_mask": mask, "positions": positions, "segment_ids": segment_ids}
+        if "record_index" in element:
+            out["record_index"] = element["record_index"]
+        return out
 
 
 class _PackedToRow(grain.transforms.Map):
@@ -220,6 +226,22 @@ class _PackedToRow(grain.transforms.Map):
             "positions": np.asarray(element["tokens_positions"], np.int32),
             "segment_ids": seg,
         }
+
+
+class IndexedSource:
+    """A random-access source whose records carry `record_index` (their index in `source`).
+
+    With `packing=False` the index reaches the batches as an int64 [B] array, e.g. to look up
+    per-record data computed once (`opd.training.feature_cache`)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return {**self.source[i], "record_index": i}
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -271,6 +293,8 @@ def make_dataset(
     ds = ds.repeat(config.num_epochs)
     ds = ds.map(TokenizeTrajectory(T, tokenizer, template, **template_kwargs))
     if config.packing:
+        if isinstance(source, IndexedSource):
+            raise ValueError("record indices (IndexedSource) need packing=False: a packed row mixes records")
         ds = grain.experimental.FirstFitPackIterDataset(
             ds.to_iter_dataset(),
             length_struct={k: T for k in _FEATURES},

@@ -65,9 +65,14 @@ def dflash_sft_flops(config: dfm.DFlashConfig, target_config: TransformerConfig,
 
 
 def sft_step_flops(spec: DrafterSpec, target_config: TransformerConfig, batch: int, seq_len: int,
-                   ttt_steps: int = 7, num_anchors: int = 4) -> int:
-    """Total training FLOPs of one SFT step (module docstring)."""
-    f = target_forward_flops(target_config, batch, seq_len)
+                   ttt_steps: int = 7, num_anchors: int = 4, cached_features: bool = False) -> int:
+    """Total training FLOPs of one SFT step (module docstring). With `cached_features` the
+    target forward was paid once when the cache was built (counted then); the step pays only
+    EAGLE-3's target LM head over the cached last hidden state (2 * D * V per token)."""
+    if cached_features:
+        f = 2 * target_config.hidden_size * target_config.vocab_size * batch * seq_len if spec.kind == "eagle3" else 0
+    else:
+        f = target_forward_flops(target_config, batch, seq_len)
     if spec.kind == "eagle3":
         return f + eagle3_sft_flops(spec.config, batch, seq_len, ttt_steps)
     if spec.kind == "dflash":

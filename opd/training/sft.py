@@ -101,8 +101,10 @@ class SFTShardings(NamedTuple):
 
 
 def make_shardings(mesh, spec: DrafterSpec, target_config: TransformerConfig, optimizer: optax.GradientTransformation,
-                   rules=shd.LOGICAL_AXIS_RULES) -> SFTShardings:
-    """Shardings of every train-step input, derived from `jax.eval_shape(init)` boxes."""
+                   rules=shd.LOGICAL_AXIS_RULES, cached_features: bool = False) -> SFTShardings:
+    """Shardings of every train-step input, derived from `jax.eval_shape(init)` boxes.
+
+    cached_features: batches also carry the target's hidden states (`feature_cache`)."""
     boxed = abstract_trainable(spec)
     param_sh = shd.shardings_for(boxed, mesh, rules)
     abstract_opt = jax.eval_shape(optimizer.init, nn.unbox(boxed))
@@ -112,6 +114,10 @@ def make_shardings(mesh, spec: DrafterSpec, target_config: TransformerConfig, op
     target = shd.shardings_for(tfm.abstract_params(target_config), mesh, rules)
     frozen = {"vocab": {"d2t": rep, "t2d": rep}} if spec.kind == "eagle3" else {}
     batch = {"tokens": shd.batch_sharding(mesh, 2, rules), "loss_mask": shd.batch_sharding(mesh, 2, rules)}
+    if cached_features:
+        batch["aux"] = shd.batch_sharding(mesh, 4, rules)
+        if spec.kind == "eagle3":
+            batch["final"] = shd.batch_sharding(mesh, 3, rules)
     return SFTShardings(state, target, frozen, batch)
 
 
@@ -130,13 +136,18 @@ def init_train_state(trainable, optimizer: optax.GradientTransformation, shardin
 
 def sft_loss(params, target_params, drafter_frozen, batch, key, *, spec: DrafterSpec, target_config: TransformerConfig,
              loss_config: SFTLossConfig) -> losses.LossOut:
-    """The drafter's SFT loss on one batch; the target runs here, without gradient."""
+    """The drafter's SFT loss on one batch; the target runs here, without gradient, unless the
+    batch carries its cached hidden states ("aux" [B, T, n, D], EAGLE-3 also "final" [B, T, D])."""
     tokens = batch["tokens"].astype(jnp.int32)
     loss_mask = batch["loss_mask"]
-    out = tfm.forward(target_params, target_config, tokens, hidden_layers=spec.target_hidden_layers)
-    aux = jax.lax.stop_gradient(out.aux_hidden)
+    if "aux" in batch:
+        aux, final_BTD = batch["aux"], batch.get("final")
+    else:
+        out = tfm.forward(target_params, target_config, tokens, hidden_layers=spec.target_hidden_layers)
+        aux, final_BTD = out.aux_hidden, out.hidden_BTD
+    aux = jax.lax.stop_gradient(aux)
     if spec.kind == "eagle3":
-        target_logits = jax.lax.stop_gradient(tfm.lm_head(target_params, target_config, out.hidden_BTD))
+        target_logits = jax.lax.stop_gradient(tfm.lm_head(target_params, target_config, final_BTD))
         vocab = drafter_frozen["vocab"]
         return losses.eagle3_ttt_loss(params, spec.config, jax.lax.stop_gradient(target_params["embedding"]),
                                       vocab["d2t"], vocab["t2d"], aux, target_logits, tokens, loss_mask,
@@ -196,7 +207,7 @@ def run(step_fn, state: TrainState, target_params, drafter_frozen, batches: Iter
     counts FLOPs (`opd.training.flops.FlopCounter`) and hands metrics to `on_metrics(step,
     metrics)`. Raises FloatingPointError at the first non-finite loss."""
     for step, batch in enumerate(batches, start=int(jax.device_get(state.step))):
-        batch = jax.device_put({k: jnp.asarray(batch[k]) for k in ("tokens", "loss_mask")}, shardings.batch)
+        batch = jax.device_put({k: jnp.asarray(batch[k]) for k in shardings.batch}, shardings.batch)
         state, metrics = step_fn(state, target_params, drafter_frozen, batch)
         check_finite(metrics, step)
         if flop_counter is not None:

@@ -36,7 +36,7 @@ import numpy as np
 from opd.checkpoints.errors import CheckpointError
 
 DRAFTER_KINDS = ("eagle3", "dflash")
-TARGET_FEATURES = ("online",)  # how the train step gets target hidden states (see BUILD_NOTES)
+TARGET_FEATURES = ("online", "cache")  # target hidden states: in every step, or once to disk (feature_cache.py)
 
 
 # ----------------------------------------------------------------------------- config
@@ -60,6 +60,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.sft.{field} must be >= 1, got {s[field]}")
     if s.target_features not in TARGET_FEATURES:
         raise ValueError(f"config.sft.target_features must be one of {TARGET_FEATURES}, got {s.target_features!r}")
+    from opd.training.feature_cache import DTYPES
+
+    if s.get("feature_cache_dtype", "float16") not in DTYPES:
+        raise ValueError(f"config.sft.feature_cache_dtype must be one of {DTYPES}, got {s.feature_cache_dtype!r}")
     OptimConfig.from_config({"total_steps": int(s.num_steps), **dict(s.optimizer)})
     SFTLossConfig(**dict(s.loss))
     m = s.mesh
@@ -260,7 +264,8 @@ def stage_sft(config, workdir: str):
     ocfg = optim.OptimConfig.from_config({"total_steps": int(s.num_steps), **dict(s.optimizer)})
     optimizer = optim.make_optimizer(ocfg)
     loss_cfg = sft.SFTLossConfig(**dict(s.loss))
-    shardings = sft.make_shardings(mesh, spec, target.config, optimizer)
+    cached = s.target_features == "cache"
+    shardings = sft.make_shardings(mesh, spec, target.config, optimizer, cached_features=cached)
     trainable, frozen = sft.split_drafter_params(drafter)
     abstract = ckpt.abstract_state(spec, optimizer, shardings)
 
@@ -269,11 +274,23 @@ def stage_sft(config, workdir: str):
     import grain
 
     source = training_source(folders, workdir)
+    cache_flops = 0
+    if cached:
+        from opd.training import feature_cache
+
+        cache_dir = os.path.join(stage_dir, "features")
+        info = feature_cache.build(target, spec, source, folders, int(s.seq_len), cache_dir,
+                                   dtype=s.get("feature_cache_dtype", "float16"), batch_size=int(s.batch_size))
+        cache_flops = info["flops"]
+        source = dp.IndexedSource(source)
     dataset = dp.make_dataset(source, pcfg, shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
+    if cached:
+        dataset = dataset.map(feature_cache.AttachFeatures(cache_dir))
     batches = iter(dataset)
     restored = restore_state(manager, abstract, manager.directory)
     if restored is None:
-        state, counters = sft.init_train_state(trainable, optimizer, shardings, seed=int(config.seed)), {}
+        state = sft.init_train_state(trainable, optimizer, shardings, seed=int(config.seed))
+        counters = {"flops": cache_flops}  # building the feature cache is training compute too
         logging.info("sft: new run: %d trajectories from %s", len(source), folders)
     else:
         state, data = restored
@@ -290,12 +307,12 @@ def stage_sft(config, workdir: str):
     target_params = jax.device_put(target.params, shardings.target)
 
     def place(batch):
-        return jax.device_put({k: jnp.asarray(batch[k]) for k in ("tokens", "loss_mask")}, shardings.batch)
+        return jax.device_put({k: jnp.asarray(batch[k]) for k in shardings.batch}, shardings.batch)
 
     def step_flops(batch):
         B, T = batch["tokens"].shape
         return flops.sft_step_flops(spec, target.config, B * jax.process_count(), T, loss_cfg.ttt_steps,
-                                    loss_cfg.num_anchors)
+                                    loss_cfg.num_anchors, cached_features=cached)
 
     try:
         state = train_loop(

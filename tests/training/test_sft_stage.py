@@ -89,9 +89,10 @@ def _trained(config, workdir):
     return drafter, info["step"]
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
-def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, data_dir, tmp_path, monkeypatch, kind):
-    config = _config(target_dir, data_dir, kind)
+@pytest.mark.parametrize("kind,features", [("eagle3", "online"), ("dflash", "online"), ("eagle3", "cache")])
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, data_dir, tmp_path, monkeypatch, kind,
+                                                                    features):
+    config = _config(target_dir, data_dir, kind, target_features=features)
     straight = tmp_path / "straight"
     sft_stage.stage_sft(config, str(straight))
     want, step = _trained(config, straight)
@@ -237,3 +238,32 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="run the `regenerate` stage first"):
         c.sft.data = []
         sft_stage.stage_sft(c, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp_path, kind):
+    online = _config(target_dir, data_dir, kind, num_steps=4)
+    sft_stage.stage_sft(online, str(tmp_path / "online"))
+    cached = _config(target_dir, data_dir, kind, num_steps=4, target_features="cache", feature_cache_dtype="float32")
+    sft_stage.stage_sft(cached, str(tmp_path / "cached"))
+    features = tmp_path / "cached" / "sft" / kind / "features"
+    aux = np.load(features / "aux.npy", mmap_mode="r")
+    assert aux.shape[:2] == (12, 24) and aux.dtype == np.float32
+    assert (features / "final.npy").exists() == (kind == "eagle3")
+    rows = {name: [r for r in read_jsonl(str(tmp_path / name / "sft" / kind / "metrics.jsonl")) if "loss" in r]
+            for name in ("online", "cached")}
+    np.testing.assert_allclose([r["loss"] for r in rows["cached"]], [r["loss"] for r in rows["online"]], rtol=2e-4)
+    # FLOPs: the cache's one target pass over all 12 records is counted up front; then the steps
+    # are cheaper than online ones (no target forward).
+    from opd.training.flops import target_forward_flops
+    from opd.pipeline import load_target_from_config
+
+    tconfig = load_target_from_config(online).config
+    up_front = target_forward_flops(tconfig, 12, 24)
+    per_step = {n: (rows[n][-1]["flops"] - rows[n][0]["flops"]) / 3 for n in rows}
+    assert rows["cached"][0]["flops"] - per_step["cached"] == pytest.approx(up_front, rel=1e-9)
+    assert per_step["cached"] < per_step["online"]
+    # A cache built from other settings is refused, not silently reused.
+    other = _config(target_dir, data_dir, kind, num_steps=6, target_features="cache", feature_cache_dtype="float16")
+    with pytest.raises(ValueError, match="feature cache .* was built from"):
+        sft_stage.stage_sft(other, str(tmp_path / "cached"))
