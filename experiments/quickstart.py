@@ -10,7 +10,7 @@ import ml_collections
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stages = ["fetch_assets", "chat", "eval"]  # run in order; each resumes from what DIR holds
+    c.stages = ("fetch_assets", "chat", "eval")  # run in order; each resumes from what DIR holds
     c.seed = 0  # base PRNG seed for sampling
     c.assets = ["smollm2_gguf", "mtbench", "humaneval"]  # offline assets to fetch (opd.data.assets)
 

@@ -10,7 +10,7 @@ import ml_collections
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stages = ["fetch_assets", "regenerate"]  # run in order; each resumes from what DIR holds
+    c.stages = ("fetch_assets", "regenerate")  # run in order; each resumes from what DIR holds
     c.seed = 0  # base PRNG seed (shard i samples with seed + i)
     c.assets = ["smollm2_gguf", "alpacaeval", "mtbench", "humaneval"]  # eval sets: to exclude their prompts
 
@@ -20,7 +20,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.target.scan_layers = False  # True compiles faster; False decodes faster on CPU
 
     c.regenerate = ml_collections.ConfigDict()
-    c.regenerate.sources = ["alpacaeval", "stdlib_code", "pydocs"]  # training prompt sources (or .jsonl files)
+    c.regenerate.sources = ("alpacaeval", "stdlib_code", "pydocs")  # training prompt sources (or .jsonl files)
     c.regenerate.num_prompts = 256  # per source (first N in deterministic order)
     c.regenerate.max_new_tokens = 256  # per answer
     c.regenerate.temperature = 0.0  # 0 = greedy (the target's own most likely answer)
@@ -32,7 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant == "tiny":
         c.assets = ["smollm2_gguf", "mtbench", "humaneval"]
         c.target.scan_layers = True
-        c.regenerate.sources = ["stdlib_code"]
+        c.regenerate.sources = ("stdlib_code",)
         c.regenerate.num_prompts = 2
         c.regenerate.max_new_tokens = 8
         c.regenerate.batch_size = 2

@@ -59,10 +59,10 @@ def _config(target_dir, data_dir, kind="eagle3", **sft):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config(f"{kind},tiny")
-    c.stages = ["sft", "export"]
+    c.stages = ("sft", "export")
     c.target.path = target_dir
     c.target.scan_layers = False
-    c.sft.data = [data_dir]
+    c.sft.data = (data_dir,)
     c.sft.seq_len = 24
     c.sft.batch_size = 2
     c.sft.num_steps = 6
@@ -236,7 +236,7 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
     c = _config(target_dir, data_dir, batch_size=3)
     c.sft.mesh.data = -1
     with pytest.raises(FileNotFoundError, match="run the `regenerate` stage first"):
-        c.sft.data = []
+        c.sft.data = ()
         sft_stage.stage_sft(c, str(tmp_path / "empty"))
 
 
