@@ -5,7 +5,8 @@ in its module docstring). Shard i covers prompts [i * shard_size, (i + 1) * shar
 the (deterministically ordered) prompt list; process p of P writes the shards with
 i % P == p, so data-parallel hosts split the work without talking to each other. A shard is
 written to a temporary name and renamed when complete: an interrupted run resumes by
-skipping the shards that exist.
+skipping the shards that exist. Each shard written appends its generation speed (tokens,
+seconds, tokens/s, target forwards) to `<out_dir>.metrics.jsonl`.
 
 Greedy decoding with the n-gram drafter is lossless (same tokens as autoregressive decoding)
 and faster on code; at T > 0 the output distribution is still exactly the target's.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional, Sequence
 
 from absl import logging
@@ -42,6 +44,11 @@ def training_prompts(source: str, num_prompts: Optional[int] = None) -> list[dic
         raise ValueError(f"unknown training prompt source {source!r}; use one of {SOURCES} or a .jsonl file")
     records = splits.drop_eval_prompts(records)
     return records[:num_prompts] if num_prompts is not None else records
+
+
+def metrics_path(out_dir: str) -> str:
+    """Per-shard generation metrics, next to (not inside) the shard folder: `<out_dir>.metrics.jsonl`."""
+    return os.path.normpath(out_dir) + ".metrics.jsonl"
 
 
 def shard_path(out_dir: str, index: int) -> str:
@@ -83,7 +90,9 @@ def regenerate(
     mine = [i for i in range(-(-len(records) // shard_size)) if i % process_count == process_index]
     todo = [i for i in mine if not os.path.exists(shard_path(out_dir, i))]
     logging.info("regenerate: %d of this process's %d shards to write into %s", len(todo), len(mine), out_dir)
-    for i in tqdm(todo, desc="regenerate shards", unit="shard"):
+    bar = tqdm(todo, desc="regenerate shards", unit="shard")
+    for i in bar:
+        t0 = time.perf_counter()
         part = records[i * shard_size : (i + 1) * shard_size]
         prompt_ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}])) for r in part]
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i, batch_size=batch_size)
@@ -103,4 +112,11 @@ def regenerate(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, shard_path(out_dir, i))
+        seconds = time.perf_counter() - t0
+        tokens = int(out.stats["generated_tokens"])
+        bar.set_postfix(tok_s=f"{tokens / seconds:.1f}")
+        with open(metrics_path(out_dir), "a") as f:  # one line per shard written
+            f.write(json.dumps({"shard": i, "prompts": len(part), "generated_tokens": tokens, "seconds": seconds,
+                                "tokens_per_s": tokens / seconds, "target_forwards": out.stats.get("target_forwards"),
+                                "tau": out.stats.get("tau")}) + "\n")
     return [shard_path(out_dir, i) for i in mine]

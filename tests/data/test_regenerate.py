@@ -46,6 +46,10 @@ def test_shards_hold_the_targets_greedy_answers(target, tmp_path):
         assert list(row["prompt_ids"]) == ids
         resp = list(row["response_ids"])
         assert resp == want or resp == want + [target.eos_token_ids[0]]
+    metrics = [json.loads(line) for line in open(regen.metrics_path(str(tmp_path)))]  # one line per shard written
+    assert [m["shard"] for m in metrics] == [0, 1, 2] and all(m["tokens_per_s"] > 0 for m in metrics)
+    assert sum(m["generated_tokens"] for m in metrics) == sum(
+        len(r["response_ids"]) - (r["response_ids"][-1:] == [target.eos_token_ids[0]]) for r in rows)
 
 
 def test_resume_writes_only_missing_shards_and_processes_split_the_work(target, tmp_path):
