@@ -126,7 +126,19 @@ def special_token_ids(target) -> tuple:
     return tuple(sorted(i for i in ids if 0 <= i < c.vocab_size))
 
 
-def init_eagle3(target, seed: int = 0, token_counts=None, special_ids: Optional[Sequence[int]] = None, **overrides) -> Drafter:
+def _warm_start(eagle, target, config: e3.Eagle3Config, d2t):
+    tp, tc = target.params, target.config
+    if config.target_hidden_size != config.hidden_size or config.hidden_size != tc.hidden_size:
+        return eagle  # no pass-through when widths differ
+    out_VD = tp["embedding"] if tc.tie_word_embeddings else tp["lm_head"].T
+    D, dt = config.hidden_size, eagle["fc"].dtype
+    fc = jnp.zeros_like(eagle["fc"]).at[2 * D :].set(jnp.eye(D, dtype=dt))
+    return {**eagle, "fc": fc, "lm_head": jnp.asarray(out_VD)[jnp.asarray(d2t)].T.astype(eagle["lm_head"].dtype),
+            "final_norm": {"scale": jnp.asarray(tp["final_norm"]["scale"]).astype(dt)}}
+
+
+def init_eagle3(target, seed: int = 0, token_counts=None, special_ids: Optional[Sequence[int]] = None,
+                warm_start: bool = True, **overrides) -> Drafter:
     """A randomly initialised EAGLE-3 drafter for `target` (an `opd.Target`).
 
     Args:
@@ -134,6 +146,10 @@ def init_eagle3(target, seed: int = 0, token_counts=None, special_ids: Optional[
       token_counts: [V] token frequencies of the training data, used once here to choose the
         draft vocabulary (`build_draft_vocab`); None keeps the lowest ids. Never rebuilt later.
       special_ids: ids always kept in the draft vocabulary (default: the target's EOS/BOS/PAD).
+      warm_start: start from the target's "logit lens" at its last fused layer: `fc` passes
+        that layer's output through (identity block, zeros elsewhere), and the final norm and
+        draft LM head are the target's (its output rows at d2t). The decoder layer stays
+        random. False: everything random (EAGLE-3's own initialisation).
       **overrides: `Eagle3Config` fields (target_layers, draft_vocab_size, intermediate_size, ...).
     Returns:
       Drafter(Eagle3Spec, {"eagle": trainable, "vocab": {d2t, t2d}, "embedding": target's}).
@@ -144,8 +160,11 @@ def init_eagle3(target, seed: int = 0, token_counts=None, special_ids: Optional[
     if counts.shape != (V,):
         raise ValueError(f"token_counts must have shape ({V},) (the target vocabulary), got {counts.shape}")
     d2t, t2d = e3.build_draft_vocab(counts, W, special_token_ids(target) if special_ids is None else special_ids)
+    eagle = e3.init_params(config, jax.random.PRNGKey(seed))
+    if warm_start:
+        eagle = _warm_start(eagle, target, config, d2t)
     params = {
-        "eagle": e3.init_params(config, jax.random.PRNGKey(seed)),
+        "eagle": eagle,
         "vocab": {"d2t": jnp.asarray(d2t), "t2d": jnp.asarray(t2d)},
         "embedding": target.params["embedding"],
     }

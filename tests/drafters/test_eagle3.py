@@ -276,3 +276,18 @@ def test_every_parameter_has_logical_axes(small_vocab_drafter):
     boxed = e3.abstract_params(small_vocab_drafter.spec.config)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == len(x.value.shape) for x in leaves)
+
+
+def test_warm_start_is_the_targets_logit_lens_at_the_last_fused_layer(target, small_vocab_drafter):
+    """`warm_start`: fc passes the last fused layer through, the head is the target's final norm
+    + output rows at d2t; the decoder layer stays random. warm_start=False: all random."""
+    p, c = small_vocab_drafter.params["eagle"], small_vocab_drafter.spec.config
+    d2t = np.asarray(small_vocab_drafter.params["vocab"]["d2t"])
+    aux = [np.random.RandomState(i).randn(2, 5, c.hidden_size).astype(np.float32) for i in range(3)]
+    fused = e3.fuse(p, c, tuple(jnp.asarray(a) for a in aux))
+    np.testing.assert_array_equal(np.asarray(fused), aux[2])
+    np.testing.assert_array_equal(np.asarray(p["lm_head"]), np.asarray(target.params["lm_head"])[:, d2t])
+    np.testing.assert_array_equal(np.asarray(p["final_norm"]["scale"]), np.asarray(target.params["final_norm"]["scale"]))
+    cold = init_eagle3(target, seed=2, draft_vocab_size=24, target_layers=(0, 1, 0), warm_start=False).params["eagle"]
+    assert not np.array_equal(np.asarray(cold["fc"]), np.asarray(p["fc"]))
+    np.testing.assert_array_equal(np.asarray(cold["attn"]["q"]), np.asarray(p["attn"]["q"]))  # same seed, layer untouched
