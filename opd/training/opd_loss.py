@@ -1,0 +1,136 @@
+"""Draft-OPD's acceptance-aware distillation loss (DESIGN §7 step 4), a pure function.
+
+Per rollout round r of row b, the drafter proposed d_1..d_K and the target accepted the first
+n of them. Offset i (1-based) of that round falls in
+  the accepted stream       i <= n,
+  the rejected stream       i == n + 1 (the first rejected proposal; none when n == K),
+  the post-rejection suffix i > n + 1 (drafts made after the first error),
+and carries the weight
+  w_i = w_acc * [i <= n] + w_rej * decay^(i-1) * [i == n+1] + w_post * decay^(i-1) * [i > n+1]
+(`first_rejected_only`: only the rejected-stream term). The loss is
+  sum_{b, r, i} w_i * D(q_i || p_i) / (number of active rounds),
+q_i the drafter's distribution at offset i (replayed, differentiable), p_i the target's on the
+same draft-induced prefix (recorded during the rollout, no gradient).
+
+Divergences D (the drafter's support is its vocabulary: EAGLE-3's W draft tokens, DFlash's V):
+  "k3"          k3 estimator of reverse KL(q || p) on the drafted token x ~ q:
+                (p(x)/q(x) - 1) - log(p(x)/q(x)); needs only log p(x) (the default: the
+                teacher information is one float per offset);
+  "reverse_kl"  sum_w q_w (log q_w - log p_w): exact, since q is 0 outside its support;
+  "forward_kl"  KL(p~ || q), p~ = p restricted to the support and renormalised;
+  "tvd"         (sum_w |p_w - q_w| + p(outside the support)) / 2: exact; 1 - TVD is the
+                probability that a draft from q is accepted;
+  "jsd"         Jensen-Shannon divergence between p~ and q (natural log).
+The exact divergences need log p on the support: [.., W] for EAGLE-3 (small), [.., V] for
+DFlash (large at V = 150k: top-k storage is a later option).
+
+Axis letters: B rows, R rounds, K offsets, W support (draft vocabulary or V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+DIVERGENCES = ("k3", "reverse_kl", "forward_kl", "tvd", "jsd")
+EXACT = DIVERGENCES[1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class OPDLossConfig:
+    divergence: str = "k3"
+    accepted_weight: float = 1.0  # w_acc
+    rejected_weight: float = 1.0  # w_rej
+    decay: float = 0.9  # position decay of the rejected stream and the suffix
+    post_rejection_weight: float = 0.0  # w_post (off by default)
+    first_rejected_only: bool = False
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        for name in ("accepted_weight", "rejected_weight", "post_rejection_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0):
+            raise ValueError(f"decay must be in (0, 1], got {self.decay!r}")
+
+
+class OPDLossOut(NamedTuple):
+    loss: jax.Array  # scalar
+    accepted_loss: jax.Array  # scalar: the accepted stream's weighted sum / active rounds
+    rejected_loss: jax.Array  # scalar: the rejected stream's (first rejected offset)
+    post_loss: jax.Array  # scalar: the post-rejection suffix's
+    divergence_by_offset: jax.Array  # [K] mean D over active rounds (unweighted; monitoring)
+
+
+def stream_weights(n_accepted_BR, active_BR, K: int, cfg: OPDLossConfig):
+    """(accepted, rejected, post) weights, each float32 [B, R, K] (module docstring)."""
+    i = jnp.arange(1, K + 1, dtype=jnp.int32)[None, None]  # 1-based offsets
+    n = n_accepted_BR[..., None]
+    act = active_BR[..., None].astype(jnp.float32)
+    decay_i = jnp.asarray(cfg.decay, jnp.float32) ** (i - 1).astype(jnp.float32)
+    acc = (i <= n).astype(jnp.float32) * act
+    rej = (i == n + 1).astype(jnp.float32) * act * decay_i
+    post = (i > n + 1).astype(jnp.float32) * act * decay_i
+    if cfg.first_rejected_only:
+        return jnp.zeros_like(acc), cfg.rejected_weight * rej, jnp.zeros_like(post)
+    return cfg.accepted_weight * acc, cfg.rejected_weight * rej, cfg.post_rejection_weight * post
+
+
+def divergence(logq_BRKW, cfg: OPDLossConfig, drafted_BRK=None, teacher_logp_tok_BRK=None,
+               teacher_logp_BRKW=None) -> jax.Array:
+    """D(q || p) per offset, float32 [B, R, K]; differentiable in `logq_BRKW` (log-softmax of
+    the drafter's logits over its support). `drafted_BRK` indexes the support."""
+    logq = logq_BRKW.astype(jnp.float32)
+    if cfg.divergence == "k3":
+        if drafted_BRK is None or teacher_logp_tok_BRK is None:
+            raise ValueError("the k3 divergence needs the drafted tokens and the teacher's log-prob of each")
+        lq = jnp.take_along_axis(logq, drafted_BRK[..., None], axis=-1)[..., 0]
+        log_ratio = jax.lax.stop_gradient(teacher_logp_tok_BRK.astype(jnp.float32)) - lq
+        return jnp.expm1(log_ratio) - log_ratio
+    if teacher_logp_BRKW is None:
+        raise ValueError(f"the {cfg.divergence} divergence needs the teacher's log-probs over the drafter's support")
+    logp = jax.lax.stop_gradient(teacher_logp_BRKW.astype(jnp.float32))
+    q, p = jnp.exp(logq), jnp.exp(logp)
+    if cfg.divergence == "reverse_kl":
+        return jnp.sum(q * (logq - logp), axis=-1)
+    if cfg.divergence == "tvd":
+        outside = jnp.clip(1.0 - jnp.sum(p, axis=-1), 0.0, 1.0)
+        return 0.5 * (jnp.sum(jnp.abs(p - q), axis=-1) + outside)
+    logp_n = jax.nn.log_softmax(logp, axis=-1)  # p restricted to the support, renormalised
+    p_n = jnp.exp(logp_n)
+    if cfg.divergence == "forward_kl":
+        return jnp.sum(p_n * (logp_n - logq), axis=-1)
+    m = 0.5 * (p_n + q)  # jsd
+    log_m = jnp.log(jnp.maximum(m, 1e-30))
+    return 0.5 * jnp.sum(p_n * (logp_n - log_m), axis=-1) + 0.5 * jnp.sum(q * (logq - log_m), axis=-1)
+
+
+def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted_BRK=None,
+             teacher_logp_tok_BRK=None, teacher_logp_BRKW=None, valid_BRK: Optional[jax.Array] = None) -> OPDLossOut:
+    """The acceptance-aware loss (module docstring).
+
+    Args:
+      logq_BRKW: drafter log-probs over its support at every offset (from the replay).
+      n_accepted_BR: accepted drafts per round (int, 0..K).
+      active_BR: the round ran for this row (rows that finished earlier are masked).
+      drafted_BRK, teacher_logp_tok_BRK: for "k3".
+      teacher_logp_BRKW: for the exact divergences.
+      valid_BRK: optional extra mask (e.g. offsets past the end of the buffer).
+    """
+    K = logq_BRKW.shape[2]
+    D = divergence(logq_BRKW, cfg, drafted_BRK, teacher_logp_tok_BRK, teacher_logp_BRKW)
+    w_acc, w_rej, w_post = stream_weights(n_accepted_BR, active_BR, K, cfg)
+    if valid_BRK is not None:
+        v = valid_BRK.astype(jnp.float32)
+        w_acc, w_rej, w_post = w_acc * v, w_rej * v, w_post * v
+    rounds = jnp.maximum(jnp.sum(active_BR.astype(jnp.float32)), 1.0)
+    parts = [jnp.sum(w * D) / rounds for w in (w_acc, w_rej, w_post)]
+    act = active_BR[..., None].astype(jnp.float32) * (1.0 if valid_BRK is None else valid_BRK.astype(jnp.float32))
+    by_offset = jax.lax.stop_gradient(jnp.sum(act * D, axis=(0, 1)) / jnp.maximum(jnp.sum(act, axis=(0, 1)), 1.0))
+    return OPDLossOut(parts[0] + parts[1] + parts[2], *parts, by_offset)
