@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,79 @@ def _verify(impl: str, logits_BKV1, d_BK, logq_BKV, key, sp: SamplingParams):
     return verify_reference(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p)
 
 
+def start_state(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *, tconfig: TransformerConfig,
+                dspec: DrafterSpec, sp: SamplingParams, max_new_tokens: int, cache_len: int) -> dict:
+    """The decoding state after the prompt: prefill into the target cache, the first token from
+    the target (not a verify round), the drafter's state. Rows with `done_B` never advance."""
+    B, P = tokens_BP.shape
+    tcache, last_BD, pre = prefill(tparams, tconfig, tokens_BP, lengths_B, cache_len,
+                                   hidden_layers=tuple(dspec.target_hidden_layers))
+    key, k0 = jax.random.split(key)
+    first_B = sample(k0, tfm.lm_head(tparams, tconfig, last_BD), sp)
+    seq_BS = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(tokens_BP)
+    seq_BS = tfm.update_rows(seq_BS, first_B[:, None], lengths_B, axis=1)
+    seq_len_B = lengths_B + 1
+    dstate = dspec.prefill(dparams, DraftContext(seq_BS[:, : P + 1], seq_len_B), pre.aux_hidden, cache_len)
+    n_gen_B = jnp.where(done_B, 0, 1).astype(jnp.int32)
+    done_B = done_B | jnp.isin(first_B, eos_ids) | (n_gen_B >= max_new_tokens)
+    return {
+        "round": jnp.int32(0), "key": key, "seq": seq_BS, "seq_len": seq_len_B, "tcache": tcache,
+        "dstate": dstate, "n_gen": n_gen_B, "done": done_B,
+        "rounds": jnp.zeros((B,), jnp.int32), "committed": jnp.zeros((B,), jnp.int32),
+    }
+
+
+class Round(NamedTuple):
+    """What one verify round saw (returned by `verify_round` for training rollouts)."""
+
+    seq_len_B: jax.Array  # committed length before the round (the pending token is at seq_len - 1)
+    drafts_BK: jax.Array  # proposals d_1..d_K (target ids)
+    logq_BKV: Optional[jax.Array]  # the drafter's processed log q at each offset (None when greedy)
+    logits_BKV1: jax.Array  # the target's logits on the draft-induced prefixes, offsets 1..K+1
+    num_accepted_B: jax.Array  # accepted drafts (0 for inactive rows)
+    active_B: jax.Array  # the row was still generating in this round
+
+
+def verify_round(s: dict, tparams, dparams, eos_ids, *, tconfig: TransformerConfig, dspec: DrafterSpec,
+                 sp: SamplingParams, num_draft: int, max_new_tokens: int, verify_impl: str):
+    """One round: draft K tokens, verify them in one target forward over K+1 positions, commit
+    per row. Returns (new state, `Round`)."""
+    K, N = num_draft, max_new_tokens
+    key, kd, kv = jax.random.split(s["key"], 3)
+    ctx = DraftContext(s["seq"], s["seq_len"])
+    d_BK, logq_BKV, dstate = dspec.propose(dparams, s["dstate"], ctx, kd, K, sp)
+    inp_BK1 = jnp.concatenate([ctx.pending()[:, None], d_BK], axis=1)
+    o = tfm.forward(tparams, tconfig, inp_BK1, cache=s["tcache"], hidden_layers=tuple(dspec.target_hidden_layers))
+    logits_BKV1 = tfm.lm_head(tparams, tconfig, o.hidden_BTD)
+    res = _verify(verify_impl, logits_BKV1, d_BK, logq_BKV, kv, sp)
+    active = ~s["done"]
+    n_B = jnp.where(active, res.num_accepted, 0)
+    # Committed this round: d_1..d_n, then the correction/bonus token.
+    offs = jnp.arange(K + 1)[None]
+    new_BK1 = jnp.where(offs < n_B[:, None], jnp.pad(d_BK, ((0, 0), (0, 1))), res.next_token[:, None])
+    # Tokens that count: up to and including the first EOS, and at most N in total.
+    eos_BK1 = jnp.isin(new_BK1, eos_ids) & (offs <= n_B[:, None])
+    upto_eos_B = jnp.where(jnp.any(eos_BK1, axis=1), jnp.argmax(eos_BK1, axis=1) + 1, n_B + 1)
+    count_B = jnp.where(active, jnp.minimum(upto_eos_B, N - s["n_gen"]), 0)
+    seq = tfm.update_rows(s["seq"], jnp.where(active[:, None], new_BK1, 0), s["seq_len"], axis=1)
+    seq_len = s["seq_len"] + jnp.where(active, n_B + 1, 0)
+    hit_eos = jnp.any(eos_BK1 & (offs < count_B[:, None]), axis=1)
+    n_gen = s["n_gen"] + count_B
+    new = {
+        "round": s["round"] + 1,
+        "key": key,
+        "seq": seq,
+        "seq_len": seq_len,
+        "tcache": o.cache._replace(lengths=seq_len - 1),
+        "dstate": dspec.commit(dparams, dstate, DraftContext(seq, seq_len), n_B, o.aux_hidden),
+        "n_gen": n_gen,
+        "done": s["done"] | hit_eos | (n_gen >= N),
+        "rounds": s["rounds"] + active.astype(jnp.int32),
+        "committed": s["committed"] + count_B,
+    }
+    return new, Round(s["seq_len"], d_BK, logq_BKV, logits_BKV1, n_B, active)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("tconfig", "dspec", "sp", "num_draft", "max_new_tokens", "cache_len", "verify_impl"),
@@ -47,68 +120,23 @@ def _verify(impl: str, logits_BKV1, d_BK, logq_BKV, key, sp: SamplingParams):
 def _speculative_jit(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *,
                      tconfig: TransformerConfig, dspec: DrafterSpec, sp: SamplingParams, num_draft: int,
                      max_new_tokens: int, cache_len: int, verify_impl: str):
-    B, P = tokens_BP.shape
     K, N = num_draft, max_new_tokens
-    aux_layers = tuple(dspec.target_hidden_layers)
-
-    # Prefill: the prompt into the target cache, first token from the target (not a verify round).
-    tcache, last_BD, pre = prefill(tparams, tconfig, tokens_BP, lengths_B, cache_len, hidden_layers=aux_layers)
-    key, k0 = jax.random.split(key)
-    first_B = sample(k0, tfm.lm_head(tparams, tconfig, last_BD), sp)
-    seq_BS = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(tokens_BP)
-    seq_BS = tfm.update_rows(seq_BS, first_B[:, None], lengths_B, axis=1)
-    seq_len_B = lengths_B + 1
-    pre_ctx = DraftContext(seq_BS[:, : P + 1], seq_len_B)
-    dstate = dspec.prefill(dparams, pre_ctx, pre.aux_hidden, cache_len)
-    n_gen_B = jnp.where(done_B, 0, 1).astype(jnp.int32)
-    done_B = done_B | jnp.isin(first_B, eos_ids) | (n_gen_B >= N)
+    state = start_state(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, tconfig=tconfig, dspec=dspec,
+                        sp=sp, max_new_tokens=N, cache_len=cache_len)
+    state["accept_hist"] = jnp.zeros((K + 1,), jnp.int32)
 
     def cond(s):
         return (s["round"] < N) & ~jnp.all(s["done"])
 
     def body(s):
-        key, kd, kv = jax.random.split(s["key"], 3)
-        ctx = DraftContext(s["seq"], s["seq_len"])
-        d_BK, logq_BKV, dstate = dspec.propose(dparams, s["dstate"], ctx, kd, K, sp)
-        inp_BK1 = jnp.concatenate([ctx.pending()[:, None], d_BK], axis=1)
-        o = tfm.forward(tparams, tconfig, inp_BK1, cache=s["tcache"], hidden_layers=aux_layers)
-        logits_BKV1 = tfm.lm_head(tparams, tconfig, o.hidden_BTD)
-        res = _verify(verify_impl, logits_BKV1, d_BK, logq_BKV, kv, sp)
-        active = ~s["done"]
-        n_B = jnp.where(active, res.num_accepted, 0)
-        # Committed this round: d_1..d_n, then the correction/bonus token.
-        offs = jnp.arange(K + 1)[None]
-        new_BK1 = jnp.where(offs < n_B[:, None], jnp.pad(d_BK, ((0, 0), (0, 1))), res.next_token[:, None])
-        # Tokens that count: up to and including the first EOS, and at most N in total.
-        eos_BK1 = jnp.isin(new_BK1, eos_ids) & (offs <= n_B[:, None])
-        upto_eos_B = jnp.where(jnp.any(eos_BK1, axis=1), jnp.argmax(eos_BK1, axis=1) + 1, n_B + 1)
-        count_B = jnp.where(active, jnp.minimum(upto_eos_B, N - s["n_gen"]), 0)
-        seq = tfm.update_rows(s["seq"], jnp.where(active[:, None], new_BK1, 0), s["seq_len"], axis=1)
-        seq_len = s["seq_len"] + jnp.where(active, n_B + 1, 0)
-        hit_eos = jnp.any(eos_BK1 & (offs < count_B[:, None]), axis=1)
-        n_gen = s["n_gen"] + count_B
-        new_ctx = DraftContext(seq, seq_len)
-        return {
-            "round": s["round"] + 1,
-            "key": key,
-            "seq": seq,
-            "seq_len": seq_len,
-            "tcache": o.cache._replace(lengths=seq_len - 1),
-            "dstate": dspec.commit(dparams, dstate, new_ctx, n_B, o.aux_hidden),
-            "n_gen": n_gen,
-            "done": s["done"] | hit_eos | (n_gen >= N),
-            "rounds": s["rounds"] + active.astype(jnp.int32),
-            "committed": s["committed"] + count_B,
-            # accept_hist[n] = active rounds that accepted exactly n drafts
-            "accept_hist": s["accept_hist"] + jnp.sum(jax.nn.one_hot(n_B, K + 1, dtype=jnp.int32) * active[:, None], axis=0),
-        }
+        hist = s.pop("accept_hist")
+        new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft=K,
+                              max_new_tokens=N, verify_impl=verify_impl)
+        # accept_hist[n] = active rounds that accepted exactly n drafts
+        new["accept_hist"] = hist + jnp.sum(jax.nn.one_hot(r.num_accepted_B, K + 1, dtype=jnp.int32)
+                                            * r.active_B[:, None], axis=0)
+        return new
 
-    state = {
-        "round": jnp.int32(0), "key": key, "seq": seq_BS, "seq_len": seq_len_B, "tcache": tcache,
-        "dstate": dstate, "n_gen": n_gen_B, "done": done_B,
-        "rounds": jnp.zeros((B,), jnp.int32), "committed": jnp.zeros((B,), jnp.int32),
-        "accept_hist": jnp.zeros((K + 1,), jnp.int32),
-    }
     s = jax.lax.while_loop(cond, body, state)
     return s["seq"], s["n_gen"], s["round"], s["rounds"], s["committed"], s["accept_hist"]
 

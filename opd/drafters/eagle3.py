@@ -133,12 +133,13 @@ def _warm_start(eagle, target, config: e3.Eagle3Config, d2t):
     out_VD = tp["embedding"] if tc.tie_word_embeddings else tp["lm_head"].T
     D, dt = config.hidden_size, eagle["fc"].dtype
     fc = jnp.zeros_like(eagle["fc"]).at[2 * D :].set(jnp.eye(D, dtype=dt))
-    return {**eagle, "fc": fc, "lm_head": jnp.asarray(out_VD)[jnp.asarray(d2t)].T.astype(eagle["lm_head"].dtype),
+    rows = e3.draft_target_ids(jnp.asarray(d2t))  # d2t holds offsets: target id = draft id + d2t
+    return {**eagle, "fc": fc, "lm_head": jnp.asarray(out_VD)[rows].T.astype(eagle["lm_head"].dtype),
             "final_norm": {"scale": jnp.asarray(tp["final_norm"]["scale"]).astype(dt)}}
 
 
 def init_eagle3(target, seed: int = 0, token_counts=None, special_ids: Optional[Sequence[int]] = None,
-                warm_start: bool = True, **overrides) -> Drafter:
+                warm_start: bool = False, **overrides) -> Drafter:
     """A randomly initialised EAGLE-3 drafter for `target` (an `opd.Target`).
 
     Args:
@@ -148,8 +149,9 @@ def init_eagle3(target, seed: int = 0, token_counts=None, special_ids: Optional[
       special_ids: ids always kept in the draft vocabulary (default: the target's EOS/BOS/PAD).
       warm_start: start from the target's "logit lens" at its last fused layer: `fc` passes
         that layer's output through (identity block, zeros elsewhere), and the final norm and
-        draft LM head are the target's (its output rows at d2t). The decoder layer stays
-        random. False: everything random (EAGLE-3's own initialisation).
+        draft LM head are the target's (its output rows at d2t); the decoder layer stays
+        random. Default False (everything random, EAGLE-3's own initialisation); whether the
+        warm start trains faster is not measured yet.
       **overrides: `Eagle3Config` fields (target_layers, draft_vocab_size, intermediate_size, ...).
     Returns:
       Drafter(Eagle3Spec, {"eagle": trainable, "vocab": {d2t, t2d}, "embedding": target's}).

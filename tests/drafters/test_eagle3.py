@@ -279,15 +279,18 @@ def test_every_parameter_has_logical_axes(small_vocab_drafter):
 
 
 def test_warm_start_is_the_targets_logit_lens_at_the_last_fused_layer(target, small_vocab_drafter):
+    # (opt-in; see init_eagle3)
     """`warm_start`: fc passes the last fused layer through, the head is the target's final norm
     + output rows at d2t; the decoder layer stays random. warm_start=False: all random."""
-    p, c = small_vocab_drafter.params["eagle"], small_vocab_drafter.spec.config
-    d2t = np.asarray(small_vocab_drafter.params["vocab"]["d2t"])
+    warm = init_eagle3(target, seed=2, token_counts=np.random.RandomState(0).randint(0, 50, target.config.vocab_size),
+                       draft_vocab_size=24, special_ids=(7,), target_layers=(0, 1, 0), warm_start=True)
+    p, c = warm.params["eagle"], warm.spec.config
+    d2t = np.asarray(e3.draft_target_ids(warm.params["vocab"]["d2t"]))
     aux = [np.random.RandomState(i).randn(2, 5, c.hidden_size).astype(np.float32) for i in range(3)]
     fused = e3.fuse(p, c, tuple(jnp.asarray(a) for a in aux))
     np.testing.assert_array_equal(np.asarray(fused), aux[2])
     np.testing.assert_array_equal(np.asarray(p["lm_head"]), np.asarray(target.params["lm_head"])[:, d2t])
     np.testing.assert_array_equal(np.asarray(p["final_norm"]["scale"]), np.asarray(target.params["final_norm"]["scale"]))
-    cold = init_eagle3(target, seed=2, draft_vocab_size=24, target_layers=(0, 1, 0), warm_start=False).params["eagle"]
+    cold = small_vocab_drafter.params["eagle"]  # the default: no warm start
     assert not np.array_equal(np.asarray(cold["fc"]), np.asarray(p["fc"]))
     np.testing.assert_array_equal(np.asarray(cold["attn"]["q"]), np.asarray(p["attn"]["q"]))  # same seed, layer untouched
