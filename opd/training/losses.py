@@ -98,7 +98,7 @@ def _e3_post(module, feat_BTD, attn_BTD):
 
 
 def eagle3_ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
-                      steps: int = EAGLE3_TTT_STEPS) -> jax.Array:
+                      steps: int = EAGLE3_TTT_STEPS, step_tokens=None) -> jax.Array:
     """Draft-vocab logits of every TTT step (module docstring): float32 [S, B, T, W].
 
     Args:
@@ -107,9 +107,14 @@ def eagle3_ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, 
       tokens_BT: int32 tokens x_0..x_{T-1}.
       target_hidden: the 3 target layers' outputs ([B, T, 3, D] or 3 x [B, T, D]), in
         `config.target_layers` order.
+      step_tokens: optional `steps` arrays [B, T]: the input token of step k at index t
+        (default x_{t+k}, i.e. `shift_left(tokens_BT, k)`). Draft-OPD's replay passes the
+        drafter's own drafts here, as its chain fed them at inference.
     """
     if steps < 1:
         raise ValueError(f"TTT steps must be >= 1, got {steps}")
+    if step_tokens is not None and len(step_tokens) != steps:
+        raise ValueError(f"step_tokens has {len(step_tokens)} entries for {steps} steps")
     c = config
     model = e3.model_for(c)
     dt = jnp.dtype(c.dtype)
@@ -126,7 +131,7 @@ def eagle3_ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, 
     k1 = v1 = None
     diag_k, diag_v, out = [], [], []
     for step in range(1, steps + 1):
-        toks = shift_left(tokens_BT, step)  # x_{t+step}
+        toks = shift_left(tokens_BT, step) if step_tokens is None else step_tokens[step - 1]  # x_{t+step}
         emb = jnp.take(embedding_VD, toks, axis=0).astype(dt)
         x = model.apply(variables, emb, feat, method=_e3_inputs).astype(dt)
         pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None] + (step - 1), (B, T))

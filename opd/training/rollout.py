@@ -1,0 +1,125 @@
+"""Draft-OPD rollout (real speculative decoding with the current drafter, recorded) and replay
+(the drafter's drafting recomputed from every recorded anchor, differentiably).
+
+Rollout: `start_state` + R rounds of `opd.decoding.speculative.verify_round` (the engine's own
+round, so the rollout is exactly inference) in a `lax.scan`, recording per row b and round r:
+  anchor[b, r]        committed length n before the round; the pending token is s_{n-1};
+  drafts[b, r, i]     d_1..d_K (target ids) and num_accepted / active;
+  logq_tok[b, r, i]   the drafter's (processed) log q of d_i (0 when greedy);
+  teacher_tok[b, r,i] log p(d_i) of the target at temperature 1 on the draft-induced prefix
+                      s_{<n}, d_1..d_{i-1} (from the verify pass);
+  teacher_support     optional: log p over the drafter's support at every offset (EAGLE-3: its
+                      W draft tokens; DFlash: all V), for the exact divergences.
+Rows that finished (EOS) stay inactive; their rounds are masked.
+
+Replay, from the final committed text and the target's features over it (positions < n are
+committed, so these equal what the verify passes computed):
+  EAGLE-3: the training-time-test unroll with the drafter's own drafts as the step inputs at the
+    anchor indices t = n - 2 (`losses.eagle3_ttt_logits(step_tokens=...)`): step 1 is the pair
+    (f_{n-2}, s_{n-1}) over the drafter's cache of true features, step k >= 2 the pair
+    (own output of step k-1, d_{k-1}) - the chain of `opd.drafters.eagle3.propose`;
+  DFlash: the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over the target context of
+    positions < n - 1 (`losses.dflash_block_logits`) - `opd.drafters.dflash.propose`.
+Both return the drafter's logits over its support at offsets 1..K: [B, R, K, W].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from opd.decoding.sampling import SamplingParams
+from opd.decoding.speculative import start_state, verify_round
+from opd.models import eagle3 as e3
+from opd.models import transformer as tfm
+from opd.training import losses
+
+SUPPORTS = ("none", "draft")  # teacher distribution over the drafter's support: not stored / stored
+
+
+class RolloutRecord(NamedTuple):
+    seq_BS: jax.Array  # committed text after the rollout (prompt + generated), int32
+    seq_len_B: jax.Array
+    anchor_BR: jax.Array  # committed length before each round
+    drafts_BRK: jax.Array  # target ids
+    num_accepted_BR: jax.Array
+    active_BR: jax.Array
+    logq_tok_BRK: jax.Array  # the drafter's processed log q of each draft (0 when greedy)
+    teacher_tok_BRK: jax.Array  # the target's log p (T = 1) of each draft
+    teacher_support_BRKW: Optional[jax.Array]  # log p over the drafter's support, or None
+
+
+def support_ids(drafter_params, spec) -> jax.Array:
+    """Target ids of the drafter's output support, [W]: EAGLE-3's draft vocabulary, else all V."""
+    if spec.kind == "eagle3":
+        return e3.draft_target_ids(drafter_params["vocab"]["d2t"])
+    return jnp.arange(spec.vocab_size, dtype=jnp.int32)
+
+
+def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, dspec, sp: SamplingParams,
+            num_draft: int, num_rounds: int, cache_len: int, teacher_support: str = "none") -> RolloutRecord:
+    """R recorded rounds of speculative decoding from the prompts (module docstring)."""
+    if teacher_support not in SUPPORTS:
+        raise ValueError(f"teacher_support must be one of {SUPPORTS}, got {teacher_support!r}")
+    K, R = num_draft, num_rounds
+    N = R * (K + 1) + 1  # never the reason a row stops: R rounds always run
+    B = tokens_BP.shape[0]
+    state = start_state(tparams, dparams, tokens_BP, lengths_B, jnp.zeros((B,), bool), key, eos_ids, tconfig=tconfig,
+                        dspec=dspec, sp=sp, max_new_tokens=N, cache_len=cache_len)
+    sup = support_ids(dparams, dspec) if teacher_support == "draft" else None
+
+    def body(s, _):
+        new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft=K,
+                              max_new_tokens=N, verify_impl="reference")
+        logp_BKV = jax.nn.log_softmax(r.logits_BKV1[:, :K].astype(jnp.float32), axis=-1)
+        teacher_tok = jnp.take_along_axis(logp_BKV, r.drafts_BK[..., None], axis=-1)[..., 0]
+        logq_tok = (jnp.zeros_like(teacher_tok) if r.logq_BKV is None
+                    else jnp.take_along_axis(r.logq_BKV, r.drafts_BK[..., None], axis=-1)[..., 0])
+        rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok,
+               None if sup is None else jnp.take(logp_BKV, sup, axis=-1))
+        return new, rec
+
+    s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support) = jax.lax.scan(body, state, None, length=R)
+    swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # [R, B, ...] -> [B, R, ...]
+    return RolloutRecord(s["seq"], s["seq_len"], swap(anchor), swap(drafts), swap(n_acc), swap(active),
+                         swap(logq_tok), swap(teacher_tok), swap(support))
+
+
+def target_features(tparams, tconfig, spec, seq_BS):
+    """The drafter's target-layer outputs over the committed text (no gradient)."""
+    out = tfm.forward(tparams, tconfig, seq_BS, hidden_layers=tuple(spec.target_hidden_layers))
+    return jax.lax.stop_gradient(out.aux_hidden)
+
+
+def replay_logits(trainable, dparams, spec, tconfig, rec: RolloutRecord, aux) -> jax.Array:
+    """The drafter's logits over its support at offsets 1..K of every recorded round,
+    [B, R, K, W], differentiable in `trainable` (module docstring)."""
+    B, R, K = rec.drafts_BRK.shape
+    rows = jnp.arange(B)[:, None]
+    if spec.kind == "eagle3":
+        t_BR = jnp.maximum(rec.anchor_BR - 2, 0)  # the pair (f_{n-2}, s_{n-1}) drafts d_1
+        step_tokens = []
+        for k in range(1, K + 1):
+            toks = losses.shift_left(rec.seq_BS, k)
+            if k >= 2:  # the chain fed its own previous draft
+                toks = toks.at[rows, t_BR].set(rec.drafts_BRK[:, :, k - 2])
+            step_tokens.append(toks)
+        logits_KBTW = losses.eagle3_ttt_logits(trainable, spec.config, dparams["embedding"], rec.seq_BS, aux,
+                                               steps=K, step_tokens=step_tokens)
+        return jnp.stack([logits_KBTW[k][rows, t_BR] for k in range(K)], axis=2)
+    if spec.kind == "dflash":
+        logits = losses.dflash_block_logits(trainable, dparams["target"], spec.config, tconfig, aux, rec.seq_BS,
+                                            jnp.maximum(rec.anchor_BR - 1, 0))
+        return logits[:, :, :K]
+    raise ValueError(f"replay supports eagle3 and dflash drafters, got {spec.kind!r}")
+
+
+def drafted_support_index(dparams, spec, drafts_BRK) -> jax.Array:
+    """Index of each drafted target id in the drafter's support."""
+    if spec.kind == "eagle3":
+        ids = support_ids(dparams, spec)
+        inv = jnp.zeros((spec.vocab_size,), jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
+        return inv[drafts_BRK]
+    return drafts_BRK
