@@ -1,0 +1,121 @@
+"""The Draft-OPD training step: rollout + replay + acceptance-aware loss + AdamW update of the
+drafter, in one `jax.jit` with explicit shardings and the train state donated (DESIGN §7).
+
+  1. rollout (no gradient): R recorded rounds of real speculative decoding from the batch's
+     prompts with the current drafter at the rollout temperature (`opd.training.rollout`);
+  2. the target's features over the committed text (one more target forward, no gradient);
+  3. replay (gradient): the drafter's logits at offsets 1..K of every round, exactly as it
+     drafted them; log q = log-softmax over its support;
+  4. `opd_loss`: accepted / first-rejected / post-rejection streams, divergence D;
+  5. optax update of the trainable drafter parameters only (target and frozen drafter parts
+     are inputs, never outputs).
+
+Batches: {"tokens": int32 [B, P] left-aligned prompts (padding after each prompt),
+"lengths": int32 [B], "valid": bool [B] (False: a padding row, masked out)}.
+The train state, shardings and checkpoints are SFT's (`opd.training.sft.TrainState`).
+
+Memory held by the step beyond the models: the rollout's committed text [B, S] and KV caches
+(target: 2·L·B·S·K_h·H), per round the verify logits [B, K+1, V] (transient), the records
+[B, R, K] (+ [B, R, K, W] log p over the drafter's support only for the exact divergences),
+the target features [B, S, n, D] and the replay's logits [B, R, K, W] (EAGLE-3: its K TTT
+steps over all S positions, [K, B, S, W] transient). S = P + R·(K + 1) + slack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from opd import sharding as shd
+from opd.decoding.sampling import SamplingParams
+from opd.training import rollout as ro
+from opd.training import sft
+from opd.training.opd_loss import EXACT, OPDLossConfig, opd_loss
+
+_DFLASH_SHARED = ("embedding", "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class OPDConfig:
+    num_rounds: int = 8  # R verify rounds per prompt
+    num_draft: int = 4  # K drafts per round
+    rollout_temperature: float = 1.0  # drafts sampled from q (and verified by rejection sampling) when > 0
+    loss: OPDLossConfig = OPDLossConfig()
+
+    def __post_init__(self):
+        for name in ("num_rounds", "num_draft"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.rollout_temperature, (int, float)) and self.rollout_temperature >= 0):
+            raise ValueError(f"rollout_temperature must be >= 0, got {self.rollout_temperature!r}")
+
+    def cache_len(self, prompt_len: int) -> int:
+        """Sequence buffer for prompts padded to `prompt_len` (R rounds + one round of slack)."""
+        n = prompt_len + 1 + (self.num_rounds + 1) * (self.num_draft + 1)
+        return -(-n // 16) * 16
+
+
+def drafter_params(kind: str, trainable, drafter_frozen, target_params) -> dict:
+    """The drafter's full parameter tree (as `opd.Drafter.params`) from the step's pieces."""
+    if kind == "eagle3":
+        return {"eagle": trainable, "vocab": drafter_frozen["vocab"], "embedding": target_params["embedding"]}
+    return {"dflash": trainable, "target": {k: target_params[k] for k in _DFLASH_SHARED if k in target_params}}
+
+
+def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_ids, *, spec, target_config,
+             optimizer: optax.GradientTransformation, cfg: OPDConfig, cache_len: int):
+    """One Draft-OPD update. Returns (new state, metrics)."""
+    rng, key = jax.random.split(state.rng)
+    K, R = cfg.num_draft, cfg.num_rounds
+    tparams = jax.lax.stop_gradient(target_params)
+    dparams = jax.lax.stop_gradient(drafter_params(spec.kind, state.params, drafter_frozen, tparams))
+    exact = cfg.loss.divergence in EXACT
+    rec = ro.rollout(tparams, dparams, batch["tokens"], batch["lengths"], key, eos_ids, tconfig=target_config,
+                     dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft=K, num_rounds=R,
+                     cache_len=cache_len, teacher_support="draft" if exact else "none")
+    active = rec.active_BR & batch["valid"][:, None]
+    aux = ro.target_features(tparams, target_config, spec, rec.seq_BS)
+    idx = ro.drafted_support_index(dparams, spec, rec.drafts_BRK)
+
+    def loss_fn(params):
+        dp = drafter_params(spec.kind, params, drafter_frozen, tparams)
+        logq = jax.nn.log_softmax(ro.replay_logits(params, dp, spec, target_config, rec, aux).astype(jnp.float32), -1)
+        out = opd_loss(logq, rec.num_accepted_BR, active, cfg.loss, drafted_BRK=idx,
+                       teacher_logp_tok_BRK=rec.teacher_tok_BRK, teacher_logp_BRKW=rec.teacher_support_BRKW)
+        return out.loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    act = active.astype(jnp.float32)
+    rounds = jnp.maximum(jnp.sum(act), 1.0)
+    n = rec.num_accepted_BR
+    reached = jnp.stack([jnp.sum(act * (n >= i)) for i in range(K + 1)])  # rounds with >= i accepted
+    metrics = {
+        "loss": loss, "accepted_loss": out.accepted_loss, "rejected_loss": out.rejected_loss,
+        "post_loss": out.post_loss, "divergence": out.divergence_by_offset, "grad_norm": optax.global_norm(grads),
+        "rollout_tau": jnp.sum(act * (n + 1)) / rounds,  # committed tokens per verify round (bonus included)
+        "acceptance": reached[1:] / jnp.maximum(reached[:-1], 1.0),  # P(offset i accepted | i-1 were)
+        "rollout_rounds": jnp.sum(act),
+    }
+    return sft.TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def make_opd_step(spec, target_config, optimizer: optax.GradientTransformation, shardings: sft.SFTShardings,
+                  cfg: OPDConfig, prompt_len: int, mesh):
+    """`opd_step` jitted with explicit shardings; the state is donated.
+
+    Returns step(state, target_params, drafter_frozen, batch, eos_ids) -> (state, metrics)."""
+    rep = shd.replicated(mesh)
+    batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "lengths": shd.batch_sharding(mesh, 1),
+                "valid": shd.batch_sharding(mesh, 1)}
+    fn = functools.partial(opd_step, spec=spec, target_config=target_config, optimizer=optimizer, cfg=cfg,
+                           cache_len=cfg.cache_len(prompt_len))
+    return jax.jit(fn, in_shardings=(shardings.state, shardings.target, shardings.drafter_frozen, batch_sh, rep),
+                   out_shardings=(shardings.state, rep), donate_argnums=(0,))
