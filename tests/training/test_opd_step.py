@@ -45,7 +45,7 @@ def _setup(target, drafter, cfg, lr=3e-3):
 
 
 @pytest.mark.parametrize("kind,divergence,temperature", [("eagle3", "k3", 1.0), ("eagle3", "reverse_kl", 0.0),
-                                                         ("dflash", "k3", 1.0), ("dflash", "tvd", 0.0)])
+                                                         ("dflash", "jsd", 1.0)])
 def test_opd_steps_update_the_drafter_and_lower_the_loss(target, kind, divergence, temperature):
     drafter = _drafter(target, kind)
     cfg = OPDConfig(num_rounds=3, num_draft=3, rollout_temperature=temperature, loss=OPDLossConfig(divergence=divergence))
@@ -66,5 +66,4 @@ def test_opd_steps_update_the_drafter_and_lower_the_loss(target, kind, divergenc
     assert all(moved)
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))
-    if divergence != "tvd":  # TVD's gradient vanishes from a near-uniform drafter: 6 steps do not show it
-        assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0]
