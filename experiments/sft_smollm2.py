@@ -55,7 +55,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.sft.seq_len = 320  # prompt + answer tokens per row (padded; longer ones truncated: keeps 72% of
     # the answer tokens of the long stdlib-code prompts, 97-99% of the others)
     c.sft.batch_size = 8  # rows per step (all processes)
-    c.sft.num_steps = 180 if kind == "eagle3" else 300
+    c.sft.num_steps = 180 if kind == "eagle3" else 200
     c.sft.log_every = 10
     c.sft.save_every = 50
     c.sft.keep_checkpoints = 2
