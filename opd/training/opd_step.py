@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,6 @@ from opd.decoding.sampling import SamplingParams
 from opd.training import rollout as ro
 from opd.training import sft
 from opd.training.opd_loss import EXACT, OPDLossConfig, opd_loss
-
-_DFLASH_SHARED = ("embedding", "lm_head")
-
 
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
@@ -65,7 +61,7 @@ def drafter_params(kind: str, trainable, drafter_frozen, target_params) -> dict:
     """The drafter's full parameter tree (as `opd.Drafter.params`) from the step's pieces."""
     if kind == "eagle3":
         return {"eagle": trainable, "vocab": drafter_frozen["vocab"], "embedding": target_params["embedding"]}
-    return {"dflash": trainable, "target": {k: target_params[k] for k in _DFLASH_SHARED if k in target_params}}
+    return {"dflash": trainable, "target": {k: target_params[k] for k in sft.DFLASH_SHARED if k in target_params}}
 
 
 def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_ids, *, spec, target_config,

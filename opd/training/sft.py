@@ -44,7 +44,7 @@ from opd.models.config import TransformerConfig
 from opd.training import losses
 
 KINDS = ("eagle3", "dflash")
-_DFLASH_SHARED = ("embedding", "lm_head")  # target params the DFlash drafter reads (frozen)
+DFLASH_SHARED = ("embedding", "lm_head")  # target params the DFlash drafter reads (frozen)
 
 
 class TrainState(NamedTuple):
@@ -152,7 +152,7 @@ def sft_loss(params, target_params, drafter_frozen, batch, key, *, spec: Drafter
         return losses.eagle3_ttt_loss(params, spec.config, jax.lax.stop_gradient(target_params["embedding"]),
                                       vocab["d2t"], vocab["t2d"], aux, target_logits, tokens, loss_mask,
                                       steps=loss_config.ttt_steps, decay=loss_config.step_decay)
-    shared = {k: jax.lax.stop_gradient(target_params[k]) for k in _DFLASH_SHARED if k in target_params}
+    shared = {k: jax.lax.stop_gradient(target_params[k]) for k in DFLASH_SHARED if k in target_params}
     anchors, keep = losses.sample_anchors(key, loss_mask, loss_config.num_anchors)
     return losses.dflash_loss(params, shared, spec.config, target_config, aux, tokens, loss_mask, anchors, keep,
                               gamma=loss_config.gamma)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import opd
-from conftest import make_hf_model, tol
+from conftest import make_target, tol
 from opd.checkpoints.eagle3_hf import load_eagle3_hf, export_eagle3_hf
 from opd.decoding import batching
 from opd.decoding.generate import prefill as target_prefill
@@ -25,10 +25,7 @@ PROMPTS = [[5, 9, 2, 5, 9], [17] * 11, [1], list(range(40, 70)) + list(range(40,
 
 @pytest.fixture(scope="module")
 def target():
-    model, d = make_hf_model("llama", seed=3)
-    config = opd.TransformerConfig.from_hf(d)
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return opd.Target(config, jax.tree.map(jnp.asarray, tfm.params_from_hf(config, sd)))
+    return make_target("llama", seed=3)
 
 
 @pytest.fixture(scope="module")

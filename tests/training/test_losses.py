@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import opd
-from conftest import make_hf_model, tol
+from conftest import make_target, tol
 from opd.models import dflash as dfm
 from opd.models import eagle3 as e3
-from opd.models import transformer as tfm
 from opd.training import losses
 
 LOG = math.log
@@ -20,10 +19,7 @@ LOG = math.log
 
 @pytest.fixture(scope="module")
 def target():
-    model, d = make_hf_model("llama", seed=3)
-    config = opd.TransformerConfig.from_hf(d)
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return opd.Target(config, jax.tree.map(jnp.asarray, tfm.params_from_hf(config, sd)))
+    return make_target("llama", seed=3)
 
 
 def test_shift_left():
