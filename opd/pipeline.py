@@ -236,11 +236,18 @@ def stage_export(config, workdir: str):
     return run_export(config, workdir)
 
 
+def stage_opd(config, workdir: str):
+    from opd.training.opd_stage import stage_opd as run_opd
+
+    return run_opd(config, workdir)
+
+
 STAGES: dict[str, Callable] = {
     "fetch_assets": stage_fetch_assets,
     "chat": stage_chat,
     "regenerate": stage_regenerate,
     "sft": stage_sft,
+    "opd": stage_opd,
     "export": stage_export,
     "eval": stage_eval,
 }
@@ -248,7 +255,7 @@ STAGES: dict[str, Callable] = {
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks config values before any work starts; raises ValueError naming the field."""
-    unknown = [s for s in config.stages if s not in STAGES]
+    unknown = [s for s in config.stages if s.split(":")[0] not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown} in config.stages; available: {sorted(STAGES)}")
     if config.target.dtype not in ("float32", "bfloat16"):
@@ -266,6 +273,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         from opd.training.sft_stage import validate as validate_sft
 
         validate_sft(config)
+    if "opd" in config.stages:
+        from opd.training.opd_stage import validate as validate_opd
+
+        validate_opd(config)
     if "regenerate" in config.stages:
         from opd.data.regenerate import SOURCES
 
@@ -291,7 +302,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2))
     for name in config.stages:
         logging.info("=== stage %s ===", name)
-        STAGES[name](config, workdir)
+        base, _, source = name.partition(":")
+        if source:  # "export:<run>": export that run (config.export.source for this stage only)
+            from opd.training.sft_stage import with_export_source
+
+            STAGES[base](with_export_source(config, source), workdir)
+        else:
+            STAGES[name](config, workdir)
 
 
 def _print_chat(records) -> None:

@@ -14,6 +14,16 @@ element-wise ops are ignored):
     backward pass still flows through it), over the A anchored blocks of Q positions;
     N_context = fc + every layer's k/v projections, over all T context positions.
 Total per step = target forward + drafter term.
+
+A Draft-OPD step (`opd_step_flops`; prompts padded to P, R rounds of K drafts, buffer S):
+  * rollout (forward only): the target's prefill 2 * N_target * B * P and R verify passes of
+    K + 1 positions; the drafter's prefill over P and, per round, its drafting (EAGLE-3: K
+    chained steps + the K + 1 committed positions' cache entries; DFlash: one block of Q
+    positions + the K + 1 new context positions);
+  * the target's features over the committed text: 2 * N_target * B * S;
+  * the replay (forward + backward): EAGLE-3 unrolls K TTT steps over all S positions (the
+    SFT term at T = S) but applies its draft LM head only at the R anchors (2R with error
+    anchors); DFlash runs R blocks (2R with error anchors) over an S-token context.
 """
 
 from __future__ import annotations
@@ -78,6 +88,30 @@ def sft_step_flops(spec: DrafterSpec, target_config: TransformerConfig, batch: i
     if spec.kind == "dflash":
         return f + dflash_sft_flops(spec.config, target_config, batch, seq_len, num_anchors)
     raise ValueError(f"no FLOP model for drafter kind {spec.kind!r}")
+
+
+def opd_step_flops(spec: DrafterSpec, target_config: TransformerConfig, batch: int, prompt_len: int,
+                   num_rounds: int, num_draft: int, seq_len: int, error_anchors: bool = False) -> int:
+    """Total training FLOPs of one Draft-OPD step (module docstring)."""
+    B, P, R, K, S = batch, prompt_len, num_rounds, num_draft, seq_len
+    n_t = target_matmul_params(target_config)
+    target = 2 * n_t * B * (P + R * (K + 1)) + 2 * n_t * B * S
+    if spec.kind == "eagle3":
+        n_d = _count(_unboxed(e3.abstract_params(spec.config)))
+        rollout = 2 * n_d * B * (P + R * (2 * K + 1))
+        n_head = spec.config.hidden_size * spec.config.draft_vocab_size  # applied at the anchors only
+        A = R * (2 if error_anchors else 1)
+        replay = 6 * (n_d - n_head) * B * S * K + 6 * n_head * B * A * K
+    elif spec.kind == "dflash":
+        c = spec.config
+        D, Kh, H = c.hidden_size, c.num_kv_heads, c.head_dim
+        n_block = _count(_unboxed(dfm.abstract_params(c))) + target_config.vocab_size * D
+        n_ctx = len(c.target_layer_ids) * D * D + c.num_layers * 2 * D * Kh * H
+        rollout = 2 * n_ctx * B * (P + R * (K + 1)) + 2 * n_block * B * R * c.block_size
+        replay = dflash_sft_flops(c, target_config, B, S, R * (2 if error_anchors else 1))
+    else:
+        raise ValueError(f"no FLOP model for drafter kind {spec.kind!r}")
+    return target + rollout + replay
 
 
 @dataclasses.dataclass

@@ -73,6 +73,8 @@ def train_loop(
     log_every: int = 10,
     save_every: int = 100,
     hooks: Sequence[tuple[int, Callable]] = (),
+    step_tokens: Optional[Callable[[dict, dict], int]] = None,
+    on_step: Optional[Callable[[int, dict, dict], None]] = None,
     desc: str = "train",
 ):
     """Runs steps int(state.step) .. num_steps - 1; returns the final state.
@@ -90,6 +92,10 @@ def train_loop(
       writer: a `metrics.MetricsWriter` (or None).
       lr_fn: step -> learning rate, logged.
       hooks: (every, fn(step, state) -> dict of metrics) run after every `every`-th step.
+      step_tokens: (host batch, host metrics) -> tokens processed (for tokens/s); default the
+        batch's token count. Draft-OPD counts the rollout's committed tokens.
+      on_step: fn(step, host batch, private metrics) after each step, before its checkpoint;
+        gets the metrics whose keys start with "_" (kept out of the means), e.g. rollout text.
     Raises:
       FloatingPointError: non-finite loss (nothing of that step saved).
       Preempted: SIGTERM (the state after the current step is saved).
@@ -114,6 +120,7 @@ def train_loop(
             for step in range(start, num_steps):
                 batch = next(batches)
                 state, metrics = step_fn(state, *frozen, place_batch(batch))
+                private = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("_")]}
                 loss = float(jax.device_get(metrics["loss"]))
                 done = step + 1
                 if not math.isfinite(loss):
@@ -123,9 +130,12 @@ def train_loop(
                         f"checkpoint is step {last} in {manager.directory} (try a lower learning rate)."
                     )
                 counters["flops"] += int(step_flops(batch))
-                n_tok = int(np.asarray(batch["tokens"]).size)
+                n_tok = (int(np.asarray(batch["tokens"]).size) if step_tokens is None
+                         else int(step_tokens(batch, jax.device_get(metrics))))
                 counters["tokens"] += n_tok
                 tokens_since += n_tok
+                if on_step is not None:
+                    on_step(done, batch, jax.device_get(private))
                 pending.append(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")

@@ -93,13 +93,17 @@ def _e3_inputs(module, emb_BTD, feat_BTD):
 
 def _e3_post(module, feat_BTD, attn_BTD):
     h = feat_BTD + attn_BTD
-    h = h + module.mlp(module.mlp_norm(h))
-    return h, module.head(h)
+    return h + module.mlp(module.mlp_norm(h))
+
+
+def _e3_head(module, h_BTD):
+    return module.head(h_BTD)
 
 
 def eagle3_ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
-                      steps: int = EAGLE3_TTT_STEPS, step_tokens=None) -> jax.Array:
-    """Draft-vocab logits of every TTT step (module docstring): float32 [S, B, T, W].
+                      steps: int = EAGLE3_TTT_STEPS, step_tokens=None, at_BA=None) -> jax.Array:
+    """Draft-vocab logits of every TTT step (module docstring): float32 [S, B, T, W], or
+    [S, B, A, W] at the positions `at_BA` only (the head runs on those A positions alone).
 
     Args:
       params: trainable EAGLE-3 params (`drafter.params["eagle"]`).
@@ -151,8 +155,9 @@ def eagle3_ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, 
         for j, vj in enumerate(diag_v):
             o = o + jnp.einsum("bkgt,btkh->btkgh", probs[..., T + j], vj)
         attn = jnp.einsum("btnh,nhd->btd", o.reshape(B, T, K * G, H), wo)
-        feat, logits_BTW = model.apply(variables, feat, attn, method=_e3_post)
-        out.append(logits_BTW)
+        feat = model.apply(variables, feat, attn, method=_e3_post)
+        h = feat if at_BA is None else jnp.take_along_axis(feat, at_BA[..., None], axis=1)
+        out.append(model.apply(variables, h, method=_e3_head))
     return jnp.stack(out)
 
 

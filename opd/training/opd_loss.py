@@ -8,14 +8,23 @@ n of them. Offset i (1-based) of that round falls in
 and carries the weight
   w_i = w_acc * [i <= n] + w_rej * decay^(i-1) * [i == n+1] + w_post * decay^(i-1) * [i > n+1]
 (`first_rejected_only`: only the rejected-stream term). The loss is
-  sum_{b, r, i} w_i * D(q_i || p_i) / (number of active rounds),
+  [sum_{b, r, i} w_i * D(q_i || p_i) + w_err * sum_{b, r: 1 <= n < K} D*(q^err || p_{n+1})]
+  / (number of active rounds),
 q_i the drafter's distribution at offset i (replayed, differentiable), p_i the target's on the
-same draft-induced prefix (recorded during the rollout, no gradient).
+same draft-induced prefix (recorded during the rollout, no gradient). The optional error term
+(w_err = `error_anchor_weight` > 0) distils q^err, the first draft of a fresh chain anchored at
+the error position (`rollout.replay_logits(error_anchors=True)`), towards the teacher's
+distribution recorded there; D* is the exact form of D (k3 -> reverse KL: the full teacher
+distribution over the support is stored for that one offset).
 
 Divergences D (the drafter's support is its vocabulary: EAGLE-3's W draft tokens, DFlash's V):
   "k3"          k3 estimator of reverse KL(q || p) on the drafted token x ~ q:
                 (p(x)/q(x) - 1) - log(p(x)/q(x)); needs only log p(x) (the default: the
-                teacher information is one float per offset);
+                teacher information is one float per offset). Its gradient through log q(x)
+                is (1 - p(x)/q(x)) grad log q(x), whose mean under x ~ q is the gradient of
+                the cross-entropy -sum_x p(x) log q(x) over the support: unbiased only when the
+                drafts are sampled (rollout temperature > 0); greedy drafts (T = 0) give it
+                information about the argmax token alone;
   "reverse_kl"  sum_w q_w (log q_w - log p_w): exact, since q is 0 outside its support;
   "forward_kl"  KL(p~ || q), p~ = p restricted to the support and renormalised;
   "tvd"         (sum_w |p_w - q_w| + p(outside the support)) / 2: exact; 1 - TVD is the
@@ -48,11 +57,12 @@ class OPDLossConfig:
     decay: float = 0.9  # position decay of the rejected stream and the suffix
     post_rejection_weight: float = 0.0  # w_post (off by default)
     first_rejected_only: bool = False
+    error_anchor_weight: float = 0.0  # w_err: extra replay anchors at error positions (0 = off)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        for name in ("accepted_weight", "rejected_weight", "post_rejection_weight"):
+        for name in ("accepted_weight", "rejected_weight", "post_rejection_weight", "error_anchor_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -65,6 +75,7 @@ class OPDLossOut(NamedTuple):
     accepted_loss: jax.Array  # scalar: the accepted stream's weighted sum / active rounds
     rejected_loss: jax.Array  # scalar: the rejected stream's (first rejected offset)
     post_loss: jax.Array  # scalar: the post-rejection suffix's
+    error_loss: jax.Array  # scalar: the error-position anchors' (0 when off)
     divergence_by_offset: jax.Array  # [K] mean D over active rounds (unweighted; monitoring)
 
 
@@ -112,7 +123,8 @@ def divergence(logq_BRKW, cfg: OPDLossConfig, drafted_BRK=None, teacher_logp_tok
 
 
 def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted_BRK=None,
-             teacher_logp_tok_BRK=None, teacher_logp_BRKW=None, valid_BRK: Optional[jax.Array] = None) -> OPDLossOut:
+             teacher_logp_tok_BRK=None, teacher_logp_BRKW=None, valid_BRK: Optional[jax.Array] = None,
+             error_logq_BRW=None, teacher_error_BRW=None, error_mask_BR=None) -> OPDLossOut:
     """The acceptance-aware loss (module docstring).
 
     Args:
@@ -122,6 +134,9 @@ def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted
       drafted_BRK, teacher_logp_tok_BRK: for "k3".
       teacher_logp_BRKW: for the exact divergences.
       valid_BRK: optional extra mask (e.g. offsets past the end of the buffer).
+      error_logq_BRW, teacher_error_BRW, error_mask_BR: the error-anchor term (when
+        `cfg.error_anchor_weight` > 0): the fresh chains' first-draft log q, the teacher's log p
+        at the error offset, and which rounds have an error anchor.
     """
     K = logq_BRKW.shape[2]
     D = divergence(logq_BRKW, cfg, drafted_BRK, teacher_logp_tok_BRK, teacher_logp_BRKW)
@@ -133,4 +148,13 @@ def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted
     parts = [jnp.sum(w * D) / rounds for w in (w_acc, w_rej, w_post)]
     act = active_BR[..., None].astype(jnp.float32) * (1.0 if valid_BRK is None else valid_BRK.astype(jnp.float32))
     by_offset = jax.lax.stop_gradient(jnp.sum(act * D, axis=(0, 1)) / jnp.maximum(jnp.sum(act, axis=(0, 1)), 1.0))
-    return OPDLossOut(parts[0] + parts[1] + parts[2], *parts, by_offset)
+    err = jnp.zeros((), jnp.float32)
+    if cfg.error_anchor_weight > 0:
+        if error_logq_BRW is None or teacher_error_BRW is None or error_mask_BR is None:
+            raise ValueError("error_anchor_weight > 0 needs the error anchors' log q, the teacher's log p there "
+                             "and their mask (replay with error_anchors=True, rollout with error_support=True)")
+        exact = dataclasses.replace(cfg, divergence="reverse_kl" if cfg.divergence == "k3" else cfg.divergence)
+        D_err = divergence(error_logq_BRW[:, :, None], exact, teacher_logp_BRKW=teacher_error_BRW[:, :, None])[..., 0]
+        m = (error_mask_BR & active_BR).astype(jnp.float32)
+        err = cfg.error_anchor_weight * jnp.sum(m * D_err) / rounds
+    return OPDLossOut(parts[0] + parts[1] + parts[2] + err, *parts, err, by_offset)

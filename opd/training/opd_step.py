@@ -14,11 +14,20 @@ Batches: {"tokens": int32 [B, P] left-aligned prompts (padding after each prompt
 "lengths": int32 [B], "valid": bool [B] (False: a padding row, masked out)}.
 The train state, shardings and checkpoints are SFT's (`opd.training.sft.TrainState`).
 
-Memory held by the step beyond the models: the rollout's committed text [B, S] and KV caches
-(target: 2·L·B·S·K_h·H), per round the verify logits [B, K+1, V] (transient), the records
-[B, R, K] (+ [B, R, K, W] log p over the drafter's support only for the exact divergences),
-the target features [B, S, n, D] and the replay's logits [B, R, K, W] (EAGLE-3: its K TTT
-steps over all S positions, [K, B, S, W] transient). S = P + R·(K + 1) + slack.
+Memory held by the step beyond the models (S = P + 1 + (R + 1)(K + 1), rounded up to 16;
+W = the drafter's support: EAGLE-3's draft vocabulary, DFlash's V; n target feature layers):
+  rollout (no gradient)  committed text [B, S]; the target's KV cache 2·L·B·S·K_h·H and the
+                         drafter's cache; per round, transiently, the verify logits
+                         [B, K + 1, V] float32 and their log-softmax; the records [B, R, K]
+                         (a few int/float arrays: k3 needs only the drafted tokens' log p),
+                         plus [B, R, K, W] float32 log p over the support for the exact
+                         divergences and [B, R, W] at the error offsets with error anchors;
+  features (no gradient) [B, S, n, D];
+  replay (gradient)      EAGLE-3: K TTT steps of one decoder layer over [B, S] positions, its
+                         head applied at the R (2R) anchors only: logits [K, B, R, W];
+                         DFlash: R (2R) blocks of Q positions over an S-token context, logits
+                         [B, R, Q - 1, V] float32 (the target's LM head).
+Never a float32 [B, R, K + 1, V] teacher buffer: at V = 150k the k3 default stores B·R·K floats.
 """
 
 from __future__ import annotations
@@ -72,18 +81,25 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
     tparams = jax.lax.stop_gradient(target_params)
     dparams = jax.lax.stop_gradient(drafter_params(spec.kind, state.params, drafter_frozen, tparams))
     exact = cfg.loss.divergence in EXACT
+    err_anchors = cfg.loss.error_anchor_weight > 0
     rec = ro.rollout(tparams, dparams, batch["tokens"], batch["lengths"], key, eos_ids, tconfig=target_config,
                      dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft=K, num_rounds=R,
-                     cache_len=cache_len, teacher_support="draft" if exact else "none")
+                     cache_len=cache_len, teacher_support="draft" if exact else "none", error_support=err_anchors)
     active = rec.active_BR & batch["valid"][:, None]
     aux = ro.target_features(tparams, target_config, spec, rec.seq_BS)
     idx = ro.drafted_support_index(dparams, spec, rec.drafts_BRK)
 
     def loss_fn(params):
         dp = drafter_params(spec.kind, params, drafter_frozen, tparams)
-        logq = jax.nn.log_softmax(ro.replay_logits(params, dp, spec, target_config, rec, aux).astype(jnp.float32), -1)
+        logits = ro.replay_logits(params, dp, spec, target_config, rec, aux, error_anchors=err_anchors)
+        err = {}
+        if err_anchors:
+            logits, err_logits = logits
+            err = dict(error_logq_BRW=jax.nn.log_softmax(err_logits.astype(jnp.float32), -1),
+                       teacher_error_BRW=rec.teacher_error_BRW, error_mask_BR=ro.error_anchor_mask(rec))
+        logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         out = opd_loss(logq, rec.num_accepted_BR, active, cfg.loss, drafted_BRK=idx,
-                       teacher_logp_tok_BRK=rec.teacher_tok_BRK, teacher_logp_BRKW=rec.teacher_support_BRKW)
+                       teacher_logp_tok_BRK=rec.teacher_tok_BRK, teacher_logp_BRKW=rec.teacher_support_BRKW, **err)
         return out.loss, out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -95,10 +111,14 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
     reached = jnp.stack([jnp.sum(act * (n >= i)) for i in range(K + 1)])  # rounds with >= i accepted
     metrics = {
         "loss": loss, "accepted_loss": out.accepted_loss, "rejected_loss": out.rejected_loss,
-        "post_loss": out.post_loss, "divergence": out.divergence_by_offset, "grad_norm": optax.global_norm(grads),
+        "post_loss": out.post_loss, "error_loss": out.error_loss, "divergence": out.divergence_by_offset,
+        "grad_norm": optax.global_norm(grads),
         "rollout_tau": jnp.sum(act * (n + 1)) / rounds,  # committed tokens per verify round (bonus included)
+        "committed_tokens": jnp.sum(act * (n + 1)),
         "acceptance": reached[1:] / jnp.maximum(reached[:-1], 1.0),  # P(offset i accepted | i-1 were)
         "rollout_rounds": jnp.sum(act),
+        # private (train_loop hands "_" keys to its on_step callback, not to the metrics means):
+        "_seq": rec.seq_BS, "_seq_len": rec.seq_len_B,  # the committed text (for SFT-on-rollouts baselines)
     }
     return sft.TrainState(state.step + 1, params, opt_state, rng), metrics
 

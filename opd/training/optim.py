@@ -74,7 +74,7 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
         init_value=0.0,
         peak_value=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.total_steps,
+        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),  # warm-up may fill the whole run
         end_value=cfg.learning_rate * cfg.end_lr_ratio,
     )
 

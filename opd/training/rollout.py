@@ -9,18 +9,29 @@ round, so the rollout is exactly inference) in a `lax.scan`, recording per row b
   teacher_tok[b, r,i] log p(d_i) of the target at temperature 1 on the draft-induced prefix
                       s_{<n}, d_1..d_{i-1} (from the verify pass);
   teacher_support     optional: log p over the drafter's support at every offset (EAGLE-3: its
-                      W draft tokens; DFlash: all V), for the exact divergences.
+                      W draft tokens; DFlash: all V), for the exact divergences;
+  teacher_error[b, r] optional: log p over the support at the error position (offset n + 1,
+                      on the committed prefix), for the extra replay anchors below.
 Rows that finished (EOS) stay inactive; their rounds are masked.
 
 Replay, from the final committed text and the target's features over it (positions < n are
 committed, so these equal what the verify passes computed):
   EAGLE-3: the training-time-test unroll with the drafter's own drafts as the step inputs at the
-    anchor indices t = n - 2 (`losses.eagle3_ttt_logits(step_tokens=...)`): step 1 is the pair
+    anchor indices t = n - 2 (`losses.eagle3_ttt_logits(step_tokens=...)`, its head applied at
+    those indices only): step 1 is the pair
     (f_{n-2}, s_{n-1}) over the drafter's cache of true features, step k >= 2 the pair
     (own output of step k-1, d_{k-1}) - the chain of `opd.drafters.eagle3.propose`;
   DFlash: the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over the target context of
     positions < n - 1 (`losses.dflash_block_logits`) - `opd.drafters.dflash.propose`.
 Both return the drafter's logits over its support at offsets 1..K: [B, R, K, W].
+
+Extra replay anchors at error positions (`error_anchors=True`): for a round that accepted
+1 <= n < K drafts, the position of the first rejected draft, n_r + n, has a committed prefix
+(s_{<n_r}, d_1..d_n). A fresh drafting chain anchored there - what the drafter computes when a
+later round starts at that position - differs from the in-round chain (EAGLE-3 sees true target
+features instead of its own fed-back ones; DFlash a new block), and its first draft is scored by
+the teacher distribution recorded at that offset. EAGLE-3's first TTT step already computes it
+at every position (t = n_r + n - 2); DFlash runs R more blocks. Returned as [B, R, W].
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ class RolloutRecord(NamedTuple):
     logq_tok_BRK: jax.Array  # the drafter's processed log q of each draft (0 when greedy)
     teacher_tok_BRK: jax.Array  # the target's log p (T = 1) of each draft
     teacher_support_BRKW: Optional[jax.Array]  # log p over the drafter's support, or None
+    teacher_error_BRW: Optional[jax.Array] = None  # log p over the support at the error offset, or None
 
 
 def support_ids(drafter_params, spec) -> jax.Array:
@@ -59,8 +71,11 @@ def support_ids(drafter_params, spec) -> jax.Array:
 
 
 def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, dspec, sp: SamplingParams,
-            num_draft: int, num_rounds: int, cache_len: int, teacher_support: str = "none") -> RolloutRecord:
-    """R recorded rounds of speculative decoding from the prompts (module docstring)."""
+            num_draft: int, num_rounds: int, cache_len: int, teacher_support: str = "none",
+            error_support: bool = False) -> RolloutRecord:
+    """R recorded rounds of speculative decoding from the prompts (module docstring);
+    `error_support` records the teacher's log p over the drafter's support at each round's
+    error offset (for the extra replay anchors)."""
     if teacher_support not in SUPPORTS:
         raise ValueError(f"teacher_support must be one of {SUPPORTS}, got {teacher_support!r}")
     K, R = num_draft, num_rounds
@@ -68,7 +83,8 @@ def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, ds
     B = tokens_BP.shape[0]
     state = start_state(tparams, dparams, tokens_BP, lengths_B, jnp.zeros((B,), bool), key, eos_ids, tconfig=tconfig,
                         dspec=dspec, sp=sp, max_new_tokens=N, cache_len=cache_len)
-    sup = support_ids(dparams, dspec) if teacher_support == "draft" else None
+    sup = support_ids(dparams, dspec) if (teacher_support == "draft" or error_support) else None
+    rows = jnp.arange(B)
 
     def body(s, _):
         new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft=K,
@@ -77,14 +93,17 @@ def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, ds
         teacher_tok = jnp.take_along_axis(logp_BKV, r.drafts_BK[..., None], axis=-1)[..., 0]
         logq_tok = (jnp.zeros_like(teacher_tok) if r.logq_BKV is None
                     else jnp.take_along_axis(r.logq_BKV, r.drafts_BK[..., None], axis=-1)[..., 0])
+        err_BW = None
+        if error_support:  # offset n + 1 (clamped: rounds with n == K carry no error term)
+            err_BW = jnp.take(logp_BKV[rows, jnp.minimum(r.num_accepted_B, K - 1)], sup, axis=-1)
         rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok,
-               None if sup is None else jnp.take(logp_BKV, sup, axis=-1))
+               jnp.take(logp_BKV, sup, axis=-1) if teacher_support == "draft" else None, err_BW)
         return new, rec
 
-    s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support) = jax.lax.scan(body, state, None, length=R)
+    s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support, err) = jax.lax.scan(body, state, None, length=R)
     swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # [R, B, ...] -> [B, R, ...]
     return RolloutRecord(s["seq"], s["seq_len"], swap(anchor), swap(drafts), swap(n_acc), swap(active),
-                         swap(logq_tok), swap(teacher_tok), swap(support))
+                         swap(logq_tok), swap(teacher_tok), swap(support), swap(err))
 
 
 def target_features(tparams, tconfig, spec, seq_BS):
@@ -93,11 +112,20 @@ def target_features(tparams, tconfig, spec, seq_BS):
     return jax.lax.stop_gradient(out.aux_hidden)
 
 
-def replay_logits(trainable, dparams, spec, tconfig, rec: RolloutRecord, aux) -> jax.Array:
+def error_anchor_mask(rec: RolloutRecord) -> jax.Array:
+    """[B, R] rounds that get an extra replay anchor: active, 1 <= n < K."""
+    K = rec.drafts_BRK.shape[2]
+    n = rec.num_accepted_BR
+    return rec.active_BR & (n >= 1) & (n < K)
+
+
+def replay_logits(trainable, dparams, spec, tconfig, rec: RolloutRecord, aux, error_anchors: bool = False):
     """The drafter's logits over its support at offsets 1..K of every recorded round,
-    [B, R, K, W], differentiable in `trainable` (module docstring)."""
+    [B, R, K, W], differentiable in `trainable` (module docstring). With `error_anchors`,
+    returns (that, the first-draft logits of the chains anchored at the error positions [B, R, W])."""
     B, R, K = rec.drafts_BRK.shape
     rows = jnp.arange(B)[:, None]
+    err_pos_BR = rec.anchor_BR + rec.num_accepted_BR  # the first rejected draft's position
     if spec.kind == "eagle3":
         t_BR = jnp.maximum(rec.anchor_BR - 2, 0)  # the pair (f_{n-2}, s_{n-1}) drafts d_1
         step_tokens = []
@@ -106,13 +134,22 @@ def replay_logits(trainable, dparams, spec, tconfig, rec: RolloutRecord, aux) ->
             if k >= 2:  # the chain fed its own previous draft
                 toks = toks.at[rows, t_BR].set(rec.drafts_BRK[:, :, k - 2])
             step_tokens.append(toks)
-        logits_KBTW = losses.eagle3_ttt_logits(trainable, spec.config, dparams["embedding"], rec.seq_BS, aux,
-                                               steps=K, step_tokens=step_tokens)
-        return jnp.stack([logits_KBTW[k][rows, t_BR] for k in range(K)], axis=2)
+        at = t_BR if not error_anchors else jnp.concatenate([t_BR, jnp.maximum(err_pos_BR - 2, 0)], axis=1)
+        logits_KBAW = losses.eagle3_ttt_logits(trainable, spec.config, dparams["embedding"], rec.seq_BS, aux,
+                                               steps=K, step_tokens=step_tokens, at_BA=at)
+        out = jnp.moveaxis(logits_KBAW[:, :, :R], 0, 2)  # [B, R, K, W]
+        if not error_anchors:
+            return out
+        return out, logits_KBAW[0, :, R:]  # step 1 at the error positions = a fresh chain's first draft
     if spec.kind == "dflash":
+        anchors = jnp.maximum(rec.anchor_BR - 1, 0)
+        if error_anchors:
+            anchors = jnp.concatenate([anchors, jnp.maximum(err_pos_BR - 1, 0)], axis=1)
         logits = losses.dflash_block_logits(trainable, dparams["target"], spec.config, tconfig, aux, rec.seq_BS,
-                                            jnp.maximum(rec.anchor_BR - 1, 0))
-        return logits[:, :, :K]
+                                            anchors)
+        if not error_anchors:
+            return logits[:, :, :K]
+        return logits[:, :R, :K], logits[:, R:, 0]
     raise ValueError(f"replay supports eagle3 and dflash drafters, got {spec.kind!r}")
 
 

@@ -1,7 +1,8 @@
 """Launcher stages `sft` and `export`: train an EAGLE-3 / DFlash drafter on trajectories.
 
 Layout under `DIR/sft/<kind>/` (kind = eagle3 | dflash, so one workdir holds both drafters
-trained on the same trajectories; every piece is written once, then only read back):
+trained on the same trajectories; `config.sft.name` replaces "sft" for other branches, e.g.
+continued SFT from a warm-up; every piece is written once, then only read back):
   run.json        what the run was started with (target, drafter kind and config); a resume
                   under another target / drafter config is refused;
   init/           the step-0 drafter in its public HF layout: a fresh drafter whose EAGLE-3
@@ -53,11 +54,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d, s = config.drafter, config.sft
     if d.kind not in DRAFTER_KINDS:
         raise ValueError(f"config.drafter.kind must be one of {DRAFTER_KINDS}, got {d.kind!r}")
-    if d.init and not d.init.startswith("asset:") and not os.path.isdir(os.path.expanduser(d.init)):
+    if d.init and not d.init.startswith(("asset:", "workdir:")) and not os.path.isdir(os.path.expanduser(d.init)):
         raise ValueError(f"config.drafter.init: no drafter directory at {d.init!r}")
     for field in ("seq_len", "batch_size", "num_steps", "log_every", "save_every", "keep_checkpoints"):
         if int(s[field]) < 1:
             raise ValueError(f"config.sft.{field} must be >= 1, got {s[field]}")
+    if not str(s.get("name", "sft")) or "/" in str(s.get("name", "sft")):
+        raise ValueError(f"config.sft.name must be a plain directory name, got {s.name!r}")
     if s.target_features not in TARGET_FEATURES:
         raise ValueError(f"config.sft.target_features must be one of {TARGET_FEATURES}, got {s.target_features!r}")
     from opd.training.feature_cache import DTYPES
@@ -245,12 +248,13 @@ def stage_sft(config, workdir: str):
     from opd.training.metrics import MetricsWriter
 
     s = config.sft
-    stage_dir = os.path.join(workdir, "sft", config.drafter.kind)
+    stage_dir = os.path.join(workdir, str(s.get("name", "sft")), config.drafter.kind)
     os.makedirs(stage_dir, exist_ok=True)
     target = load_target_from_config(config)
     check_run(config, target, stage_dir)
     manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), max_to_keep=int(s.keep_checkpoints))
-    if manager.latest_step() is not None and manager.latest_step() >= int(s.num_steps):
+    if (not s.get("match_flops", "") and manager.latest_step() is not None
+            and manager.latest_step() >= int(s.num_steps)):
         logging.info("sft: already at step %d (config.sft.num_steps = %d)", manager.latest_step(), s.num_steps)
         return os.path.join(stage_dir, "checkpoints")
     folders = trajectory_folders(config, workdir)
@@ -261,10 +265,20 @@ def stage_sft(config, workdir: str):
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     if int(s.batch_size) % n_batch:
         raise ValueError(f"config.sft.batch_size {s.batch_size} must be divisible by data x fsdp = {n_batch}")
-    ocfg = optim.OptimConfig.from_config({"total_steps": int(s.num_steps), **dict(s.optimizer)})
-    optimizer = optim.make_optimizer(ocfg)
     loss_cfg = sft.SFTLossConfig(**dict(s.loss))
     cached = s.target_features == "cache"
+
+    def step_flops(batch):
+        B, T = batch["tokens"].shape
+        return flops.sft_step_flops(spec, target.config, B * jax.process_count(), T, loss_cfg.ttt_steps,
+                                    loss_cfg.num_anchors, cached_features=cached)
+
+    num_steps = int(s.num_steps)
+    if s.get("match_flops", ""):  # a baseline trained to the cumulative FLOPs another run ended at
+        num_steps = matched_steps(resolve(s.match_flops, workdir), config, workdir,
+                                  step_flops({"tokens": np.zeros((int(s.batch_size) // jax.process_count(), int(s.seq_len)))}))
+    ocfg = optim.OptimConfig.from_config({"total_steps": num_steps, **dict(s.optimizer)})
+    optimizer = optim.make_optimizer(ocfg)
     shardings = sft.make_shardings(mesh, spec, target.config, optimizer, cached_features=cached)
     trainable, frozen = sft.split_drafter_params(drafter)
     abstract = ckpt.abstract_state(spec, optimizer, shardings)
@@ -278,7 +292,10 @@ def stage_sft(config, workdir: str):
     if cached:
         from opd.training import feature_cache
 
-        cache_dir = os.path.join(stage_dir, "features")
+        # a shared cache (e.g. the warm-up's, `workdir:sft/<kind>/features`) is reused when it
+        # matches (its FLOPs were counted by the run that built it)
+        cache_dir = (resolve(s.feature_cache_dir, workdir) if s.get("feature_cache_dir", "")
+                     else os.path.join(stage_dir, "features"))
         info = feature_cache.build(target, spec, source, folders, int(s.seq_len), cache_dir,
                                    dtype=s.get("feature_cache_dtype", "float16"), batch_size=int(s.batch_size))
         cache_flops = info["flops"]
@@ -290,7 +307,11 @@ def stage_sft(config, workdir: str):
     restored = restore_state(manager, abstract, manager.directory)
     if restored is None:
         state = sft.init_train_state(trainable, optimizer, shardings, seed=int(config.seed))
-        counters = {"flops": cache_flops}  # building the feature cache is training compute too
+        from opd.training.opd_stage import init_flops
+
+        # building the feature cache is training compute too; fine-tuning an exported drafter
+        # continues its FLOP count (one cumulative axis for every branch from a warm-up)
+        counters = {"flops": cache_flops + (init_flops(resolve(config.drafter.init, workdir)) if config.drafter.init else 0)}
         logging.info("sft: new run: %d trajectories from %s", len(source), folders)
     else:
         state, data = restored
@@ -309,14 +330,9 @@ def stage_sft(config, workdir: str):
     def place(batch):
         return jax.device_put({k: jnp.asarray(batch[k]) for k in shardings.batch}, shardings.batch)
 
-    def step_flops(batch):
-        B, T = batch["tokens"].shape
-        return flops.sft_step_flops(spec, target.config, B * jax.process_count(), T, loss_cfg.ttt_steps,
-                                    loss_cfg.num_anchors, cached_features=cached)
-
     try:
         state = train_loop(
-            step_fn, state, (target_params, frozen_dev), batches, num_steps=int(s.num_steps), manager=manager,
+            step_fn, state, (target_params, frozen_dev), batches, num_steps=num_steps, manager=manager,
             place_batch=place, step_flops=step_flops, counters=counters,
             data_state=lambda: {"iterator": batches.get_state()}, writer=writer,
             lr_fn=optim.learning_rate_schedule(ocfg), log_every=int(s.log_every), save_every=int(s.save_every),
@@ -325,6 +341,30 @@ def stage_sft(config, workdir: str):
         writer.close()
     logging.info("sft: done at step %d; %.3g training FLOPs", int(state.step), counters["flops"])
     return os.path.join(stage_dir, "checkpoints")
+
+
+def final_flops(stage_dir: str) -> float:
+    """The cumulative training FLOPs a finished run ended at (last row of its metrics.jsonl)."""
+    from opd.training.metrics import read_jsonl
+
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    rows = [r for r in read_jsonl(path) if r.get("flops") is not None] if os.path.isfile(path) else []
+    if not rows:
+        raise FileNotFoundError(f"config.sft.match_flops: no finished run in {stage_dir} (no metrics.jsonl with "
+                                "FLOPs); run that stage first")
+    return float(rows[-1]["flops"])
+
+
+def matched_steps(run_dir: str, config, workdir: str, flops_per_step: int) -> int:
+    """Steps of this SFT run that bring its cumulative FLOPs (from its init) to `run_dir`'s."""
+    from opd.training.opd_stage import init_flops
+
+    start = init_flops(resolve(config.drafter.init, workdir)) if config.drafter.init else 0
+    want = final_flops(run_dir)
+    n = max(1, int(-(-(want - start) // flops_per_step)))
+    logging.info("sft: %d steps of %.3g FLOPs match %s (%.3g -> %.3g cumulative FLOPs)", n, flops_per_step,
+                 run_dir, start, want)
+    return n
 
 
 def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=None):
@@ -377,3 +417,13 @@ def stage_export(config, workdir: str) -> str:
     os.replace(tmp, out)
     logging.info("export: %s step %d -> %s", source, info["step"], out)
     return out
+
+
+def with_export_source(config, source: str):
+    """A copy of `config` whose export stage writes run `source` (stage name "export:<source>")."""
+    import copy
+
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.export.source = source
+    return c

@@ -143,3 +143,32 @@ def test_bad_options_and_missing_teacher_data_are_clear_errors():
         divergence(logq, OPDLossConfig())
     with pytest.raises(ValueError, match="needs the teacher's log-probs"):
         divergence(logq, OPDLossConfig(divergence="tvd"))
+
+
+@pytest.mark.parametrize("name", ["k3", "forward_kl", "tvd"])
+def test_error_anchor_term_on_hand_built_rounds(name):
+    """The error anchors add w_err * D*(q_err || p_err) for active rounds with 1 <= n < K only
+    (D* = reverse KL for k3, else the divergence itself), per active round; off by default."""
+    W = 6
+    q, p_full = _dists(5, W)
+    n, active = _rounds()  # n = [[0, 2], [4, 1]]; row 1's second round inactive
+    logq, logp = jnp.log(jnp.asarray(q, jnp.float32)), jnp.log(jnp.asarray(p_full[..., :W], jnp.float32))
+    drafted = jnp.zeros((2, 2, K), jnp.int32)
+    tok = logp[..., 0]
+    err_q, err_p = logq[:, :, 0], logp[:, :, 1]  # any [B, R, W] distributions
+    mask = (n >= 1) & (n < K)
+    base = OPDLossConfig(divergence=name)
+    kw = dict(drafted_BRK=drafted, teacher_logp_tok_BRK=tok, teacher_logp_BRKW=logp)
+    off = opd_loss(logq, n, active, base, **kw)
+    assert float(off.error_loss) == 0.0
+    cfg = OPDLossConfig(divergence=name, error_anchor_weight=2.0)
+    on = opd_loss(logq, n, active, cfg, error_logq_BRW=err_q, teacher_error_BRW=err_p, error_mask_BR=mask, **kw)
+    exact = OPDLossConfig(divergence="reverse_kl" if name == "k3" else name)
+    D = np.asarray(divergence(err_q[:, :, None], exact, teacher_logp_BRKW=err_p[:, :, None]))[..., 0]
+    # only round (0, 1) counts: (0, 0) has n = 0, (1, 0) n = K, (1, 1) is inactive
+    np.testing.assert_allclose(float(on.error_loss), 2.0 * D[0, 1] / 3, rtol=1e-5)
+    np.testing.assert_allclose(float(on.loss), float(off.loss) + float(on.error_loss), rtol=1e-5)
+    with pytest.raises(ValueError, match="error_anchor_weight > 0 needs"):
+        opd_loss(logq, n, active, cfg, **kw)
+    with pytest.raises(ValueError, match="error_anchor_weight must be"):
+        OPDLossConfig(error_anchor_weight=-1.0)

@@ -2,6 +2,11 @@
 divergences, updates only the trainable drafter parameters, reports rollout statistics that
 match the rollout, and repeated steps on fixed prompts lower the loss."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +21,8 @@ from opd.training.opd_loss import OPDLossConfig
 from opd.training.opd_step import OPDConfig, make_opd_step
 
 PROMPTS = [[5, 9, 2, 5, 9], [17, 3], [1, 2, 3, 4, 5, 6, 7], [40, 41]]
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TESTS_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +51,13 @@ def _setup(target, drafter, cfg, lr=3e-3):
     return state, frozen, batch, step
 
 
-@pytest.mark.parametrize("kind,divergence,temperature", [("eagle3", "k3", 1.0), ("eagle3", "reverse_kl", 0.0),
-                                                         ("dflash", "jsd", 1.0)])
-def test_opd_steps_update_the_drafter_and_lower_the_loss(target, kind, divergence, temperature):
+@pytest.mark.parametrize("kind,divergence,temperature,err", [
+    ("eagle3", "k3", 1.0, 0.0), ("eagle3", "reverse_kl", 0.0, 0.0), ("dflash", "jsd", 1.0, 0.0),
+    ("eagle3", "k3", 1.0, 1.0), ("dflash", "forward_kl", 1.0, 1.0)])
+def test_opd_steps_update_the_drafter_and_lower_the_loss(target, kind, divergence, temperature, err):
     drafter = _drafter(target, kind)
-    cfg = OPDConfig(num_rounds=3, num_draft=3, rollout_temperature=temperature, loss=OPDLossConfig(divergence=divergence))
+    cfg = OPDConfig(num_rounds=3, num_draft=3, rollout_temperature=temperature,
+                    loss=OPDLossConfig(divergence=divergence, error_anchor_weight=err))
     state, frozen, batch, step = _setup(target, drafter, cfg)
     before = jax.tree.map(np.asarray, state.params)
     frozen_before = jax.tree.map(np.asarray, frozen)
@@ -67,3 +76,62 @@ def test_opd_steps_update_the_drafter_and_lower_the_loss(target, kind, divergenc
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert losses[-1] < losses[0]
+
+
+_SHARDED_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+sys.path[:0] = [TESTS_DIR]
+import test_sft as t
+from opd import sharding as shd
+from opd.decoding import batching
+from opd.training import sft
+from opd.training.opd_loss import OPDLossConfig
+from opd.training.opd_step import OPDConfig, make_opd_step
+assert len(jax.devices()) == 8, jax.devices()
+target = t._target(logit_scale=8.0)
+chunk = next(batching.chunks([[5, 9, 2, 5, 9], [17, 3], [1, 2, 3, 4, 5, 6, 7], [40, 41]], 0, None))
+batch = {"tokens": chunk.tokens, "lengths": chunk.lengths, "valid": chunk.valid}
+eos = np.asarray([10_000], np.int32)
+optimizer = optax.sgd(1.0)  # params after one step = params - grad: compares the gradients
+result = {}
+for kind, T, div, err in (("eagle3", 1.0, "k3", 1.0), ("dflash", 1.0, "reverse_kl", 1.0)):
+    drafter = t._drafter(target, kind)
+    cfg = OPDConfig(num_rounds=3, num_draft=3, rollout_temperature=T,
+                    loss=OPDLossConfig(divergence=div, post_rejection_weight=0.5, error_anchor_weight=err))
+    runs = {}
+    for name, mesh in (("one", shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])), ("mesh", shd.make_mesh(2, 2, 2))):
+        sh = sft.make_shardings(mesh, drafter.spec, target.config, optimizer)
+        trainable, frozen = sft.split_drafter_params(drafter)
+        state = sft.init_train_state(trainable, optimizer, sh, seed=0)
+        before = jax.tree.map(np.asarray, state.params)
+        step = make_opd_step(drafter.spec, target.config, optimizer, sh, cfg, chunk.tokens.shape[1], mesh)
+        state, m = step(state, jax.device_put(target.params, sh.target), jax.device_put(frozen, sh.drafter_frozen),
+                        batch, eos)
+        grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, state.params)
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
+        runs[name] = (float(m["loss"]), float(m["rollout_tau"]), float(m["error_loss"]), grads, specs,
+                      np.asarray(m["_seq"]).tolist())
+    one, mesh_ = runs["one"], runs["mesh"]
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(one[3]))
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[3]), jax.tree.leaves(mesh_[3])))
+    result[kind] = {"one": one[:3], "mesh": mesh_[:3], "grad_scale": scale, "max_grad_diff": diff, "specs": mesh_[4],
+                    "same_rollout": one[5] == mesh_[5]}
+print("RESULT" + json.dumps(result))
+""".replace("TESTS_DIR", repr(os.path.join(TESTS_DIR, "training")))
+
+
+def test_opd_step_on_8_fake_devices_matches_one_device():
+    """data=2, fsdp=2, tensor=2 vs one device: the same rollout, loss and gradients."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    for kind, r in result.items():
+        assert r["same_rollout"], kind
+        np.testing.assert_allclose(r["mesh"], r["one"], rtol=1e-4, atol=1e-6, err_msg=kind)
+        assert r["grad_scale"] > 1e-3 and r["max_grad_diff"] < 1e-4 * max(1.0, r["grad_scale"]), (kind, r)
+        assert r["one"][2] > 0, kind  # the error-anchor term was exercised
+        assert any("tensor" in s for s in r["specs"]) and any("fsdp" in s for s in r["specs"]), r["specs"]

@@ -36,7 +36,7 @@ def _rollout(target, drafter, temperature, eos=(V + 5,), key=0):
     cache_len = batching.round_up(chunk.tokens.shape[1] + (R + 2) * (K + 1) + 2, 32)
     fn = jax.jit(functools.partial(ro.rollout, tconfig=target.config, dspec=drafter.spec,
                                    sp=SamplingParams(temperature, 0, 1.0), num_draft=K, num_rounds=R,
-                                   cache_len=cache_len, teacher_support="draft"))
+                                   cache_len=cache_len, teacher_support="draft", error_support=True))
     return fn(target.params, drafter.params, chunk.tokens, chunk.lengths, jax.random.PRNGKey(key),
               jnp.asarray(eos, jnp.int32)), chunk
 
@@ -83,9 +83,51 @@ def test_recorded_acceptance_and_teacher_logprobs_match_a_recomputation(target, 
             if rec.teacher_support_BRKW is not None:
                 ids = np.asarray(ro.support_ids(drafter.params, drafter.spec))
                 np.testing.assert_allclose(np.asarray(rec.teacher_support_BRKW[b, r]), logp[:, ids], atol=1e-4)
+                # the error offset n + 1 (clamped to K when all were accepted)
+                np.testing.assert_allclose(np.asarray(rec.teacher_error_BRW[b, r]), logp[min(want, K - 1), ids],
+                                           atol=1e-4)
             # the committed text continues with the accepted drafts
             np.testing.assert_array_equal(seq[b, n : n + want], d[:want])
         np.testing.assert_array_equal(np.diff(np.asarray(rec.anchor_BR[b])), n_acc[b, :-1] + 1)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_error_anchor_replay_is_a_fresh_chain_from_the_error_position(kind):
+    """The extra anchors' first-draft q equals the q of the first draft of a new rollout that
+    resumes from the committed text up to the error position, and the mask picks 1 <= n < K.
+
+    A new rollout from a prefix first commits one target token (the prefill's), so it starts
+    from the prefix ending one token early; the target is peaked so that this token (and every
+    accepted draft) is the target's argmax, i.e. the same committed text."""
+    t = make_target("llama", seed=5, vocab_size=V)
+    target = opd.Target(t.config, {**t.params, "lm_head": t.params["lm_head"] * 300.0})
+    drafter = _drafter(target, kind)
+    rec, _ = _rollout(target, drafter, temperature=1.0, key=3)
+    trainable = drafter.params["eagle" if kind == "eagle3" else "dflash"]
+    aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
+    main, err = ro.replay_logits(trainable, drafter.params, drafter.spec, target.config, rec, aux, error_anchors=True)
+    np.testing.assert_allclose(np.asarray(main), np.asarray(
+        ro.replay_logits(trainable, drafter.params, drafter.spec, target.config, rec, aux)), rtol=1e-5, atol=1e-5)
+    mask = np.asarray(ro.error_anchor_mask(rec))
+    n_acc = np.asarray(rec.num_accepted_BR)
+    np.testing.assert_array_equal(mask, np.asarray(rec.active_BR) & (n_acc >= 1) & (n_acc < K))
+    cases = list(zip(*np.nonzero(mask)))
+    assert cases, "no round with 1 <= n < K: the test would check nothing"
+    seq = np.asarray(rec.seq_BS)
+    err_pos = [int(rec.anchor_BR[b, r] + n_acc[b, r]) for b, r in cases]
+    chunk = next(batching.chunks([seq[b, :e - 1].tolist() for (b, _), e in zip(cases, err_pos)], 0, None))
+    cache_len = batching.round_up(chunk.tokens.shape[1] + 2 * (K + 1) + 2, 32)
+    fresh = ro.rollout(target.params, drafter.params, chunk.tokens, chunk.lengths, jax.random.PRNGKey(9),
+                       jnp.asarray([V + 5], jnp.int32), tconfig=target.config, dspec=drafter.spec,
+                       sp=SamplingParams(1.0, 0, 1.0), num_draft=K, num_rounds=1, cache_len=cache_len)
+    fseq = np.asarray(fresh.seq_BS)
+    same = [i for i, ((b, _), e) in enumerate(zip(cases, err_pos)) if fseq[i, e - 1] == seq[b, e - 1]]
+    assert len(same) >= 2, (len(same), len(cases))  # compared where the new rollout committed the same token
+    np.testing.assert_array_equal(np.asarray(fresh.anchor_BR[:len(cases), 0]), err_pos)  # drafting starts there
+    idx = np.asarray(ro.drafted_support_index(drafter.params, drafter.spec, fresh.drafts_BRK))[:, 0, 0]
+    logq = np.asarray(jax.nn.log_softmax(err, -1))
+    got = np.array([logq[cases[i][0], cases[i][1], idx[i]] for i in same])
+    np.testing.assert_allclose(got, np.asarray(fresh.logq_tok_BRK[:, 0, 0])[same], atol=2e-4)
 
 
 def test_eos_mid_rollout_masks_the_finished_row(target):

@@ -1,0 +1,115 @@
+"""Draft-OPD for SmolLM2-135M-Instruct from the SFT warm-up, and its matched-FLOPs baselines.
+
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3 --workdir=workdirs/smollm2
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3,sft_cont --workdir=workdirs/smollm2
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3,sft_rollouts --workdir=workdirs/smollm2
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3,tiny --workdir=/tmp/opd   # minutes
+
+Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`); the branch:
+  opd           (default) regenerate -> SFT warm-up -> export -> Draft-OPD from the warm-up
+                (DIR/opd/<kind>/, its committed rollout text kept in rollouts/) -> export -> eval;
+  sft_cont      continued SFT from the same warm-up (DIR/sft_cont/<kind>/) to the cumulative
+                training FLOPs the OPD run ended at;
+  sft_rollouts  SFT from the same warm-up on the OPD rollouts' committed text (DIR/sft_rollouts/
+                <kind>/), also to the OPD run's FLOPs;
+and `tiny` (a few steps of everything, for tests). Both baselines need the OPD run first.
+Every stage resumes from DIR and logs cumulative FLOPs from the same warm-up, so the curves
+(metrics.jsonl: `flops`, `probe_tau`) share one axis.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+BRANCHES = ("opd", "sft_cont", "sft_rollouts")
+
+
+def _sft_config(variant: str) -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_smollm2.py")
+    spec = importlib.util.spec_from_file_location("sft_smollm2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(variant)
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    parts = [p for p in variant.split(",") if p]
+    branches = [p for p in parts if p in BRANCHES]
+    unknown = [p for p in parts if p not in BRANCHES + ("eagle3", "dflash", "tiny")]
+    if unknown or len(branches) > 1 or ("eagle3" in parts and "dflash" in parts):
+        raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: use eagle3|dflash, "
+                         f"at most one of {BRANCHES}, optionally tiny")
+    kind = "dflash" if "dflash" in parts else "eagle3"
+    branch = branches[0] if branches else "opd"
+    tiny = "tiny" in parts
+    c = _sft_config(",".join([kind] + (["tiny"] if tiny else [])))  # seed, assets, target, regenerate, sft, eval
+    warmup = f"workdir:export/sft_{kind}"
+    K = 4 if kind == "eagle3" else 7
+
+    c.opd = ml_collections.ConfigDict()
+    c.opd.name = "opd"  # DIR/<name>/<kind>/: ablations get their own name
+    c.opd.init = warmup  # the SFT warm-up drafter (HF layout)
+    c.opd.data = ()  # trajectory folders whose prompts are rolled out; () = every DIR/regenerate/<source>/
+    c.opd.prefix = "random"  # prompt + a random-length prefix of the target's answer ("prompt": bare prompts)
+    c.opd.prompt_len = 256  # P: longer rows are skipped
+    c.opd.batch_size = 8
+    c.opd.num_steps = 60
+    c.opd.num_rounds = 8  # R verify rounds per prompt and step
+    c.opd.num_draft = K
+    c.opd.rollout_temperature = 1.0  # drafts sampled from q, verified by rejection sampling
+    c.opd.loss = ml_collections.ConfigDict(dict(
+        divergence="k3", accepted_weight=1.0, rejected_weight=1.0, decay=0.9, post_rejection_weight=0.0,
+        first_rejected_only=False, error_anchor_weight=0.0))
+    c.opd.optimizer = ml_collections.ConfigDict(dict(learning_rate=3e-4, warmup_steps=5, end_lr_ratio=0.1,
+                                                     weight_decay=0.0, clip_norm=0.5))
+    c.opd.log_every = 5
+    c.opd.save_every = 20
+    c.opd.keep_checkpoints = 2
+    c.opd.tensorboard = True
+    c.opd.save_rollouts = True  # the data of the sft_rollouts baseline
+    # tau on a fixed held-out probe set: the last prompts of AlpacaEval's held-out split (the eval
+    # stage reports the first ones), every `every` steps and at step 0; greedy by default (the
+    # rollout temperature optimises acceptance at that temperature: probe there too to see it)
+    c.opd.probe = ml_collections.ConfigDict(dict(prompt_set="alpacaeval", num_prompts=8, max_new_tokens=48,
+                                                 every=20, batch_size=8, temperature=0.0))
+    c.opd.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    if branch == "opd":
+        c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval")
+    else:  # a baseline: SFT from the warm-up to the OPD run's cumulative FLOPs
+        c.stages = ("fetch_assets", "sft", f"export:{branch}", "eval")
+        c.drafter.init = warmup
+        c.sft.name = branch
+        c.sft.match_flops = f"workdir:opd/{kind}"
+        c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
+        c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps
+        if branch == "sft_cont":
+            c.sft.feature_cache_dir = f"workdir:sft/{kind}/features"  # the warm-up's cache (same data)
+        else:
+            c.sft.data = (f"workdir:opd/{kind}/rollouts",)
+            c.sft.target_features = "online"
+            # a rollout row is prompt + answer prefix (<= P) + R (K + 1) committed tokens at most
+            c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
+    c.eval.runs = []
+    for ps in ("alpacaeval", "mtbench", "humaneval"):
+        for run in (("sft", "opd") if branch == "opd" else (branch,)):
+            c.eval.runs.append(dict(name=f"{kind}_{run}_{ps}", drafter=kind, drafter_path=f"workdir:export/{run}_{kind}",
+                                    prompt_set=ps))
+
+    if tiny:
+        c.opd.prompt_len = 96
+        c.opd.batch_size = 2
+        c.opd.num_steps = 4
+        c.opd.num_rounds = 3
+        c.opd.log_every = 2
+        c.opd.save_every = 2
+        c.opd.probe.num_prompts = 2
+        c.opd.probe.max_new_tokens = 16
+        c.opd.probe.every = 2
+        c.opd.probe.batch_size = 2
+        c.opd.optimizer.warmup_steps = 1
+        if branch == "sft_rollouts":
+            c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
+        c.eval.runs = [r for r in c.eval.runs if r["prompt_set"] == "alpacaeval"]
+    return c
