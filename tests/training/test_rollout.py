@@ -143,6 +143,12 @@ def test_eos_mid_rollout_masks_the_finished_row(target):
     # after finishing, the row's anchor no longer moves and it accepts nothing
     assert len(set(np.asarray(stopped.anchor_BR[0, first_inactive:]).tolist())) == 1
     assert (np.asarray(stopped.num_accepted_BR[0, first_inactive:]) == 0).all()
+    # ... and gets no error position (no extra replay anchor, no rejected-stream weight)
+    assert not np.asarray(ro.error_anchor_mask(stopped))[0, first_inactive:].any()
+    from opd.training.opd_loss import OPDLossConfig, stream_weights
+
+    w = stream_weights(stopped.num_accepted_BR, stopped.active_BR, K, OPDLossConfig(post_rejection_weight=1.0))
+    assert all(float(np.abs(np.asarray(x)[0, first_inactive:]).sum()) == 0.0 for x in w)
     # the other rows see the same rounds as without the EOS, unless they emit that token too
     for b in (1, 2):
         if act[b].all():
