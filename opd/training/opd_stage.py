@@ -205,7 +205,7 @@ def stage_opd(config, workdir: str):
     from opd.training import flops, optim, sft
     from opd.training.loop import train_loop
     from opd.training.metrics import MetricsWriter
-    from opd.training.opd_step import make_opd_step
+    from opd.training.opd_step import batch_shardings, make_opd_step
 
     o = config.opd
     kind = config.drafter.kind
@@ -262,12 +262,8 @@ def stage_opd(config, workdir: str):
     frozen_dev = jax.device_put(frozen, shardings.drafter_frozen)
     target_params = jax.device_put(target.params, shardings.target)
     step_fn = lambda st, tp, fr, b: step(st, tp, fr, b, eos)
-    keys = ("tokens", "lengths", "valid")
-    from opd import sharding as shd
-
-    batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "lengths": shd.batch_sharding(mesh, 1),
-                "valid": shd.batch_sharding(mesh, 1)}
-    place = lambda b: jax.device_put({k: jnp.asarray(b[k]) for k in keys}, batch_sh)
+    batch_sh = batch_shardings(mesh)
+    place = lambda b: jax.device_put({k: jnp.asarray(b[k]) for k in batch_sh}, batch_sh)
     S = cfg.cache_len(int(o.prompt_len))
     step_flops = lambda b: flops.opd_step_flops(spec, target.config, int(o.batch_size), int(o.prompt_len),
                                                 cfg.num_rounds, cfg.num_draft, S, cfg.loss.error_anchor_weight > 0)

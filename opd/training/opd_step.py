@@ -123,14 +123,19 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
     return sft.TrainState(state.step + 1, params, opt_state, rng), metrics
 
 
+def batch_shardings(mesh) -> dict:
+    """Shardings of an OPD batch: rows over data x fsdp."""
+    return {"tokens": shd.batch_sharding(mesh, 2), "lengths": shd.batch_sharding(mesh, 1),
+            "valid": shd.batch_sharding(mesh, 1)}
+
+
 def make_opd_step(spec, target_config, optimizer: optax.GradientTransformation, shardings: sft.SFTShardings,
                   cfg: OPDConfig, prompt_len: int, mesh):
     """`opd_step` jitted with explicit shardings; the state is donated.
 
     Returns step(state, target_params, drafter_frozen, batch, eos_ids) -> (state, metrics)."""
     rep = shd.replicated(mesh)
-    batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "lengths": shd.batch_sharding(mesh, 1),
-                "valid": shd.batch_sharding(mesh, 1)}
+    batch_sh = batch_shardings(mesh)
     fn = functools.partial(opd_step, spec=spec, target_config=target_config, optimizer=optimizer, cfg=cfg,
                            cache_len=cfg.cache_len(prompt_len))
     return jax.jit(fn, in_shardings=(shardings.state, shardings.target, shardings.drafter_frozen, batch_sh, rep),
