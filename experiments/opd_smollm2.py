@@ -81,6 +81,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.stages = ("fetch_assets", "sft", f"export:{branch}", "eval")
         c.drafter.init = warmup
         c.sft.name = branch
+        c.sft.probe = ml_collections.ConfigDict({**c.opd.probe.to_dict(), "num_draft": K})
         c.sft.match_flops = f"workdir:opd/{kind}"
         c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
         c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps
@@ -111,5 +112,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.opd.optimizer.warmup_steps = 1
         if branch == "sft_rollouts":
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
+        if branch != "opd":
+            c.sft.probe.update(num_prompts=2, max_new_tokens=16, every=2, batch_size=2)
         c.eval.runs = [r for r in c.eval.runs if r["prompt_set"] == "alpacaeval"]
     return c

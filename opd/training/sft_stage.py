@@ -10,7 +10,9 @@ continued SFT from a warm-up; every piece is written once, then only read back):
                   or a copy of `config.drafter.init` when fine-tuning (its d2t is kept, never
                   rebuilt). Every resume and export starts from this directory;
   checkpoints/    orbax steps: train state + data-iterator position + cumulative counters;
-  metrics.jsonl, tb/   training metrics (JSONL, TensorBoard).
+  metrics.jsonl, tb/   training metrics (JSONL, TensorBoard); with `config.sft.probe` also the
+                  OPD stage's held-out `probe_tau` (same prompts and settings), so baselines
+                  and Draft-OPD share one curve.
 `export` writes the latest checkpoint's drafter to `DIR/export/sft_<kind>/` (HF layout) with
 `export.json` (which step) inside. `eval` runs can load `workdir:sft/<kind>/init` (the
 untrained drafter) and `workdir:export/sft_<kind>`.
@@ -330,13 +332,26 @@ def stage_sft(config, workdir: str):
     def place(batch):
         return jax.device_put({k: jnp.asarray(batch[k]) for k in shardings.batch}, shardings.batch)
 
+    hooks = []
+    if "probe" in s and int(s.probe.num_prompts) > 0:  # the OPD stage's held-out tau, for one curve axis
+        from opd.training.opd_stage import probe_prompts, probe_tau
+
+        prompts, K = probe_prompts(s.probe), int(s.probe.num_draft)
+
+        def probe(done, st):
+            return probe_tau(target, with_trainable(drafter, jax.device_get(st.params)), prompts, s.probe, K,
+                             seed=int(config.seed))
+
+        hooks.append((int(s.probe.every), probe))
+        if int(state.step) == 0:
+            writer.write(0, {**probe(0, state), "flops": float(counters["flops"])})
     try:
         state = train_loop(
             step_fn, state, (target_params, frozen_dev), batches, num_steps=num_steps, manager=manager,
             place_batch=place, step_flops=step_flops, counters=counters,
             data_state=lambda: {"iterator": batches.get_state()}, writer=writer,
             lr_fn=optim.learning_rate_schedule(ocfg), log_every=int(s.log_every), save_every=int(s.save_every),
-            desc=f"sft {spec.kind}")
+            hooks=hooks, desc=f"sft {spec.kind}")
     finally:
         writer.close()
     logging.info("sft: done at step %d; %.3g training FLOPs", int(state.step), counters["flops"])

@@ -92,6 +92,8 @@ def _config(target_dir, data_dir, kind="eagle3", branch="", **opd):
     c.opd.probe.num_prompts = 2
     c.opd.probe.max_new_tokens = 6
     c.opd.probe.every = 2
+    if "probe" in c.sft:
+        c.sft.probe.update(prompt_set=c.opd.probe.prompt_set, num_prompts=2, max_new_tokens=6, every=2, num_draft=3)
     for k, v in opd.items():
         c.opd[k] = v
     return c
@@ -187,7 +189,10 @@ def test_opd_metrics_probe_rollouts_and_matched_flops_baselines(target_dir, data
         b = _config(target_dir, data_dir, "eagle3", branch)
         b.stages = ("sft", f"export:{branch}")
         pipeline.run(b, str(tmp_path))
-        brows = [r for r in read_jsonl(str(tmp_path / branch / "eagle3" / "metrics.jsonl")) if "loss" in r]
+        all_rows = read_jsonl(str(tmp_path / branch / "eagle3" / "metrics.jsonl"))
+        brows = [r for r in all_rows if "loss" in r]
+        bprobes = [r for r in all_rows if "probe_tau" in r]  # the same held-out curve as OPD's
+        assert bprobes[0]["step"] == 0 and bprobes[0]["flops"] == warm["flops"] and len(bprobes) >= 2
         per_step = brows[1]["flops"] - brows[0]["flops"]
         assert opd_flops <= brows[-1]["flops"] < opd_flops + per_step, branch
         _, info = _trained(b, tmp_path, branch)
