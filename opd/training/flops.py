@@ -66,11 +66,16 @@ def eagle3_sft_flops(config: e3.Eagle3Config, batch: int, seq_len: int, steps: i
     return 6 * _count(_unboxed(e3.abstract_params(config))) * batch * seq_len * steps
 
 
-def dflash_sft_flops(config: dfm.DFlashConfig, target_config: TransformerConfig, batch: int, seq_len: int,
-                     num_anchors: int) -> int:
+def _dflash_params(config: dfm.DFlashConfig, target_config: TransformerConfig) -> tuple[int, int]:
+    """(N_block, N_context) of the module docstring."""
     D, K, H = config.hidden_size, config.num_kv_heads, config.head_dim
     n_block = _count(_unboxed(dfm.abstract_params(config))) + target_config.vocab_size * D
-    n_context = len(config.target_layer_ids) * D * D + config.num_layers * 2 * D * K * H
+    return n_block, len(config.target_layer_ids) * D * D + config.num_layers * 2 * D * K * H
+
+
+def dflash_sft_flops(config: dfm.DFlashConfig, target_config: TransformerConfig, batch: int, seq_len: int,
+                     num_anchors: int) -> int:
+    n_block, n_context = _dflash_params(config, target_config)
     return 6 * n_block * batch * num_anchors * config.block_size + 6 * n_context * batch * seq_len
 
 
@@ -104,9 +109,7 @@ def opd_step_flops(spec: DrafterSpec, target_config: TransformerConfig, batch: i
         replay = 6 * (n_d - n_head) * B * S * K + 6 * n_head * B * A * K
     elif spec.kind == "dflash":
         c = spec.config
-        D, Kh, H = c.hidden_size, c.num_kv_heads, c.head_dim
-        n_block = _count(_unboxed(dfm.abstract_params(c))) + target_config.vocab_size * D
-        n_ctx = len(c.target_layer_ids) * D * D + c.num_layers * 2 * D * Kh * H
+        n_block, n_ctx = _dflash_params(c, target_config)
         rollout = 2 * n_ctx * B * (P + R * (K + 1)) + 2 * n_block * B * R * c.block_size
         replay = dflash_sft_flops(c, target_config, B, S, R * (2 if error_anchors else 1))
     else:

@@ -19,7 +19,7 @@ from opd.data.builders import read_trajectory_shards
 from opd.training import loop, opd_stage, sft_stage
 from opd.training.metrics import MetricsWriter, read_jsonl
 from conftest import make_hf_model
-from test_sft_stage import V, _save_target
+from test_sft_stage import V, _save_target, write_pattern_trajectories
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,13 +35,7 @@ def data_dir(tmp_path_factory):
     a probe prompt file of held-out token-id prompts."""
     d = tmp_path_factory.mktemp("trajectories")
     rs = np.random.RandomState(0)
-    with open(d / "shard-00000.jsonl", "w") as f:
-        for i in range(12):
-            prompt = rs.randint(2, V, 4 + i % 3).tolist()
-            start = int(rs.randint(2, V))
-            answer = [(start + 5 * j) % (V - 2) + 2 for j in range(10 + i % 4)] + [1]
-            f.write(json.dumps({"prompt_id": f"p{i}", "prompt_set": "test", "target": "tiny",
-                                "prompt_ids": prompt, "response_ids": answer}) + "\n")
+    write_pattern_trajectories(d, rs)
     with open(str(d) + ".probe.jsonl", "w") as f:
         for i in range(3):
             f.write(json.dumps({"id": f"q{i}", "prompt_ids": rs.randint(2, V, 5).tolist()}) + "\n")

@@ -41,9 +41,12 @@ def target_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """Trajectory shards: prompts of random ids, answers that follow a fixed pattern."""
-    d = tmp_path_factory.mktemp("trajectories")
-    rs = np.random.RandomState(0)
+    return write_pattern_trajectories(tmp_path_factory.mktemp("trajectories"))
+
+
+def write_pattern_trajectories(d, rs=None):
+    """Trajectory shards in `d`: prompts of random ids, answers that follow a fixed pattern."""
+    rs = rs if rs is not None else np.random.RandomState(0)
     with open(d / "shard-00000.jsonl", "w") as f:
         for i in range(12):
             prompt = rs.randint(2, V, 4 + i % 3).tolist()
