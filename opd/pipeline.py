@@ -197,6 +197,46 @@ def stage_eval(config, workdir: str) -> list:
     return results
 
 
+def stage_report(config, workdir: str) -> dict:
+    """The experiment's summary from the finished eval runs and the training curves: writes
+    DIR/report/results.json (a row per run: drafter, method, training_flops, tau, speedup,
+    prompt_set, temperature, batch_size, seed, ...), results.md (τ / speed-up tables, one per
+    temperature and batch size) and curves.png (probe τ against cumulative training FLOPs of
+    `config.report.curve_runs`); with `config.report.results_name` also
+    experiments/results/<name>/ (with the command, commit and machine). Prints the tables."""
+    import shutil
+
+    from opd.eval import report
+
+    rows = []
+    for r in eval_runs(config):
+        path = os.path.join(workdir, "eval", r["name"], "metrics.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"report: eval run {r['name']!r} has no {path}; run the `eval` stage first")
+        with open(path) as f:
+            rows.append(report.summary_row(r["name"], json.load(f)))
+    rc = config.report
+    rows = report.autoregressive_rows(rows) + rows
+    out_dir = os.path.join(workdir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    curves = report.probe_curves(workdir, list(rc.curve_runs), list(rc.curve_drafters))
+    curve_rows = report.plot_curves(curves, os.path.join(out_dir, "curves.png")) if curves else []
+    md = report.main_tables(rows)
+    if curve_rows:
+        md += ("Training curve (held-out probe τ; `curves.png`):\n\n"
+               + report.markdown_table(curve_rows, report.CURVE_COLUMNS, "{:.3f}"))
+    payload = {"rows": rows, "curves": curves, "curve_rows": curve_rows}
+    report.write_results("report", payload, md, out_dir)
+    if rc.results_name:
+        dest = report.write_results(rc.results_name, payload, md)
+        if curves:
+            shutil.copy(os.path.join(out_dir, "curves.png"), os.path.join(dest, "curves.png"))
+        logging.info("report: also written to %s", dest)
+    print("\n" + md)
+    logging.info("report: %d rows -> %s", len(rows), out_dir)
+    return payload
+
+
 def stage_regenerate(config, workdir: str) -> dict:
     """The target answers training prompts (`config.regenerate.sources`); writes trajectory
     shards to `DIR/regenerate/<source>/`, resuming shard by shard; hosts split the shards."""
@@ -250,6 +290,7 @@ STAGES: dict[str, Callable] = {
     "opd": stage_opd,
     "export": stage_export,
     "eval": stage_eval,
+    "report": stage_report,
 }
 
 
@@ -267,8 +308,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"config.chat.{field} must be >= 1, got {c[field]}")
         if not c.temperature >= 0:
             raise ValueError(f"config.chat.temperature must be >= 0, got {c.temperature}")
-    if "eval" in config.stages:
+    if "eval" in config.stages or "report" in config.stages:
         eval_runs(config)
+    if "report" in config.stages:
+        import re
+
+        if "report" not in config:
+            raise ValueError("config.stages has 'report' but the config has no `report` block (see experiments/quickstart.py)")
+        rc = config.report
+        for field in ("curve_runs", "curve_drafters"):
+            if isinstance(rc[field], str):
+                raise ValueError(f"config.report.{field} must be a list of names, got the string {rc[field]!r}")
+        if rc.results_name and not re.fullmatch(r"[A-Za-z0-9_.-]+", rc.results_name):
+            raise ValueError(f"config.report.results_name must be a plain directory name, got {rc.results_name!r}")
     if "sft" in config.stages:
         from opd.training.sft_stage import validate as validate_sft
 

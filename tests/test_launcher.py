@@ -19,22 +19,35 @@ def _launch(workdir, config="experiments/quickstart.py:tiny"):
 
 @pytest.mark.slow
 def test_quickstart_tiny_runs_and_resumes(tmp_path):
+    """The README's main job at tiny scale: fetch -> chat -> regenerate -> SFT -> Draft-OPD ->
+    eval -> report; a second launch finds everything done and retrains nothing."""
     first = _launch(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     with open(tmp_path / "chat" / "responses.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 2 and all(r["num_tokens"] > 0 and r["response"] for r in records)
     assert json.load(open(tmp_path / "fetch_assets" / "paths.json"))["smollm2_gguf"].endswith(".gguf")
-    for run in ("ngram_mtbench", "ngram_humaneval"):
+    for run in ("ngram_mtbench", "eagle3_sft_mtbench", "eagle3_opd_mtbench"):
         m = json.load(open(tmp_path / "eval" / run / "metrics.json"))
-        assert m["drafter"] == "ngram" and m["num_prompts"] == 2 and m["greedy_matches_ar"] is True
+        assert m["num_prompts"] == 2 and m["greedy_matches_ar"] is True
         assert m["tau"] >= 1.0 and m["speedup"] > 0
-        assert (tmp_path / "eval" / run / "tau_hist.png").exists()
-    second = _launch(tmp_path)  # everything is there: nothing is generated again
-    assert second.returncode == 0
-    assert "2 responses already in" in second.stderr
-    assert records[0]["response"] in second.stdout
-    assert "eval: run ngram_mtbench already done" in second.stderr and "| ngram_humaneval |" in second.stdout
+    opd = json.load(open(tmp_path / "eval" / "eagle3_opd_mtbench" / "metrics.json"))
+    sft = json.load(open(tmp_path / "eval" / "eagle3_sft_mtbench" / "metrics.json"))
+    assert opd["training"] == "opd (4 steps)" and opd["training_flops"] > sft["training_flops"] > 0
+    report = json.load(open(tmp_path / "report" / "results.json"))
+    assert {(r["drafter"], r["method"]) for r in report["rows"]} == {("none", "-"), ("ngram", "-"), ("eagle3", "sft"),
+                                                                     ("eagle3", "opd")}
+    sft_curve, opd_curve = report["curves"]["eagle3"]["sft"], report["curves"]["eagle3"]["opd"]
+    assert [p["step"] for p in sft_curve] == [0, 20, 40] and [p["step"] for p in opd_curve] == [0, 2, 4]
+    assert opd_curve[0]["flops"] == sft_curve[-1]["flops"]  # one cumulative FLOPs axis
+    assert (tmp_path / "report" / "curves.png").exists()
+    assert "| eagle3 | opd |" in first.stdout
+    second = _launch(tmp_path)  # everything is there: nothing is generated or trained again
+    assert second.returncode == 0, second.stderr[-3000:]
+    for message in ("2 responses already in", "0 of this process's 2 shards to write", "sft: already at step 40",
+                    "opd: already at step 4", "eval: run eagle3_opd_mtbench already done"):
+        assert message in second.stderr, message
+    assert records[0]["response"] in second.stdout and "| eagle3 | opd |" in second.stdout
 
 
 def test_bad_config_values_are_clear_errors(tmp_path):

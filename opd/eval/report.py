@@ -61,3 +61,100 @@ def write_results(name: str, payload: dict, table_md: str, out_dir: str | None =
         m = prov["machine"]
         f.write(f"Machine: {m['platform']}, {m['cpu_count']} CPUs, jax {m['jax']} on {', '.join(m['jax_devices'])}  \nDate: {prov['date_utc']}\n")
     return out_dir
+
+
+# ----------------------------------------------------------------------------- experiment reports
+
+SUMMARY_ROW_FIELDS = ("run", "drafter", "method", "training_flops", "tau", "speedup", "prompt_set", "temperature",
+                      "batch_size", "num_draft_tokens", "num_prompts", "max_new_tokens", "seed", "tokens_per_second",
+                      "ar_tokens_per_second", "greedy_matches_ar")
+
+
+def summary_row(run: str, metrics: dict) -> dict:
+    """One row of an experiment's summary from an eval run's metrics.json: `method` is the
+    training stage that made the drafter ("sft", "opd", "sft_cont", ...; "untrained" for a
+    fresh one, "-" for drafters that are not trained)."""
+    source = str(metrics.get("training", "none")).split(" (")[0]
+    method = source if source != "none" else ("untrained" if metrics["drafter"] in ("eagle3", "dflash") else "-")
+    row = {k: metrics.get(k) for k in SUMMARY_ROW_FIELDS if k not in ("run", "method")}
+    return {"run": run, "method": method, **row}
+
+
+def autoregressive_rows(rows: Sequence[dict]) -> list[dict]:
+    """The "no drafter" rows: for each (prompt set, temperature, batch) the autoregressive
+    throughput measured in the same runs (the reference each speed-up divides by)."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("ar_tokens_per_second"):
+            groups.setdefault((r["prompt_set"], r["temperature"], r["batch_size"]), []).append(r["ar_tokens_per_second"])
+    return [{"run": "ar", "drafter": "none", "method": "-", "training_flops": 0.0, "tau": 1.0, "speedup": 1.0,
+             "prompt_set": ps, "temperature": t, "batch_size": b, "tokens_per_second": sum(v) / len(v),
+             "ar_tokens_per_second": sum(v) / len(v)} for (ps, t, b), v in sorted(groups.items())]
+
+
+def main_tables(rows: Sequence[dict]) -> str:
+    """Markdown: one table per (temperature, batch size); a row per (drafter, method), a column
+    per prompt set holding "τ / speed-up×"."""
+    out = []
+    settings = sorted({(r["temperature"], r["batch_size"]) for r in rows})
+    sets = list(dict.fromkeys([r["prompt_set"] for r in rows if r["drafter"] != "none"] + [r["prompt_set"] for r in rows]))
+    for t, b in settings:
+        sub = [r for r in rows if (r["temperature"], r["batch_size"]) == (t, b)]
+        keys = list(dict.fromkeys((r["drafter"], r["method"]) for r in sub))
+        table = []
+        for d, m in keys:
+            line = {"drafter": d, "method": m}
+            for r in sub:
+                if (r["drafter"], r["method"]) == (d, m):
+                    line["train PFLOPs"] = f"{(r.get('training_flops') or 0) / 1e15:.3f}"
+                    tau, sp = r.get("tau"), r.get("speedup")
+                    line[r["prompt_set"]] = (f"{tau:.2f} / {sp:.2f}×" if tau is not None and sp is not None else "n/a")
+            table.append(line)
+        out.append(f"**T = {t:g}, batch {b}** (τ / wall-clock speed-up over autoregressive decoding)\n\n")
+        out.append(markdown_table(table, ("drafter", "method", "train PFLOPs", *sets)) + "\n")
+    return "".join(out)
+
+
+def probe_curves(workdir: str, runs: Sequence[str], kinds: Sequence[str]) -> dict:
+    """{kind: {run: [{"step", "flops", "probe_tau"}, ...]}} from DIR/<run>/<kind>/metrics.jsonl
+    (the `probe_tau` rows the sft and opd stages log), for the runs that exist."""
+    from opd.training.metrics import read_jsonl
+
+    out: dict = {}
+    for kind in kinds:
+        for run in runs:
+            path = os.path.join(workdir, run, kind, "metrics.jsonl")
+            if not os.path.isfile(path):
+                continue
+            rows = [{"step": r["step"], "flops": r["flops"], "probe_tau": r["probe_tau"]}
+                    for r in read_jsonl(path) if r.get("probe_tau") is not None]
+            if rows:
+                out.setdefault(kind, {})[run] = rows
+    return out
+
+
+def plot_curves(data: dict, path: str) -> list[dict]:
+    """The training-curve figure (probe τ against cumulative training FLOPs, one panel per
+    drafter kind); returns a row per curve (start/end τ and FLOPs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(data), figsize=(6 * len(data), 4.2), squeeze=False)
+    table = []
+    for ax, (kind, runs) in zip(axes[0], data.items()):
+        for run, rows in runs.items():
+            ax.plot([r["flops"] / 1e15 for r in rows], [r["probe_tau"] for r in rows], marker="o", label=run)
+            table.append({"drafter": kind, "run": run, "start_tau": rows[0]["probe_tau"], "end_tau": rows[-1]["probe_tau"],
+                          "end_step": rows[-1]["step"], "start_pflops": rows[0]["flops"] / 1e15,
+                          "end_pflops": rows[-1]["flops"] / 1e15})
+        ax.set(title=f"{kind}: held-out probe τ", xlabel="cumulative training PFLOPs", ylabel="τ")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return table
+
+
+CURVE_COLUMNS = ("drafter", "run", "start_tau", "end_tau", "end_step", "start_pflops", "end_pflops")

@@ -1,0 +1,88 @@
+"""The `report` stage: the experiment's summary rows, τ / speed-up tables and training curve
+from finished eval runs and the training stages' probe rows."""
+
+import json
+import os
+
+import ml_collections
+import pytest
+
+from opd import pipeline
+from opd.eval import report
+
+
+def _eval_metrics(drafter, training, prompt_set, temperature, batch, tau, speedup, ar_tps, flops=0.0):
+    return {"drafter": drafter, "training": training, "training_flops": flops, "prompt_set": prompt_set,
+            "temperature": temperature, "batch_size": batch, "num_draft_tokens": 4, "num_prompts": 4,
+            "max_new_tokens": 64, "seed": 0, "tau": tau, "speedup": speedup, "tokens_per_second": ar_tps * speedup,
+            "ar_tokens_per_second": ar_tps, "greedy_matches_ar": True if temperature == 0 else None}
+
+
+def _config(runs, curve_runs=("sft", "opd")):
+    c = ml_collections.ConfigDict()
+    c.stages = ("report",)
+    c.target = ml_collections.ConfigDict(dict(path="unused", dtype="float32", scan_layers=False))
+    c.eval = ml_collections.ConfigDict(dict(num_prompts=4, runs=runs))
+    c.report = ml_collections.ConfigDict(dict(curve_runs=curve_runs, curve_drafters=("eagle3",), results_name=""))
+    return c
+
+
+def _write(workdir, name, metrics):
+    os.makedirs(workdir / "eval" / name)
+    (workdir / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_rows_tables_and_curve(tmp_path):
+    runs = [dict(name="ng", drafter="ngram", prompt_set="mtbench"),
+            dict(name="e3_sft", drafter="eagle3", drafter_path="x", prompt_set="mtbench"),
+            dict(name="e3_opd", drafter="eagle3", drafter_path="y", prompt_set="mtbench"),
+            dict(name="e3_opd_he", drafter="eagle3", drafter_path="y", prompt_set="humaneval")]
+    _write(tmp_path, "ng", _eval_metrics("ngram", "none", "mtbench", 0.0, 1, 1.5, 1.2, 20.0))
+    _write(tmp_path, "e3_sft", _eval_metrics("eagle3", "sft (60 steps)", "mtbench", 0.0, 1, 1.3, 0.7, 22.0, 1e14))
+    _write(tmp_path, "e3_opd", _eval_metrics("eagle3", "opd (20 steps)", "mtbench", 0.0, 1, 1.4, 0.8, 24.0, 2e14))
+    _write(tmp_path, "e3_opd_he", _eval_metrics("eagle3", "opd (20 steps)", "humaneval", 0.0, 1, 1.6, 0.9, 30.0, 2e14))
+    for run, taus in (("sft", [1.0, 1.2]), ("opd", [1.2, 1.3])):
+        os.makedirs(tmp_path / run / "eagle3")
+        with open(tmp_path / run / "eagle3" / "metrics.jsonl", "w") as f:
+            for i, tau in enumerate(taus):
+                f.write(json.dumps({"step": 20 * i, "flops": 1e14 * (i + (run == "opd")), "probe_tau": tau}) + "\n")
+                f.write(json.dumps({"step": 20 * i + 5, "flops": 0.0, "loss": 3.0}) + "\n")  # no probe: not a point
+
+    out = pipeline.stage_report(_config(runs), str(tmp_path))
+
+    by_run = {r["run"]: r for r in out["rows"]}
+    assert by_run["ng"]["method"] == "-" and by_run["e3_sft"]["method"] == "sft" and by_run["e3_opd"]["method"] == "opd"
+    assert by_run["e3_opd"]["training_flops"] == 2e14 and by_run["e3_opd"]["tau"] == 1.4
+    ar = [r for r in out["rows"] if r["drafter"] == "none"]  # one per (set, T, batch): the mean measured AR tok/s
+    assert {r["prompt_set"]: r["tokens_per_second"] for r in ar} == {"mtbench": pytest.approx(22.0), "humaneval": 30.0}
+    assert [p["probe_tau"] for p in out["curves"]["eagle3"]["opd"]] == [1.2, 1.3]
+    assert {(r["run"], r["end_tau"]) for r in out["curve_rows"]} == {("sft", 1.2), ("opd", 1.3)}
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40 / 0.80× | 1.60 / 0.90× |" in md
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["provenance"]["command"] and len(saved["rows"]) == len(out["rows"])
+
+
+def test_report_names_the_missing_eval_run(tmp_path):
+    runs = [dict(name="ng", drafter="ngram", prompt_set="mtbench")]
+    with pytest.raises(FileNotFoundError, match="eval run 'ng' has no .*run the `eval` stage first"):
+        pipeline.stage_report(_config(runs), str(tmp_path))
+
+
+def test_report_config_is_validated():
+    c = _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")], curve_runs="opd")
+    with pytest.raises(ValueError, match="config.report.curve_runs must be a list"):
+        pipeline.validate(c)
+    c = _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")])
+    c.report.results_name = "../x"
+    with pytest.raises(ValueError, match="results_name must be a plain directory name"):
+        pipeline.validate(c)
+    del c.report
+    with pytest.raises(ValueError, match="no `report` block"):
+        pipeline.validate(c)
+
+
+def test_summary_row_method_of_an_untrained_drafter():
+    m = _eval_metrics("dflash", "none", "humaneval", 1.0, 4, 1.1, 0.5, 10.0)
+    assert report.summary_row("r", m)["method"] == "untrained"
