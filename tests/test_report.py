@@ -15,7 +15,8 @@ def _eval_metrics(drafter, training, prompt_set, temperature, batch, tau, speedu
     return {"drafter": drafter, "training": training, "training_flops": flops, "prompt_set": prompt_set,
             "temperature": temperature, "batch_size": batch, "num_draft_tokens": 4, "num_prompts": 4,
             "max_new_tokens": 64, "seed": 0, "tau": tau, "speedup": speedup, "tokens_per_second": ar_tps * speedup,
-            "ar_tokens_per_second": ar_tps, "greedy_matches_ar": True if temperature == 0 else None}
+            "ar_tokens_per_second": ar_tps, "greedy_matches_ar": True if temperature == 0 else None,
+            "tau_per_batch": [tau - 0.1, tau + 0.1]}
 
 
 def _config(runs, curve_runs=("sft", "opd")):
@@ -53,12 +54,13 @@ def test_report_rows_tables_and_curve(tmp_path):
     by_run = {r["run"]: r for r in out["rows"]}
     assert by_run["ng"]["method"] == "-" and by_run["e3_sft"]["method"] == "sft" and by_run["e3_opd"]["method"] == "opd"
     assert by_run["e3_opd"]["training_flops"] == 2e14 and by_run["e3_opd"]["tau"] == 1.4
+    assert by_run["e3_opd"]["tau_sem"] == pytest.approx(0.1)  # stdev(1.3, 1.5) / sqrt(2)
     ar = [r for r in out["rows"] if r["drafter"] == "none"]  # one per (set, T, batch): the mean measured AR tok/s
     assert {r["prompt_set"]: r["tokens_per_second"] for r in ar} == {"mtbench": pytest.approx(22.0), "humaneval": 30.0}
     assert [p["probe_tau"] for p in out["curves"]["eagle3"]["opd"]] == [1.2, 1.3]
     assert {(r["run"], r["end_tau"]) for r in out["curve_rows"]} == {("sft", 1.2), ("opd", 1.3)}
     md = (tmp_path / "report" / "results.md").read_text()
-    assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40 / 0.80× | 1.60 / 0.90× |" in md
+    assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40±0.10 / 0.80× | 1.60±0.10 / 0.90× |" in md
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     assert saved["provenance"]["command"] and len(saved["rows"]) == len(out["rows"])

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from typing import Sequence
@@ -77,7 +78,9 @@ def summary_row(run: str, metrics: dict) -> dict:
     source = str(metrics.get("training", "none")).split(" (")[0]
     method = source if source != "none" else ("untrained" if metrics["drafter"] in ("eagle3", "dflash") else "-")
     row = {k: metrics.get(k) for k in SUMMARY_ROW_FIELDS if k not in ("run", "method")}
-    return {"run": run, "method": method, **row}
+    taus = [t for t in metrics.get("tau_per_batch") or [] if t is not None]  # per prompt at batch 1
+    sem = statistics.stdev(taus) / len(taus) ** 0.5 if len(taus) > 1 else None
+    return {"run": run, "method": method, **row, "tau_sem": sem}
 
 
 def autoregressive_rows(rows: Sequence[dict]) -> list[dict]:
@@ -108,9 +111,11 @@ def main_tables(rows: Sequence[dict]) -> str:
                 if (r["drafter"], r["method"]) == (d, m):
                     line["train PFLOPs"] = f"{(r.get('training_flops') or 0) / 1e15:.3f}"
                     tau, sp = r.get("tau"), r.get("speedup")
-                    line[r["prompt_set"]] = (f"{tau:.2f} / {sp:.2f}×" if tau is not None and sp is not None else "n/a")
+                    pm = f"±{r['tau_sem']:.2f}" if r.get("tau_sem") is not None else ""
+                    line[r["prompt_set"]] = (f"{tau:.2f}{pm} / {sp:.2f}×" if tau is not None and sp is not None else "n/a")
             table.append(line)
-        out.append(f"**T = {t:g}, batch {b}** (τ / wall-clock speed-up over autoregressive decoding)\n\n")
+        out.append(f"**T = {t:g}, batch {b}** (τ ± its standard error over the batches / wall-clock speed-up over "
+                   "autoregressive decoding)\n\n")
         out.append(markdown_table(table, ("drafter", "method", "train PFLOPs", *sets)) + "\n")
     return "".join(out)
 
