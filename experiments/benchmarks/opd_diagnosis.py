@@ -63,7 +63,7 @@ def opd_run(workdir, run, kind):
             "probe_tau_end": end, "divergence": cfg["loss"]["divergence"]}
 
 
-def sft_run(workdir, run, kind):
+def sft_run(workdir, run, kind, target_flops_per_token=None, opd_end_flops=None):
     from opd.data.builders import read_trajectory_shards
 
     stage = os.path.join(workdir, run, kind)
@@ -86,7 +86,18 @@ def sft_run(workdir, run, kind):
         per_row = int(loss["num_anchors"]) * (int(block) - 1)
     fps = _flops_per_step(rows)
     start, end = _probe(rows)
+    # A cached-feature run (sft_cont reuses the warm-up's cache) pays only the drafter per step.
+    # Had it recomputed the target's features every step (like Draft-OPD must for new text),
+    # the matched budget would have ended earlier: its probe tau at that step.
+    at_online = None
+    if cfg.get("target_features") == "cache" and target_flops_per_token and opd_end_flops and fps:
+        probes = [(r["step"], r["flops"], r["probe_tau"]) for r in rows if r.get("probe_tau") is not None]
+        online = fps + target_flops_per_token * cfg["batch_size"] * seq_len
+        step = (opd_end_flops - probes[0][1]) / online
+        at_online = {"step": step, "probe_tau": min(probes, key=lambda p: abs(p[0] - step))[2]}
     return {"drafter": kind, "run": run, "kind": "sft", "steps": max(r["step"] for r in rows), "flops_per_step": fps,
+            "probe_tau_if_features_recomputed": at_online["probe_tau"] if at_online else None,
+            "matched_step_if_features_recomputed": at_online["step"] if at_online else None,
             "supervised_per_step": float(per_row * cfg["batch_size"]),
             "supervised_per_pflop": float(per_row * cfg["batch_size"]) / fps * 1e15 if fps else None,
             "on_policy_share": 0.0 if run != "sft_rollouts" else None, "probe_tau_start": start,
@@ -96,20 +107,28 @@ def sft_run(workdir, run, kind):
 def main(argv):
     from opd.eval.report import RESULTS_ROOT, markdown_table, write_results
 
+    from opd.data.assets import cached_path
+    from opd.target import load_target
+    from opd.training import flops
+
     wd = _WORKDIR.value
+    target_flops_per_token = flops.target_forward_flops(load_target(cached_path("smollm2_gguf")).config, 1, 1)
     out = []
     for kind in _KINDS.value:
+        opd_end = _rows(os.path.join(wd, "opd", kind, "metrics.jsonl"))
+        opd_end = max((r["flops"] for r in opd_end if "flops" in r), default=None)
         for run in sorted(os.listdir(wd)):
             if os.path.isfile(os.path.join(wd, run, kind, "opd_config.json")):
                 r = opd_run(wd, run, kind)
             elif run != "sft":  # the warm-up has no probe rows; its FLOPs are the curves' start
-                r = sft_run(wd, run, kind)
+                r = sft_run(wd, run, kind, target_flops_per_token, opd_end)
             else:
                 r = None
             if r:
                 out.append(r)
     cols = ("drafter", "run", "kind", "steps", "flops_per_step", "supervised_per_step", "supervised_per_pflop",
-            "on_policy_share", "rollout_acceptance_1", "rollout_tau", "probe_tau_start", "probe_tau_end")
+            "on_policy_share", "rollout_acceptance_1", "rollout_tau", "probe_tau_start", "probe_tau_end",
+            "probe_tau_if_features_recomputed")
     table = [{**r, "flops_per_step": f"{r['flops_per_step']:.3g}" if r["flops_per_step"] else ""} for r in out]
     md = markdown_table(table, cols, "{:.3f}")
     write_results("opd_diagnosis", {"rows": out}, md, _OUT.value or os.path.join(RESULTS_ROOT, "opd_diagnosis"))
