@@ -60,6 +60,7 @@ def test_report_rows_tables_and_curve(tmp_path):
     assert [p["probe_tau"] for p in out["curves"]["eagle3"]["opd"]] == [1.2, 1.3]
     assert {(r["run"], r["end_tau"]) for r in out["curve_rows"]} == {("sft", 1.2), ("opd", 1.3)}
     md = (tmp_path / "report" / "results.md").read_text()
+    assert "| none | - | 0.000 | 22.0 tok/s | 30.0 tok/s |" in md
     assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40±0.10 / 0.80× | 1.60±0.10 / 0.90× |" in md
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
