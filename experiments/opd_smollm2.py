@@ -17,20 +17,11 @@ Every stage resumes from DIR and logs cumulative FLOPs from the same warm-up, so
 (metrics.jsonl: `flops`, `probe_tau`) share one axis.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from opd.configs import sibling_config
+
 BRANCHES = ("opd", "sft_cont", "sft_rollouts")
-
-
-def _sft_config(variant: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_smollm2.py")
-    spec = importlib.util.spec_from_file_location("sft_smollm2", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -43,7 +34,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     kind = "dflash" if "dflash" in parts else "eagle3"
     branch = branches[0] if branches else "opd"
     tiny = "tiny" in parts
-    c = _sft_config(",".join([kind] + (["tiny"] if tiny else [])))  # seed, assets, target, regenerate, sft, eval
+    # seed, assets, target, regenerate, sft, eval
+    c = sibling_config(__file__, "sft_smollm2.py", ",".join([kind] + (["tiny"] if tiny else [])))
     warmup = f"workdir:export/sft_{kind}"
     K = 4 if kind == "eagle3" else 7
 

@@ -20,25 +20,17 @@ slower than autoregressive decoding on this CPU. `experiments/opd_smollm2.py` ha
 runs behind the README's results.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _opd_config(variant: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opd_smollm2.py")
-    spec = importlib.util.spec_from_file_location("opd_smollm2", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
+from opd.configs import sibling_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant not in ("", "tiny"):
         raise ValueError(f"unknown variant {variant!r} of experiments/quickstart.py (known: '', 'tiny')")
     tiny = variant == "tiny"
-    c = _opd_config("eagle3,tiny" if tiny else "eagle3")  # seed, assets, target, regenerate, drafter, sft, opd, eval
+    # seed, assets, target, regenerate, drafter, sft, opd, eval
+    c = sibling_config(__file__, "opd_smollm2.py", "eagle3,tiny" if tiny else "eagle3")
     c.stages = ("fetch_assets", "chat", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval", "report")
 
     c.chat = ml_collections.ConfigDict()

@@ -10,18 +10,9 @@ Stages resume from DIR: trajectories in DIR/regenerate/ (shared by both drafters
 in DIR/sft/<kind>/, the exported drafter in DIR/export/sft_<kind>/, evaluations in DIR/eval/.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _regenerate_config(variant: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regenerate_smollm2.py")
-    spec = importlib.util.spec_from_file_location("regenerate_smollm2", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
+from opd.configs import sibling_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -32,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     kind = "dflash" if "dflash" in parts else "eagle3"
     tiny = "tiny" in parts
 
-    c = _regenerate_config("tiny" if tiny else "")  # seed, assets, target, regenerate
+    c = sibling_config(__file__, "regenerate_smollm2.py", "tiny" if tiny else "")  # seed, assets, target, ...
     c.stages = ("fetch_assets", "regenerate", "sft", "export", "eval")
 
     c.drafter = ml_collections.ConfigDict()
