@@ -42,33 +42,38 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.chat.temperature = 0.0  # 0 = greedy
 
     c.regenerate.sources = ("alpacaeval",)  # its train split; eval and probe use the held-out split
-    c.regenerate.num_prompts = 64
-    c.regenerate.max_new_tokens = 96
-    c.regenerate.batch_size = 8
-    c.regenerate.shard_size = 16
-
-    # the probe: tau on 4 held-out AlpacaEval prompts, logged by both training stages (one curve)
+    c.opd.save_rollouts = False
+    # the probe: tau on held-out AlpacaEval prompts, logged by both training stages (one curve)
     probe = dict(prompt_set="alpacaeval", num_prompts=4, max_new_tokens=32, every=20, batch_size=4, temperature=0.0)
-    c.sft.target_features = "cache"
-    c.sft.seq_len = 160
-    c.sft.batch_size = 4
-    c.sft.num_steps = 60
-    c.sft.log_every = 10
-    c.sft.save_every = 20
-    c.sft.optimizer.warmup_steps = 10
+    if tiny:  # the tiny base's test-sized stages (a few steps of everything)
+        c.chat.max_new_tokens = 8
+        probe.update(num_prompts=2, max_new_tokens=16, batch_size=2)
+        c.eval.num_prompts = 2
+        c.eval.batch_size = 2  # one compiled shape per run
+        c.eval.max_new_tokens = 8
+    else:  # the ~12-minute budget (BUILD_NOTES has the measured stage times)
+        c.regenerate.num_prompts = 64
+        c.regenerate.max_new_tokens = 96
+        c.regenerate.batch_size = 8
+        c.regenerate.shard_size = 16
+        c.sft.target_features = "cache"
+        c.sft.seq_len = 160
+        c.sft.batch_size = 4
+        c.sft.num_steps = 60
+        c.sft.log_every = 10
+        c.sft.save_every = 20
+        c.sft.optimizer.warmup_steps = 10
+        c.opd.prompt_len = 128
+        c.opd.batch_size = 4
+        c.opd.num_rounds = 4
+        c.opd.num_steps = 20
+        c.opd.log_every = 5
+        c.opd.save_every = 10
+        c.opd.probe = ml_collections.ConfigDict(probe)
+        c.eval.num_prompts = 4
+        c.eval.max_new_tokens = 64
     c.sft.probe = ml_collections.ConfigDict({**probe, "num_draft": c.opd.num_draft})
 
-    c.opd.prompt_len = 128
-    c.opd.batch_size = 4
-    c.opd.num_rounds = 4
-    c.opd.num_steps = 20
-    c.opd.log_every = 5
-    c.opd.save_every = 10
-    c.opd.save_rollouts = False
-    c.opd.probe = ml_collections.ConfigDict(probe)
-
-    c.eval.num_prompts = 4
-    c.eval.max_new_tokens = 64
     c.eval.runs = []
     for ps in ("mtbench", "humaneval"):
         c.eval.runs.append(dict(name=f"ngram_{ps}", drafter="ngram", prompt_set=ps))
@@ -81,25 +86,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.report.curve_drafters = ("eagle3",)
     c.report.results_name = ""  # also write experiments/results/<name>/ ("" = only DIR/report/)
 
-    if tiny:  # a few steps of everything: the test of the whole pipeline
-        c.chat.max_new_tokens = 8
-        c.regenerate.num_prompts = 8
-        c.regenerate.max_new_tokens = 32
-        c.regenerate.batch_size = 4
-        c.regenerate.shard_size = 4
-        c.sft.target_features = "online"
-        c.sft.seq_len = 96
-        c.sft.batch_size = 2
-        c.sft.num_steps = 40
-        c.sft.log_every = 5
-        c.sft.probe.update(num_prompts=2, max_new_tokens=16, batch_size=2)
-        c.opd.prompt_len = 96
-        c.opd.batch_size = 2
-        c.opd.num_rounds = 3
-        c.opd.num_steps = 4
-        c.opd.probe.update(num_prompts=2, max_new_tokens=16, every=2, batch_size=2)
-        c.eval.num_prompts = 2
-        c.eval.batch_size = 2  # one compiled shape per run
-        c.eval.max_new_tokens = 8
+    if tiny:
         c.eval.runs = [r for r in c.eval.runs if r["prompt_set"] == "mtbench"]
     return c
