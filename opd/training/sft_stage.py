@@ -275,18 +275,6 @@ def stage_sft(config, workdir: str):
         return flops.sft_step_flops(spec, target.config, B * jax.process_count(), T, loss_cfg.ttt_steps,
                                     loss_cfg.num_anchors, cached_features=cached)
 
-    num_steps = int(s.num_steps)
-    if s.get("match_flops", ""):  # a baseline trained to the cumulative FLOPs another run ended at
-        num_steps = matched_steps(resolve(s.match_flops, workdir), config, workdir,
-                                  step_flops({"tokens": np.zeros((int(s.batch_size) // jax.process_count(), int(s.seq_len)))}))
-    ocfg = optim.OptimConfig.from_config({"total_steps": num_steps, **dict(s.optimizer)})
-    optimizer = optim.make_optimizer(ocfg)
-    shardings = sft.make_shardings(mesh, spec, target.config, optimizer, cached_features=cached)
-    trainable, frozen = sft.split_drafter_params(drafter)
-    abstract = ckpt.abstract_state(spec, optimizer, shardings)
-
-    pcfg = dp.PipelineConfig(seq_len=int(s.seq_len), batch_size=int(s.batch_size) // jax.process_count(),
-                             packing=False, seed=int(config.seed), pad_id=0)
     import grain
 
     source = training_source(folders, workdir)
@@ -302,6 +290,22 @@ def stage_sft(config, workdir: str):
                                    dtype=s.get("feature_cache_dtype", "float16"), batch_size=int(s.batch_size))
         cache_flops = info["flops"]
         source = dp.IndexedSource(source)
+    num_steps = int(s.num_steps)
+    if s.get("match_flops", ""):  # a baseline trained to the cumulative FLOPs another run ended at
+        # this run's own cache is part of its budget, whether built now or before a restart
+        own_cache = (flops.target_forward_flops(target.config, len(source), int(s.seq_len))
+                     if cached and not s.get("feature_cache_dir", "") else 0)
+        num_steps = matched_steps(resolve(s.match_flops, workdir), config, workdir,
+                                  step_flops({"tokens": np.zeros((int(s.batch_size) // jax.process_count(), int(s.seq_len)))}),
+                                  own_cache)
+    ocfg = optim.OptimConfig.from_config({"total_steps": num_steps, **dict(s.optimizer)})
+    optimizer = optim.make_optimizer(ocfg)
+    shardings = sft.make_shardings(mesh, spec, target.config, optimizer, cached_features=cached)
+    trainable, frozen = sft.split_drafter_params(drafter)
+    abstract = ckpt.abstract_state(spec, optimizer, shardings)
+
+    pcfg = dp.PipelineConfig(seq_len=int(s.seq_len), batch_size=int(s.batch_size) // jax.process_count(),
+                             packing=False, seed=int(config.seed), pad_id=0)
     dataset = dp.make_dataset(source, pcfg, shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
     if cached:
         dataset = dataset.map(feature_cache.AttachFeatures(cache_dir))
@@ -370,11 +374,12 @@ def final_flops(stage_dir: str) -> float:
     return float(rows[-1]["flops"])
 
 
-def matched_steps(run_dir: str, config, workdir: str, flops_per_step: int) -> int:
-    """Steps of this SFT run that bring its cumulative FLOPs (from its init) to `run_dir`'s."""
+def matched_steps(run_dir: str, config, workdir: str, flops_per_step: int, cache_flops: int = 0) -> int:
+    """Steps of this SFT run that bring its cumulative FLOPs (from its init, plus building its
+    feature cache) to `run_dir`'s."""
     from opd.training.opd_stage import init_flops
 
-    start = init_flops(resolve(config.drafter.init, workdir)) if config.drafter.init else 0
+    start = (init_flops(resolve(config.drafter.init, workdir)) if config.drafter.init else 0) + cache_flops
     want = final_flops(run_dir)
     n = max(1, int(-(-(want - start) // flops_per_step)))
     logging.info("sft: %d steps of %.3g FLOPs match %s (%.3g -> %.3g cumulative FLOPs)", n, flops_per_step,

@@ -270,3 +270,15 @@ def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp
     other = _config(target_dir, data_dir, kind, num_steps=6, target_features="cache", feature_cache_dtype="float16")
     with pytest.raises(ValueError, match="feature cache .* was built from"):
         sft_stage.stage_sft(other, str(tmp_path / "cached"))
+
+
+def test_matched_steps_count_the_runs_own_feature_cache(tmp_path):
+    """A matched-FLOPs baseline stops at the other run's FLOPs, its own feature cache included."""
+    import ml_collections
+
+    from opd.training.sft_stage import matched_steps
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "flops": 1000.0}\n')
+    config = ml_collections.ConfigDict({"drafter": {"init": ""}})
+    assert matched_steps(str(tmp_path), config, str(tmp_path), 100) == 10
+    assert matched_steps(str(tmp_path), config, str(tmp_path), 100, cache_flops=300) == 7
