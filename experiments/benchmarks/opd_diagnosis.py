@@ -65,6 +65,7 @@ def opd_run(workdir, run, kind):
 
 def sft_run(workdir, run, kind, target_flops_per_token=None, opd_end_flops=None):
     from opd.data.builders import read_trajectory_shards
+    from opd.training.sft_stage import resolve
 
     stage = os.path.join(workdir, run, kind)
     rows = _rows(os.path.join(stage, "metrics.jsonl"))
@@ -72,7 +73,7 @@ def sft_run(workdir, run, kind, target_flops_per_token=None, opd_end_flops=None)
     if not rows or not os.path.isfile(cfg_path):
         return None
     cfg = json.load(open(cfg_path))
-    folders = [f.replace("workdir:", workdir + "/") for f in cfg.get("data") or []] or sorted(
+    folders = [resolve(f, workdir) for f in cfg.get("data") or []] or sorted(
         glob.glob(os.path.join(workdir, "regenerate", "*")))
     seq_len = int(cfg["seq_len"])
     kept = [max(0, min(len(t["prompt_ids"]) + len(t["response_ids"]), seq_len) - len(t["prompt_ids"]))
