@@ -26,24 +26,36 @@ def resolve_path(spec: str) -> str:
 
 
 def load_target_from_config(config: ml_collections.ConfigDict):
-    """The config's target, loaded once per process (stages of one launch share it)."""
+    """The config's target, loaded once per process (stages of one launch share it).
+
+    `target.param_dtype` (default float32) and `target.remat` are optional; with `target.preset`
+    set, the checkpoint's architecture must be that preset's (`opd.models.presets`)."""
     t = config.target
-    return _load_target_cached(resolve_path(t.path), t.dtype, t.scan_layers)
+    target = _load_target_cached(resolve_path(t.path), t.dtype, t.scan_layers, t.get("param_dtype", "float32"),
+                                 bool(t.get("remat", False)))
+    if t.get("preset"):
+        from opd.models.presets import check_against
+
+        check_against(t.preset, target.config)
+    return target
 
 
 @functools.lru_cache(maxsize=1)
-def _load_target_cached(path: str, dtype: str, scan_layers: bool):
+def _load_target_cached(path: str, dtype: str, scan_layers: bool, param_dtype: str, remat: bool):
     from opd.target import load_target
 
-    return load_target(path, dtype=dtype, scan_layers=scan_layers)
+    return load_target(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
 
 
 def stage_fetch_assets(config, workdir: str) -> dict:
     """Fetches (or finds cached) every asset the config names; writes their paths."""
     from opd.data.assets import asset_path
 
-    paths = {name: asset_path(name) for name in config.assets}
-    _write_json(os.path.join(workdir, "fetch_assets", "paths.json"), paths)
+    from opd.sharding import is_main_process
+
+    paths = {name: asset_path(name) for name in config.assets}  # each host fills its own asset cache
+    if is_main_process():
+        _write_json(os.path.join(workdir, "fetch_assets", "paths.json"), paths)
     for name, p in paths.items():
         logging.info("asset %s: %s (%.1f MB)", name, p, os.path.getsize(p) / 1e6)
     return paths
@@ -54,6 +66,10 @@ def stage_chat(config, workdir: str) -> list:
     from opd.data.assets import load_prompt_set
     from opd.decoding.generate import generate
 
+    from opd.sharding import is_main_process
+
+    if not is_main_process():  # multi-host: process 0 chats on its own devices
+        return []
     c = config.chat
     out_path = os.path.join(workdir, "chat", "responses.jsonl")
     prompts = list(c.prompts) if c.prompts else [r["turns"][0] for r in load_prompt_set(c.prompt_set)[: c.num_prompts]]
@@ -164,19 +180,23 @@ def drafter_training(run: dict, workdir: str) -> dict:
 
 def stage_eval(config, workdir: str) -> list:
     """Speculative vs autoregressive decoding for each of `config.eval.runs` (opd.eval.evaluate);
-    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written."""
+    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written.
+    Multi-host: process i runs runs i, i + P, ... on its own devices, then all wait."""
+    import jax
+
     from opd.eval.harness import SUMMARY_COLUMNS, evaluate, write_eval
     from opd.eval.report import markdown_table
+    from opd.sharding import barrier, is_main_process
 
     runs = eval_runs(config)
-    target, results = None, []
-    for r in runs:
+    target = None
+    for i, r in enumerate(runs):
         out_dir = os.path.join(workdir, "eval", r["name"])
         path = os.path.join(out_dir, "metrics.json")
+        if i % jax.process_count() != jax.process_index():
+            continue
         if os.path.exists(path):
             logging.info("eval: run %s already done (%s)", r["name"], path)
-            with open(path) as f:
-                results.append({"run": r["name"], **json.load(f)})
             continue
         if target is None:
             target = load_target_from_config(config)
@@ -192,8 +212,13 @@ def stage_eval(config, workdir: str) -> list:
         write_eval(m, out_dir)
         logging.info("eval: %s: tau %s, speedup %s, greedy_matches_ar %s -> %s", r["name"], m["tau"], m["speedup"],
                      m["greedy_matches_ar"], out_dir)
-        results.append({"run": r["name"], **m})
-    print("\n" + markdown_table(results, ("run",) + SUMMARY_COLUMNS))
+    barrier("eval: all runs written")
+    results = []
+    for r in runs:
+        with open(os.path.join(workdir, "eval", r["name"], "metrics.json")) as f:
+            results.append({"run": r["name"], **json.load(f)})
+    if is_main_process():
+        print("\n" + markdown_table(results, ("run",) + SUMMARY_COLUMNS))
     return results
 
 
@@ -207,7 +232,10 @@ def stage_report(config, workdir: str) -> dict:
     import shutil
 
     from opd.eval import report
+    from opd.sharding import is_main_process
 
+    if not is_main_process():  # reads files only; process 0 writes the report
+        return {}
     rows = []
     for r in eval_runs(config):
         path = os.path.join(workdir, "eval", r["name"], "metrics.json")
@@ -294,6 +322,84 @@ STAGES: dict[str, Callable] = {
 }
 
 
+def _dflash_block_size(config) -> int | None:
+    """The DFlash drafter's block size as far as the config tells before loading: the drafter to
+    start from (`drafter.init`, an existing HF dir) or the fresh drafter's overrides."""
+    d = config.get("drafter")
+    if d is None or d.kind != "dflash":
+        return None
+    init = str(d.get("init", ""))
+    if init and not init.startswith(("asset:", "workdir:")):
+        try:
+            with open(os.path.join(os.path.expanduser(init), "config.json")) as f:
+                hf = json.load(f)
+        except (OSError, ValueError):
+            return None  # the loader names the problem
+        return (hf.get("dflash_config") or {}).get("block_size", hf.get("block_size"))
+    if init:
+        return None
+    return (dict(d.overrides) if "overrides" in d else {}).get("block_size", 16)
+
+
+def validate_launch(config: ml_collections.ConfigDict) -> None:
+    """Checks what a launch needs from outside the config: the target checkpoint path, the
+    meshes against the devices present, batch sizes against the data-parallel width, and the
+    DFlash block size against K. Raises ValueError naming the field."""
+    import jax
+
+    from opd.training.sft_stage import mesh_from_config
+
+    t = config.target
+    path = str(t.path)
+    if not path:
+        raise ValueError("config.target.path is empty: set it to the target's HF checkpoint directory "
+                         "(config.json + *.safetensors) or a .gguf file")
+    if path.startswith("gs://"):
+        raise ValueError(f"config.target.path {path!r}: checkpoints are read with local file APIs; mount the "
+                         "bucket (e.g. gcsfuse at /gcs/BUCKET) and pass the mounted path")
+    if not path.startswith("asset:") and not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"config.target.path: no checkpoint at {path!r}")
+    if t.get("preset"):
+        from opd.models.presets import PRESETS
+
+        if t.preset not in PRESETS:
+            raise ValueError(f"config.target.preset {t.preset!r} is unknown; known: {sorted(PRESETS)}")
+    if config.get("num_devices") and int(config.num_devices) != jax.device_count():
+        raise ValueError(f"config.num_devices = {config.num_devices} (slice {config.get('slice', '?')}) but "
+                         f"{jax.device_count()} devices are present: pick the variant of this slice")
+    if "opd" in config.stages:
+        init = str(config.opd.init)
+        if init and not init.startswith(("asset:", "workdir:")) and not os.path.isdir(os.path.expanduser(init)):
+            raise ValueError(f"config.opd.init: no drafter directory at {init!r} (the drafter Draft-OPD starts from)")
+    if jax.process_count() > 1 and "sft" in config.stages and config.sft.target_features == "cache":
+        raise ValueError("config.sft.target_features = 'cache' runs in single-process launches only (the cache "
+                         "is one host's file); use 'online' on a multi-host slice")
+    for name in ("sft", "opd"):
+        if name not in config.stages:
+            continue
+        block = config[name]
+        try:
+            mesh = mesh_from_config(block.mesh)
+        except ValueError as e:
+            raise ValueError(f"config.{name}.mesh {dict(block.mesh)} on {jax.device_count()} devices: {e}") from None
+        n = mesh.shape["data"] * mesh.shape["fsdp"]
+        if int(block.batch_size) % n:
+            raise ValueError(f"config.{name}.batch_size {block.batch_size} must be divisible by the mesh's "
+                             f"data x fsdp = {n}")
+    block_size = _dflash_block_size(config)
+    if block_size:
+        ks = {}
+        if "opd" in config.stages:
+            ks["config.opd.num_draft"] = int(config.opd.num_draft)
+        if "eval" in config.stages:
+            ks.update({f"config.eval.runs ({r['name']}).num_draft_tokens": int(r["num_draft_tokens"])
+                       for r in eval_runs(config) if r["drafter"] == "dflash" and "num_draft_tokens" in r})
+        bad = {k: v for k, v in ks.items() if not 1 <= v <= block_size - 1}
+        if bad:
+            raise ValueError(f"{', '.join(f'{k} = {v}' for k, v in bad.items())}: a DFlash drafter with block_size "
+                             f"{block_size} drafts at most {block_size - 1} tokens per round")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks config values before any work starts; raises ValueError naming the field."""
     unknown = [s for s in config.stages if s.split(":")[0] not in STAGES]
@@ -301,6 +407,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown stage(s) {unknown} in config.stages; available: {sorted(STAGES)}")
     if config.target.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.target.dtype must be float32 or bfloat16, got {config.target.dtype!r}")
+    if config.target.get("param_dtype", "float32") not in ("float32", "bfloat16"):
+        raise ValueError(f"config.target.param_dtype must be float32 or bfloat16, got {config.target.param_dtype!r}")
     if "chat" in config.stages:
         c = config.chat
         for field in ("num_prompts", "batch_size", "max_new_tokens"):
@@ -348,10 +456,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if config.get("distributed", False):
+        _initialize_distributed()
+    if str(workdir).startswith("gs://"):
+        raise ValueError(f"--workdir {workdir}: stages write with local file APIs; mount the bucket (e.g. gcsfuse "
+                         "at /gcs/BUCKET) and pass the mounted path")
     validate(config)
+    validate_launch(config)
+    from opd.sharding import is_main_process
+
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if is_main_process():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    from opd.sharding import barrier
+
     for name in config.stages:
         logging.info("=== stage %s ===", name)
         base, _, source = name.partition(":")
@@ -361,6 +480,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             STAGES[base](with_export_source(config, source), workdir)
         else:
             STAGES[name](config, workdir)
+        barrier(f"stage {name} done")  # multi-host: the next stage reads what every process wrote
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize()` once per process (multi-host slices; on Cloud TPU the
+    coordinator, process count and id are found from the environment)."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _print_chat(records) -> None:

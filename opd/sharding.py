@@ -138,3 +138,41 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedShar
     axes = _rule_table(rules)["batch"]
     lead = None if not axes else (axes[0] if len(axes) == 1 else axes)
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+# ----------------------------------------------------------------------------- multi-host
+# Every process of a multi-host launch runs the same stage code on identical host data (the
+# target checkpoint, the seeded data iterators): `jax.device_put` of that data onto a global
+# sharding makes each process transfer only its own shards. Files are written by process 0
+# only; the others wait at a barrier where they read what it wrote.
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that writes files); always True in single-process runs."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (no-op in single-process runs)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of (possibly sharded, multi-host) arrays, gathered in full on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def put_process_rows(batch: Any, shardings: Any) -> Any:
+    """Global batch arrays from this process's rows: row blocks of the processes in process
+    order (how `grain.sharding.ShardByJaxProcess` splits the data); `jax.device_put` when
+    there is one process."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch)

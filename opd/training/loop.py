@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from opd import sharding as shd
 from opd.training import checkpoint as ckpt
 
 
@@ -114,7 +115,8 @@ def train_loop(
     def save(force=True):
         ckpt.save(manager, state, {**data_state(), "counters": dict(counters)}, force=force)
 
-    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not shd.is_main_process())
     try:
         with sigterm_flag() as flag:
             for step in range(start, num_steps):
@@ -135,7 +137,7 @@ def train_loop(
                 counters["tokens"] += n_tok
                 tokens_since += n_tok
                 if on_step is not None:
-                    on_step(done, batch, jax.device_get(private))
+                    on_step(done, batch, shd.to_host(private))
                 pending.append(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")

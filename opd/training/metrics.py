@@ -48,16 +48,21 @@ class MetricsWriter:
     """Appends `{"step": s, **scalars}` lines to metrics.jsonl and TensorBoard scalars."""
 
     def __init__(self, directory: str, tensorboard: bool = True):
+        from opd.sharding import is_main_process
+
+        self.enabled = is_main_process()  # multi-host: process 0 writes, the others only return rows
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "metrics.jsonl")
         self._tb = None
-        if tensorboard:
+        if tensorboard and self.enabled:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(directory, "tb"), flush_secs=30)
 
     def truncate_after(self, step: int) -> None:
         """Drops lines of steps > `step` (work redone after a resume)."""
+        if not self.enabled:
+            return
         rows = read_jsonl(self.path)
         keep = [r for r in rows if r.get("step", 0) <= step]
         if len(keep) != len(rows):
@@ -68,6 +73,8 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: Mapping) -> dict:
         row = {"step": int(step), **flatten(metrics)}
+        if not self.enabled:
+            return row
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from opd import sharding as shd
 from opd.training import sft_stage
 
 PREFIXES = ("random", "prompt")
@@ -57,7 +58,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.drafter.kind not in sft_stage.DRAFTER_KINDS:
         raise ValueError(f"config.drafter.kind must be one of {sft_stage.DRAFTER_KINDS}, got {config.drafter.kind!r}")
     if not o.init:
-        raise ValueError("config.opd.init must name the warm-up drafter (e.g. 'workdir:export/sft_eagle3')")
+        raise ValueError("config.opd.init must name the drafter Draft-OPD starts from: an HF-layout drafter "
+                         "directory (the pod configs take it from config.drafter.init) or an SFT warm-up "
+                         "('workdir:export/sft_eagle3')")
     if not str(o.name) or "/" in str(o.name):
         raise ValueError(f"config.opd.name must be a plain directory name, got {o.name!r}")
     if o.prefix not in PREFIXES:
@@ -190,6 +193,8 @@ def _write_rollouts(out_dir: str, step: int, batch: dict, private: dict, target_
             continue
         rows.append({"prompt_id": f"{rec['prompt_id']}@opd{step}.{b}", "prompt_set": rec["prompt_set"],
                      "target": target_name, "prompt_ids": seq[b, :n0].tolist(), "response_ids": seq[b, n0:n1].tolist()})
+    if not shd.is_main_process():
+        return
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"shard-{step:06d}.jsonl")
     with open(path + ".tmp", "w") as f:
@@ -251,8 +256,9 @@ def stage_opd(config, workdir: str):
         batches.set_state(data["iterator"])
         counters = dict(data.get("counters", {}))
         logging.info("opd: resumed at step %d from %s", int(state.step), manager.directory)
-    with open(os.path.join(stage_dir, "opd_config.json"), "w") as f:
-        json.dump(json.loads(o.to_json_best_effort()), f, indent=2)
+    if shd.is_main_process():
+        with open(os.path.join(stage_dir, "opd_config.json"), "w") as f:
+            json.dump(json.loads(o.to_json_best_effort()), f, indent=2)
 
     writer = MetricsWriter(stage_dir, tensorboard=bool(o.tensorboard))
     writer.truncate_after(int(state.step))
@@ -272,14 +278,14 @@ def stage_opd(config, workdir: str):
     hooks = []
     if probes:
         def probe(done, st):
-            d = sft_stage.with_trainable(drafter, jax.device_get(st.params))
+            d = sft_stage.with_trainable(drafter, shd.to_host(st.params))
             return probe_tau(target, d, probes, o.probe, cfg.num_draft, seed=int(config.seed))
 
         hooks.append((int(o.probe.every), probe))
         if int(state.step) == 0:
             writer.write(0, {**probe(0, state), "flops": float(counters["flops"])})
     on_step = None
-    if o.save_rollouts:
+    if o.save_rollouts:  # every process gathers the rows (a collective); process 0 writes them
         out = os.path.join(stage_dir, "rollouts")
         on_step = lambda done, b, private: _write_rollouts(out, done, b, private, str(config.target.path))
     try:

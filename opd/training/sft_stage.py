@@ -32,10 +32,10 @@ import shutil
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from opd import sharding as shd
 from opd.checkpoints.errors import CheckpointError
 
 DRAFTER_KINDS = ("eagle3", "dflash")
@@ -174,10 +174,11 @@ def check_run(config, target, stage_dir: str) -> None:
             raise CheckpointError(
                 f"{stage_dir} was started with {json.dumps(old)}, but this config gives {json.dumps(fp)}: the "
                 "checkpoints there belong to another target or drafter. Use another --workdir.")
-    else:
+    elif shd.is_main_process():
         os.makedirs(stage_dir, exist_ok=True)
         with open(run_json, "w") as f:
             json.dump(fp, f, indent=2)
+    shd.barrier("check_run")
 
 
 def initial_drafter(config, workdir: str, target, folders, stage_dir: str):
@@ -187,7 +188,7 @@ def initial_drafter(config, workdir: str, target, folders, stage_dir: str):
     from opd.drafters import init_drafter
 
     init_dir = os.path.join(stage_dir, "init")
-    check_run(config, target, stage_dir)
+    check_run(config, target, stage_dir)  # ends at a barrier: every process sees the same init_dir
     if os.path.isfile(os.path.join(init_dir, "config.json")):
         drafter = load_drafter(init_dir, target)  # refuses another target's vocabulary / sizes
     else:
@@ -204,10 +205,12 @@ def initial_drafter(config, workdir: str, target, folders, stage_dir: str):
             drafter = init_drafter("eagle3", target, seed=int(config.seed), token_counts=counts, **overrides)
         else:
             drafter = init_drafter("dflash", target, seed=int(config.seed), **overrides)
-        tmp = init_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_drafter(drafter, tmp)
-        os.replace(tmp, init_dir)
+        if shd.is_main_process():  # every process built the same drafter (same data and seed)
+            tmp = init_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            export_drafter(drafter, tmp)
+            os.replace(tmp, init_dir)
+        shd.barrier("initial_drafter")
         drafter = load_drafter(init_dir, target)  # what every later resume sees, bit for bit
     if drafter.kind != config.drafter.kind:
         raise CheckpointError(f"{init_dir} holds a {drafter.kind} drafter but config.drafter.kind is "
@@ -325,16 +328,17 @@ def stage_sft(config, workdir: str):
         counters = dict(data.get("counters", {}))
         logging.info("sft: resumed at step %d from %s", int(state.step), manager.directory)
 
-    with open(os.path.join(stage_dir, "sft_config.json"), "w") as f:  # this launch's training settings
-        json.dump(json.loads(s.to_json_best_effort()), f, indent=2)
+    if shd.is_main_process():
+        with open(os.path.join(stage_dir, "sft_config.json"), "w") as f:  # this launch's training settings
+            json.dump(json.loads(s.to_json_best_effort()), f, indent=2)
     writer = MetricsWriter(stage_dir, tensorboard=bool(s.tensorboard))
     writer.truncate_after(int(state.step))
     step_fn = sft.make_train_step(spec, target.config, optimizer, shardings, loss_cfg)
     frozen_dev = jax.device_put(frozen, shardings.drafter_frozen)
     target_params = jax.device_put(target.params, shardings.target)
 
-    def place(batch):
-        return jax.device_put({k: jnp.asarray(batch[k]) for k in shardings.batch}, shardings.batch)
+    def place(batch):  # this process's rows (grain shards the data by process) -> the global batch
+        return shd.put_process_rows({k: np.asarray(batch[k]) for k in shardings.batch}, shardings.batch)
 
     hooks = []
     if "probe" in s and int(s.probe.num_prompts) > 0:  # the OPD stage's held-out tau, for one curve axis
@@ -343,7 +347,7 @@ def stage_sft(config, workdir: str):
         prompts, K = probe_prompts(s.probe), int(s.probe.num_draft)
 
         def probe(done, st):
-            return probe_tau(target, with_trainable(drafter, jax.device_get(st.params)), prompts, s.probe, K,
+            return probe_tau(target, with_trainable(drafter, shd.to_host(st.params)), prompts, s.probe, K,
                              seed=int(config.seed))
 
         hooks.append((int(s.probe.every), probe))
@@ -409,7 +413,7 @@ def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=N
     abstract = ckpt.abstract_state(drafter.spec, optimizer, shardings)
     state, data = restore_state(manager, abstract, manager.directory) if step is None else ckpt.restore(manager, abstract, step)
     info = {"source": source, "step": int(state.step), "flops": int(data.get("counters", {}).get("flops", 0))}
-    return with_trainable(drafter, jax.device_get(state.params)), info
+    return with_trainable(drafter, shd.to_host(state.params)), info
 
 
 def stage_export(config, workdir: str) -> str:
@@ -422,12 +426,17 @@ def stage_export(config, workdir: str) -> str:
     out = os.path.join(workdir, "export", f"{source}_{kind}")
     meta = os.path.join(out, "export.json")
     target = load_target_from_config(config)
-    drafter, info = trained_drafter(workdir, target, kind, source)
+    drafter, info = trained_drafter(workdir, target, kind, source)  # every process (a collective restore)
+    done = False
     if os.path.isfile(meta):
         with open(meta) as f:
-            if json.load(f) == info:
-                logging.info("export: %s step %d already in %s", source, info["step"], out)
-                return out
+            done = json.load(f) == info
+    shd.barrier("export: checked")  # before process 0 writes
+    if done:
+        logging.info("export: %s step %d already in %s", source, info["step"], out)
+        return out
+    if not shd.is_main_process():
+        return out
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     export_drafter(drafter, tmp)

@@ -242,7 +242,7 @@ def own_answers(bigram_target_dir, tmp_path_factory):
     import opd
     from opd.pipeline import _load_target_cached
 
-    target = _load_target_cached(bigram_target_dir, "float32", False)
+    target = _load_target_cached(bigram_target_dir, "float32", False, "float32", False)
     rs = np.random.RandomState(11)
     prompts = [rs.randint(2, VB, 4 + i % 4).tolist() for i in range(24)]
     answers = opd.generate(target, prompts, max_new_tokens=20, eos_token_ids=()).tokens
