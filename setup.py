@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         # Parity checks against PyTorch/transformers only; never imported by the library.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate"],
+        # nbclient / nbformat / ipykernel execute the colab/ notebooks (tests/test_colab.py).
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29"],
     },
 )
