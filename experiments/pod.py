@@ -85,7 +85,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.assets = ["alpacaeval", "mtbench", "humaneval"]
         c.target.path = ""  # REQUIRED: HF dir of the target (e.g. huggingface-cli download Qwen/Qwen3-8B)
         c.target.dtype = "bfloat16"
-        c.target.param_dtype = "bfloat16"  # the frozen target's weights (the drafter trains in float32)
+        # weights in bf16; the drafter's parameters and AdamW state follow the target's
+        # param_dtype (no float32 master copy: BUILD_NOTES, "TPU pods")
+        c.target.param_dtype = "bfloat16"
         c.target.scan_layers = True  # one compiled layer: minutes less compile at 36 layers
         c.regenerate.num_prompts = 1024  # per source
         c.regenerate.max_new_tokens = 2048  # thinking-mode answers are long
@@ -100,6 +102,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.sft.target_features = "online"  # 8B features of the whole set would be terabytes
         c.sft.seq_len = 2048
         c.sft.batch_size = ROWS_PER_DATA_SHARD * data
+        if kind == "eagle3":  # 7 TTT steps hold [B, T, W] float32 logits each: 2 rows per shard
+            c.sft.batch_size = 2 * data  # (4 rows: 128 GiB per v5p chip, experiments/results/aot/)
+            if sl["hbm_gib"] < 95:
+                c.sft.seq_len = 1024
         c.sft.num_steps = 20000
         c.sft.log_every = 50
         c.sft.save_every = 500

@@ -347,7 +347,7 @@ def validate_launch(config: ml_collections.ConfigDict) -> None:
     DFlash block size against K. Raises ValueError naming the field."""
     import jax
 
-    from opd.training.sft_stage import mesh_from_config
+    from opd.training.sft_stage import stage_mesh
 
     t = config.target
     path = str(t.path)
@@ -375,17 +375,8 @@ def validate_launch(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.sft.target_features = 'cache' runs in single-process launches only (the cache "
                          "is one host's file); use 'online' on a multi-host slice")
     for name in ("sft", "opd"):
-        if name not in config.stages:
-            continue
-        block = config[name]
-        try:
-            mesh = mesh_from_config(block.mesh)
-        except ValueError as e:
-            raise ValueError(f"config.{name}.mesh {dict(block.mesh)} on {jax.device_count()} devices: {e}") from None
-        n = mesh.shape["data"] * mesh.shape["fsdp"]
-        if int(block.batch_size) % n:
-            raise ValueError(f"config.{name}.batch_size {block.batch_size} must be divisible by the mesh's "
-                             f"data x fsdp = {n}")
+        if name in config.stages:
+            stage_mesh(config[name], name)
     block_size = _dflash_block_size(config)
     if block_size:
         ks = {}

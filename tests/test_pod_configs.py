@@ -117,3 +117,20 @@ def test_load_config_reads_a_variant_and_names_a_missing_file():
     assert load_config(os.path.join(REPO, "experiments", "quickstart.py") + ":tiny").stages
     with pytest.raises(FileNotFoundError, match="no config file at"):
         load_config("experiments/nope.py:tiny")
+
+
+@pytest.mark.slow
+def test_pod_tiny_variant_runs_on_8_devices(tmp_path):
+    """The pod config's stage list end to end (SmolLM2 for the target, mesh 4 x 1 x 2 over 8
+    fake CPU devices): regenerate, SFT, export, Draft-OPD, export, eval."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "opd.main", "--config=experiments/pod.py:eagle3,tiny",
+                           f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for run in ("eagle3_sft_alpacaeval", "eagle3_opd_alpacaeval"):
+        m = json.load(open(tmp_path / "eval" / run / "metrics.json"))
+        assert m["greedy_matches_ar"] is True and m["tau"] >= 1.0
+    assert json.load(open(tmp_path / "export" / "opd_eagle3" / "export.json"))["step"] == 4

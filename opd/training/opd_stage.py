@@ -231,10 +231,7 @@ def stage_opd(config, workdir: str):
     if hasattr(spec, "check_num_draft"):
         spec.check_num_draft(cfg.num_draft)
 
-    mesh = sft_stage.mesh_from_config(o.mesh)
-    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-    if int(o.batch_size) % n_batch:
-        raise ValueError(f"config.opd.batch_size {o.batch_size} must be divisible by data x fsdp = {n_batch}")
+    mesh = sft_stage.stage_mesh(o, "opd")
     ocfg = optim.OptimConfig.from_config({"total_steps": int(o.num_steps), **dict(o.optimizer)})
     optimizer = optim.make_optimizer(ocfg)
     shardings = sft.make_shardings(mesh, spec, target.config, optimizer)

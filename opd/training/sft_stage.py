@@ -89,6 +89,19 @@ def mesh_from_config(m: ml_collections.ConfigDict):
     return shd.make_mesh(data, fsdp, tensor)
 
 
+def stage_mesh(block: ml_collections.ConfigDict, what: str):
+    """The mesh of a training stage (`config.<what>.mesh` over the devices present), checked
+    against `config.<what>.batch_size` (rows divide over data x fsdp); ValueErrors name the field."""
+    try:
+        mesh = mesh_from_config(block.mesh)
+    except ValueError as e:
+        raise ValueError(f"config.{what}.mesh {dict(block.mesh)} on {jax.device_count()} devices: {e}") from None
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if int(block.batch_size) % n:
+        raise ValueError(f"config.{what}.batch_size {block.batch_size} must be divisible by the mesh's data x fsdp = {n}")
+    return mesh
+
+
 def resolve(spec: str, workdir: str) -> str:
     """`workdir:<rel>` -> DIR/<rel>; `asset:<name>` -> the cached asset; else the path."""
     if spec.startswith("workdir:"):
@@ -266,10 +279,7 @@ def stage_sft(config, workdir: str):
     drafter = initial_drafter(config, workdir, target, folders, stage_dir)
     spec = drafter.spec
 
-    mesh = mesh_from_config(s.mesh)
-    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-    if int(s.batch_size) % n_batch:
-        raise ValueError(f"config.sft.batch_size {s.batch_size} must be divisible by data x fsdp = {n_batch}")
+    mesh = stage_mesh(s, "sft")
     loss_cfg = sft.SFTLossConfig(**dict(s.loss))
     cached = s.target_features == "cache"
 
