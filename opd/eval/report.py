@@ -152,10 +152,13 @@ def plot_curves(data: dict, path: str) -> list[dict]:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(data), figsize=(6 * len(data), 4.2), squeeze=False)
+    names = list(dict.fromkeys(run for runs in data.values() for run in runs))
+    color = {run: plt.get_cmap("tab10" if len(names) <= 10 else "tab20")(i) for i, run in enumerate(names)}  # one per run
     table = []
     for ax, (kind, runs) in zip(axes[0], data.items()):
         for run, rows in runs.items():
-            ax.plot([r["flops"] / 1e15 for r in rows], [r["probe_tau"] for r in rows], marker="o", label=run)
+            ax.plot([r["flops"] / 1e15 for r in rows], [r["probe_tau"] for r in rows], marker="o", label=run,
+                    color=color[run])
             table.append({"drafter": kind, "run": run, "start_tau": rows[0]["probe_tau"], "end_tau": rows[-1]["probe_tau"],
                           "end_step": rows[-1]["step"], "start_pflops": rows[0]["flops"] / 1e15,
                           "end_pflops": rows[-1]["flops"] / 1e15})
