@@ -300,7 +300,6 @@ def test_nan_weights(tmp_path):
 def test_smollm2_matches_transformers(smollm2_gguf_path, monkeypatch):
     """Every tensor equals transformers' own dequantisation of the same GGUF (Q/K un-permutation)."""
     import functools
-    import os
 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -13,7 +13,6 @@ import opd
 from conftest import make_target
 from opd.decoding import batching
 from opd.decoding.sampling import SamplingParams
-from opd.models import transformer as tfm
 from opd.training import rollout as ro
 
 V, K, R = 8, 3, 4  # a tiny vocabulary so that random drafters get drafts accepted
