@@ -328,17 +328,19 @@ def _dflash_block_size(config) -> int | None:
     d = config.get("drafter")
     if d is None or d.kind != "dflash":
         return None
+    from opd.checkpoints.dflash_hf import declared_block_size
+    from opd.checkpoints.errors import CheckpointError
+    from opd.models.dflash import DFlashConfig
+
     init = str(d.get("init", ""))
     if init and not init.startswith(("asset:", "workdir:")):
         try:
-            with open(os.path.join(os.path.expanduser(init), "config.json")) as f:
-                hf = json.load(f)
-        except (OSError, ValueError):
+            return declared_block_size(os.path.expanduser(init))
+        except (CheckpointError, ValueError, TypeError):
             return None  # the loader names the problem
-        return (hf.get("dflash_config") or {}).get("block_size", hf.get("block_size"))
     if init:
         return None
-    return (dict(d.overrides) if "overrides" in d else {}).get("block_size", 16)
+    return (dict(d.overrides) if "overrides" in d else {}).get("block_size", DFlashConfig.block_size)
 
 
 def validate_launch(config: ml_collections.ConfigDict) -> None:

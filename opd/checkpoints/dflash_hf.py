@@ -159,6 +159,18 @@ def export_dflash_hf(drafter, path: str) -> None:
               metadata={"format": "pt"})
 
 
+def _dflash_value(hf: dict, name: str, default=None):
+    """A DFlash config field: z-lab reads dflash_config first, then the top level."""
+    dcfg = hf.get("dflash_config") or {}
+    return (dcfg if isinstance(dcfg, dict) else {}).get(name, hf.get(name, default))
+
+
+def declared_block_size(path: str) -> int:
+    """The block size a DFlash HF dir declares (its config.json only; no weights read)."""
+    _, hf = read_config_json(path, "DFlash checkpoint")
+    return int(_dflash_value(hf, "block_size", dfm.DFlashConfig.block_size))
+
+
 def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig:
     cfg_path, hf = read_config_json(path, "DFlash checkpoint")
     archs = hf.get("architectures") or []
@@ -168,8 +180,7 @@ def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig
     if not isinstance(dcfg, dict):
         raise CheckpointError(f"{cfg_path}: dflash_config is not an object")
 
-    def value(name, default=None):  # z-lab reads dflash_config first, then the top level
-        return dcfg.get(name, hf.get(name, default))
+    value = lambda name, default=None: _dflash_value(hf, name, default)
 
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
         raise CheckpointError(f"{cfg_path}: sliding-window draft layers are not supported")
@@ -210,7 +221,7 @@ def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig
             vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
             num_heads=base.num_heads, num_kv_heads=base.num_kv_heads, head_dim=base.head_dim,
             target_layer_ids=ids, num_target_layers=n_target, mask_token_id=int(mask),
-            num_layers=base.num_layers, block_size=int(value("block_size", 16)), rms_norm_eps=base.rms_norm_eps,
+            num_layers=base.num_layers, block_size=int(value("block_size", dfm.DFlashConfig.block_size)), rms_norm_eps=base.rms_norm_eps,
             rope_theta=base.rope_theta, rope_scaling=base.rope_scaling, attention_bias=bool(hf.get("attention_bias", False)),
             dtype=tconfig.dtype, param_dtype=tconfig.param_dtype,
         )
