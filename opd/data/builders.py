@@ -416,7 +416,12 @@ def load_source(name: str, data_dir: str, split: str | None = None):
     if name == "pydocs" and not os.path.isdir(text_sources.DEFAULT_PYDOCS_ROOT):
         text_sources.pydocs_prompts()  # logs why
         return []  # an empty random-access source: tfds cannot write an empty split
-    builder = prepare(builder_for(name, data_dir))
+    try:
+        builder = prepare(builder_for(name, data_dir))
+    except FileExistsError:
+        # the hosts of a multi-host launch share `data_dir` and build the same set: the one
+        # that finished first renamed its copy into place, which is what this one would write
+        builder = prepare(builder_for(name, data_dir))
     sources = builder.as_data_source()
     if split is None:
         if len(sources) != 1:

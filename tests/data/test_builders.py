@@ -171,6 +171,48 @@ def test_jsonl_builder(tmp_path, data_dir):
     assert builders.load_prompts(str(path), data_dir) == assets.load_prompt_set(str(path))
 
 
+def test_hosts_building_the_same_set_at_once(tmp_path, monkeypatch):
+    """Multi-host launches share the workdir: two builds of one set that start together (a
+    barrier just before tfds looks for the set) both succeed; the later rename loses to the
+    first (tfds raises FileExistsError) and reads the finished copy."""
+    import threading
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"id": str(i), "prompt": f"prompt {i}"}) for i in range(20)) + "\n")
+    data_dir = str(tmp_path / "tfds")
+    together = threading.Barrier(2)
+    prepare = builders.prepare
+    calls, lost = [], []
+
+    def racing_prepare(builder):
+        calls.append(1)
+        if len(calls) <= 2:
+            together.wait(timeout=60)
+        try:
+            return prepare(builder)
+        except FileExistsError:
+            lost.append(1)
+            raise
+
+    monkeypatch.setattr(builders, "prepare", racing_prepare)
+    got, errors = [None, None], []
+
+    def host(i):
+        try:
+            got[i] = builders.load_prompts(str(path), data_dir)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert lost == [1]  # the race happened: one host's rename lost
+    assert got[0] == got[1] == assets.load_prompt_set(str(path))
+
+
 # ----------------------------------------------------------------------------- trajectories
 
 

@@ -57,13 +57,20 @@ def _launch(nproc, workdir, target_dir, data_dir, stages):
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     port = str(_free_port())
+    logs = [(open(workdir.parent / f"{workdir.name}.{i}.out", "w+"), open(workdir.parent / f"{workdir.name}.{i}.err", "w+"))
+            for i in range(nproc)]  # files, not pipes: a process blocked on a full pipe would stall the others
     procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(i), str(nproc), port, str(workdir), target_dir,
-                               data_dir, ",".join(stages)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(nproc)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-        assert "DONE" in out
+                               data_dir, ",".join(stages)], env=env, cwd=REPO, stdout=out, stderr=err, text=True)
+             for i, (out, err) in enumerate(logs)]
+    for p in procs:
+        p.wait(timeout=900)
+    report = []
+    for i, (p, (out, err)) in enumerate(zip(procs, logs)):
+        out.seek(0), err.seek(0)
+        o, e = out.read(), err.read()
+        if p.returncode != 0 or "DONE" not in o:  # every failed process's log: the first to fail shows the cause
+            report.append(f"--- process {i} of {nproc}: exit {p.returncode}\n{e[-3000:]}")
+    assert not report, "\n".join(report)
 
 
 def _params(export_dir):
