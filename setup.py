@@ -26,11 +26,14 @@ setup(
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",
+        "fsspec",  # gs:// (any URL) workdirs: opd.remote
     ],
     extras_require={
         # Parity checks against PyTorch/transformers only; never imported by the library.
         # nbclient / nbformat / ipykernel execute the colab/ notebooks (tests/test_colab.py).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
+        # gs:// workdirs, targets and drafters (opd.remote through fsspec).
+        "gcs": ["gcsfs"],
     },
 )

@@ -4,8 +4,8 @@ targets, DFlash or EAGLE-3 drafters, starting from a public drafter checkpoint (
   # plan first, on any CPU machine (no TPU, no weights): per-device memory of the compiled steps
   python experiments/aot_compile.py --config=experiments/pod.py:qwen3_8b,dflash,v5p-32
   # then, on every host of the slice (same command; see README "Launching on a TPU pod"):
-  python -m opd.main --config=experiments/pod.py:qwen3_8b,dflash,v5p-32 --workdir=/gcs/BUCKET/opd/qwen3_8b_dflash \
-      --config.target.path=/gcs/BUCKET/models/Qwen3-8B --config.drafter.init=/gcs/BUCKET/models/Qwen3-8B-DFlash-b16
+  python -m opd.main --config=experiments/pod.py:qwen3_8b,dflash,v5p-32 --workdir=gs://BUCKET/opd/qwen3_8b_dflash \
+      --config.target.path=gs://BUCKET/models/Qwen3-8B --config.drafter.init=gs://BUCKET/models/Qwen3-8B-DFlash-b16
 
 Variants (comma-separated):
   model    qwen3_4b | qwen3_8b (default) | llama31_8b;
@@ -17,8 +17,8 @@ Variants (comma-separated):
 
 Paths: `target.path` is the HF checkpoint directory (config.json + *.safetensors + tokenizer
 files), `drafter.init` a public drafter in its HF layout (z-lab DFlash, EAGLE-3 as SpecForge /
-the EAGLE repo write it); both are local paths, e.g. a gcsfuse mount of a bucket. They are
-checked before any work starts, and the loaded target is checked against `target.preset`.
+the EAGLE repo write it); local paths or gs:// URLs (downloaded once per host; the workdir
+itself may be gs://, see opd/remote.py). They are checked before any work starts, and the loaded target is checked against `target.preset`.
 Qwen3 runs in thinking mode: prompts are rendered with the model's own chat template, whose
 default is `enable_thinking=True`. (z-lab's public Qwen3 DFlash drafters were trained with
 thinking off; Draft-OPD's rollouts are thinking-mode text, so the OPD stage adapts them.)

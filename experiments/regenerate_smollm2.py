@@ -13,6 +13,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.stages = ("fetch_assets", "regenerate")  # run in order; each resumes from what DIR holds
     c.seed = 0  # base PRNG seed (shard i samples with seed + i)
     c.assets = ["smollm2_gguf", "alpacaeval", "mtbench", "humaneval"]  # eval sets: to exclude their prompts
+    # with a gs:// (any URL) --workdir: this host's local copy of it (opd/remote.py); "" picks
+    # ~/.cache/opd/workdirs/<scheme>/<path>
+    c.local_workdir = ""
 
     c.target = ml_collections.ConfigDict()
     c.target.path = "asset:smollm2_gguf"  # HF dir, .gguf file, or asset:<name>

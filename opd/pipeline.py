@@ -22,7 +22,20 @@ def resolve_path(spec: str) -> str:
         from opd.data.assets import asset_path
 
         return asset_path(spec[len("asset:"):])
+    from opd import remote
+
+    if remote.is_url(spec):  # gs://...: a local copy, downloaded once
+        return remote.fetch(spec)
     return os.path.expanduser(spec)
+
+
+def path_exists(spec: str) -> bool:
+    """Whether a config path (local, `asset:` or a URL) names something that exists."""
+    from opd import remote
+
+    if spec.startswith(("asset:", "workdir:")):
+        return True  # fetched / written by an earlier stage
+    return remote.exists(spec) if remote.is_url(spec) else os.path.exists(os.path.expanduser(spec))
 
 
 def load_target_from_config(config: ml_collections.ConfigDict):
@@ -356,10 +369,7 @@ def validate_launch(config: ml_collections.ConfigDict) -> None:
     if not path:
         raise ValueError("config.target.path is empty: set it to the target's HF checkpoint directory "
                          "(config.json + *.safetensors) or a .gguf file")
-    if path.startswith("gs://"):
-        raise ValueError(f"config.target.path {path!r}: checkpoints are read with local file APIs; mount the "
-                         "bucket (e.g. gcsfuse at /gcs/BUCKET) and pass the mounted path")
-    if not path.startswith("asset:") and not os.path.exists(os.path.expanduser(path)):
+    if not path_exists(path):
         raise ValueError(f"config.target.path: no checkpoint at {path!r}")
     if t.get("preset"):
         from opd.models.presets import PRESETS
@@ -371,7 +381,7 @@ def validate_launch(config: ml_collections.ConfigDict) -> None:
                          f"{jax.device_count()} devices are present: pick the variant of this slice")
     if "opd" in config.stages:
         init = str(config.opd.init)
-        if init and not init.startswith(("asset:", "workdir:")) and not os.path.isdir(os.path.expanduser(init)):
+        if init and not path_exists(init):
             raise ValueError(f"config.opd.init: no drafter directory at {init!r} (the drafter Draft-OPD starts from)")
     if jax.process_count() > 1 and "sft" in config.stages and config.sft.target_features == "cache":
         raise ValueError("config.sft.target_features = 'cache' runs in single-process launches only (the cache "
@@ -451,29 +461,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if config.get("distributed", False):
         _initialize_distributed()
-    if str(workdir).startswith("gs://"):
-        raise ValueError(f"--workdir {workdir}: stages write with local file APIs; mount the bucket (e.g. gcsfuse "
-                         "at /gcs/BUCKET) and pass the mounted path")
     validate(config)
     validate_launch(config)
-    from opd.sharding import is_main_process
+    from opd import remote
+    from opd.sharding import barrier, is_main_process
 
-    os.makedirs(workdir, exist_ok=True)
-    if is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    from opd.sharding import barrier
+    url = None
+    if remote.is_url(workdir):  # gs://...: the stages run in a local copy synced with the bucket
+        url, workdir = str(workdir), remote.attach(str(workdir), config.get("local_workdir", "")).local
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if is_main_process():
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        for name in config.stages:
+            logging.info("=== stage %s ===", name)
+            base, _, source = name.partition(":")
+            if source:  # "export:<run>": export that run (config.export.source for this stage only)
+                from opd.training.sft_stage import with_export_source
 
-    for name in config.stages:
-        logging.info("=== stage %s ===", name)
-        base, _, source = name.partition(":")
-        if source:  # "export:<run>": export that run (config.export.source for this stage only)
-            from opd.training.sft_stage import with_export_source
-
-            STAGES[base](with_export_source(config, source), workdir)
-        else:
-            STAGES[name](config, workdir)
-        barrier(f"stage {name} done")  # multi-host: the next stage reads what every process wrote
+                STAGES[base](with_export_source(config, source), workdir)
+            else:
+                STAGES[name](config, workdir)
+            barrier(f"stage {name} done")  # multi-host: the next stage reads what every process wrote
+    finally:
+        if url is not None:
+            rw = remote.current()
+            try:
+                rw.push()  # also after a failure or preemption: what was written so far
+            finally:
+                remote.detach()
 
 
 def _initialize_distributed() -> None:

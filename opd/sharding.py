@@ -153,11 +153,20 @@ def is_main_process() -> bool:
 
 
 def barrier(name: str) -> None:
-    """All processes wait here (no-op in single-process runs)."""
+    """All processes wait here (no-op in single-process runs). With a URL workdir
+    (`opd.remote`) each process first pushes what it wrote and afterwards pulls what the
+    others wrote."""
+    from opd import remote
+
+    rw = remote.current()
+    if rw is not None:
+        rw.push()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        if rw is not None:
+            rw.pull()
 
 
 def to_host(tree: Any) -> Any:

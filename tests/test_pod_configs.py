@@ -2,6 +2,7 @@
 work: every variant is a valid config; paths, meshes, batch sizes and the DFlash block size are
 checked against what the launch finds, with errors that name the field."""
 
+import importlib.util
 import itertools
 import json
 import os
@@ -83,7 +84,7 @@ def test_a_good_launch_config_passes(tmp_path, drafter_dir):
 @pytest.mark.parametrize("changes,message", [
     ({"target.path": ""}, "config.target.path is empty"),
     ({"target.path": "/no/such/model"}, "config.target.path: no checkpoint at"),
-    ({"target.path": "gs://bucket/Qwen3-8B"}, "mount the bucket"),
+    ({"target.path": "memory://bucket/Qwen3-8B"}, "config.target.path: no checkpoint at 'memory://bucket/Qwen3-8B'"),
     ({"drafter.init": "/no/such/drafter"}, "config.opd.init: no drafter directory"),
     ({"opd.num_draft": 15}, "config.opd.num_draft = 15.*block_size 8 drafts at most 7"),
     ({"num_devices": 4}, "config.num_devices = 4 .*1 devices are present"),
@@ -97,8 +98,10 @@ def test_launch_checks_name_the_problem(tmp_path, drafter_dir, changes, message)
         pipeline.validate_launch(c)
 
 
-def test_gs_workdir_is_a_clear_error(tmp_path, drafter_dir):
-    with pytest.raises(ValueError, match="--workdir gs://b/run: .*mount the bucket"):
+def test_gs_workdir_without_gcsfs_is_a_clear_error(tmp_path, drafter_dir):
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: gs:// workdirs work (tests/training/test_remote_workdir.py)")
+    with pytest.raises(ValueError, match="workdir gs://b/run: no filesystem for gs://.*pip install gcsfs"):
         pipeline.run(_launch_config(tmp_path, drafter_dir), "gs://b/run")
 
 

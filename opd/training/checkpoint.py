@@ -39,14 +39,19 @@ STATE, DATA = "state", "data"
 
 def make_manager(directory: str, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
                  async_save: bool = True) -> ocp.CheckpointManager:
-    """A CheckpointManager for `directory` (created if missing; must be absolute for orbax)."""
+    """A CheckpointManager for `directory` (created if missing; made absolute for orbax; its
+    place in the bucket when the run's workdir is a URL, `opd.remote`)."""
     if save_interval_steps < 1:
         raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     if max_to_keep is not None and max_to_keep < 1:
         raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options, item_names=(STATE, DATA))
+    from opd import remote
+
+    # a URL workdir's checkpoints go straight to the bucket (orbax commits them there)
+    directory = remote.checkpoint_location(os.path.abspath(os.fspath(directory)))
+    return ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA))
 
 
 def abstract_state(spec: DrafterSpec, optimizer: optax.GradientTransformation, shardings: sft.SFTShardings):

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from opd import remote
 from opd import sharding as shd
 from opd.training import checkpoint as ckpt
 
@@ -114,6 +115,9 @@ def train_loop(
 
     def save(force=True):
         ckpt.save(manager, state, {**data_state(), "counters": dict(counters)}, force=force)
+        rw = remote.current()
+        if rw is not None:  # a URL workdir: the metrics and rollouts so far go up with the checkpoint
+            rw.push()
 
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=not shd.is_main_process())

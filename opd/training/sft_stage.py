@@ -56,7 +56,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     d, s = config.drafter, config.sft
     if d.kind not in DRAFTER_KINDS:
         raise ValueError(f"config.drafter.kind must be one of {DRAFTER_KINDS}, got {d.kind!r}")
-    if d.init and not d.init.startswith(("asset:", "workdir:")) and not os.path.isdir(os.path.expanduser(d.init)):
+    from opd.pipeline import path_exists
+
+    if d.init and not path_exists(d.init):
         raise ValueError(f"config.drafter.init: no drafter directory at {d.init!r}")
     for field in ("seq_len", "batch_size", "num_steps", "log_every", "save_every", "keep_checkpoints"):
         if int(s[field]) < 1:

@@ -24,7 +24,7 @@ REPO = os.path.dirname(TESTS_DIR)
 
 _SCRIPT = r"""
 import os, sys
-pid, nproc, port, workdir, target_dir, data_dir, stages = sys.argv[1:8]
+pid, nproc, port, workdir, target_dir, data_dir, stages, opd_init = sys.argv[1:9]
 pid, nproc = int(pid), int(nproc)
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d" % (4 // nproc)
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -41,6 +41,10 @@ c.sft.name = "sft_mh" if nproc > 1 else "sft"
 for block in (c.sft, c.opd):
     block.mesh.data, block.mesh.fsdp, block.mesh.tensor = 2, 1, 2
 c.opd.batch_size = 2
+if opd_init:
+    c.opd.init = opd_init
+if "://" in workdir:  # each process's local copy of the URL workdir, as on its own host
+    c.local_workdir = os.path.join(os.path.dirname(data_dir), "host-%d" % pid)
 pipeline.run(c, workdir)
 print("DONE", pid, jax.process_count(), jax.device_count())
 """
@@ -52,15 +56,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc, workdir, target_dir, data_dir, stages):
+def _launch(nproc, workdir, target_dir, data_dir, stages, opd_init=""):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.path.join(TESTS_DIR, "training"),
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
+    env["OPD_REMOTE_CACHE"] = os.path.join(os.path.dirname(data_dir), "cache")  # fetched inputs, per test
     port = str(_free_port())
-    logs = [(open(workdir.parent / f"{workdir.name}.{i}.out", "w+"), open(workdir.parent / f"{workdir.name}.{i}.err", "w+"))
+    log = os.path.join(os.path.dirname(data_dir), os.path.basename(str(workdir)))
+    logs = [(open(f"{log}.{i}.out", "w+"), open(f"{log}.{i}.err", "w+"))
             for i in range(nproc)]  # files, not pipes: a process blocked on a full pipe would stall the others
     procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(i), str(nproc), port, str(workdir), target_dir,
-                               data_dir, ",".join(stages)], env=env, cwd=REPO, stdout=out, stderr=err, text=True)
+                               data_dir, ",".join(stages), opd_init], env=env, cwd=REPO, stdout=out, stderr=err,
+                              text=True)
              for i, (out, err) in enumerate(logs)]
     for p in procs:
         p.wait(timeout=900)
@@ -122,3 +129,18 @@ def test_two_processes_train_like_one(tmp_path):
     assert [r["step"] for r in srows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in srows)
     assert sorted(os.listdir(two / "sft_mh" / "eagle3" / "checkpoints")) == ["2", "4"]
+
+    # A gs://-style URL workdir (file:// here): each process runs in its own local copy and
+    # syncs with the bucket at every barrier; orbax writes the checkpoints to the bucket.
+    bucket = tmp_path / "bucket" / "run"
+    _launch(2, "file://" + str(bucket), str(target_dir), str(data), ["opd", "export:opd"],
+            opd_init="file://" + str(one / "export" / "sft_eagle3"))
+    c = _params(bucket / "export" / "opd_eagle3")
+    for k in a:
+        np.testing.assert_allclose(c[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert roll(bucket) == roll(one)
+    assert sorted(os.listdir(bucket / "opd" / "eagle3" / "checkpoints")) == ["2", "4"]
+    assert [r["step"] for r in map(json.loads, open(bucket / "opd" / "eagle3" / "metrics.jsonl")) if "loss" in r] \
+        == [1, 2, 3, 4]
+    for i in range(2):  # no host kept checkpoints locally
+        assert not os.path.exists(tmp_path / f"host-{i}" / "opd" / "eagle3" / "checkpoints")
