@@ -4,7 +4,8 @@ kept in sync with the bucket.
 The stages read and write the workdir through local file APIs (JSON, JSONL, safetensors,
 TensorBoard event files, memory-mapped caches, ArrayRecord shards), which object stores do not
 offer. For a URL workdir `pipeline.run` runs the stages in a local copy (`config.local_workdir`,
-default ~/.cache/opd/workdirs/<scheme>/<path>, one per process) and
+default $OPD_REMOTE_CACHE (~/.cache/opd)/workdirs/<scheme>/<path>, one per process on a shared
+machine) and
   * pulls the bucket's files into it when the run starts, so a fresh VM resumes where a
     preempted one stopped;
   * pushes what changed at every `opd.sharding.barrier` (each stage's end, the init and
@@ -19,7 +20,10 @@ A push is committed by this process's manifest, `.opd_sync/process-<i>.json` ({p
 md5]}), rewritten without the files about to be overwritten before they are uploaded and with
 them afterwards; remote deletions come last. A pull takes only files some manifest lists with
 matching size, so a push cut short by preemption leaves the last committed state (it may lose
-that push's new files, never mix two versions of a file).
+that push's new files, never mix two versions of a file). Once a workdir has manifests, only
+files some process pushed are pulled: a file copied into the bucket by another tool is not (name
+it as an input instead: URL targets and drafters are fetched by `fetch`). A bucket workdir
+without manifests (written through a gcsfuse mount, say) is adopted whole by process 0.
 """
 
 from __future__ import annotations
@@ -141,17 +145,31 @@ class RemoteWorkdir:
         listed = {}
         for p in sorted(manifests, key=lambda p: p == self.process):  # own entries win
             listed.update(manifests[p])
+        adopt = not manifests and self.process == 0
+        if adopt:
+            # a new workdir, or one written without this sync (e.g. through a gcsfuse mount):
+            # process 0 adopts its files and commits them in its manifest at once (so a later
+            # start never adopts the files of an interrupted push)
+            listed = {rel: [info["size"], None] for rel, info in
+                      ((posixpath.relpath(p, self.root), info) for p, info in self.fs.find(self.root, detail=True).items())
+                      if self.mirrored(rel)}
         for rel in sorted(self._pulled - set(listed)):  # deleted by the process that wrote it
             if os.path.isfile(os.path.join(self.local, rel)) and self._local_md5(rel) == self._synced.get(rel):
                 os.remove(os.path.join(self.local, rel))
             self._pulled.discard(rel)
             self._synced.pop(rel, None)
         if not listed:
+            if adopt:
+                self._write_manifest()
             return 0
         sizes = {posixpath.relpath(p, self.root): info["size"]
                  for p, info in self.fs.find(self.root, detail=True).items()}
         n = 0
         for rel, (size, md5) in sorted(listed.items()):
+            if md5 is None:  # adopted (above): its content is whatever the bucket holds
+                md5 = self._adopt(rel)
+                n += 1
+                continue
             if sizes.get(rel) != size:
                 logging.warning("remote workdir: %s/%s is not as its manifest lists it (an interrupted push); "
                                 "skipped", self.url, rel)
@@ -165,7 +183,19 @@ class RemoteWorkdir:
             self._synced[rel] = md5
             if rel not in self._owned:
                 self._pulled.add(rel)
+        if adopt:
+            self._write_manifest()
         return n
+
+    def _adopt(self, rel: str) -> str:
+        local = os.path.join(self.local, rel)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        self.fs.get_file(self._remote(rel), local + ".tmp")
+        os.replace(local + ".tmp", local)
+        md5 = self._local_md5(rel)
+        self._synced[rel] = md5
+        self._owned[rel] = [os.path.getsize(local), md5]
+        return md5
 
     def _local_md5(self, rel: str) -> str:
         st = os.stat(os.path.join(self.local, rel))

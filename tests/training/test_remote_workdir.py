@@ -68,6 +68,21 @@ def test_push_pull_round_trip_and_what_stays_local(tmp_path):
     assert not os.path.exists(os.path.join(b.local, "config.json"))  # deleted on the other copy
 
 
+def test_a_workdir_written_without_the_sync_is_adopted(tmp_path):
+    url = f"memory://bucket-{os.getpid()}/mounted"  # e.g. written earlier through a gcsfuse mount
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe_file(root + "/sft/eagle3/run.json", b"{}")
+    fs.pipe_file(root + "/sft/eagle3/checkpoints/4/state", b"orbax reads these from the bucket")
+    a = remote.RemoteWorkdir(url, str(tmp_path / "a"))
+    assert a.pull() == 1 and _read(a.local, "sft/eagle3/run.json") == "{}"
+    assert not os.path.exists(os.path.join(a.local, "sft", "eagle3", "checkpoints"))
+    fs.pipe_file(root + "/stray.json", b"copied in by hand")  # after adoption: not a committed file
+    b = remote.RemoteWorkdir(url, str(tmp_path / "b"))
+    assert b.pull() == 1 and not os.path.exists(os.path.join(b.local, "stray.json"))
+    empty = remote.RemoteWorkdir(f"memory://bucket-{os.getpid()}/new", str(tmp_path / "c"))
+    assert empty.pull() == 0 and fs.exists(f"/bucket-{os.getpid()}/new/.opd_sync/process-0.json")
+
+
 def test_an_interrupted_push_never_mixes_two_versions(tmp_path, monkeypatch):
     url = f"memory://bucket-{os.getpid()}/interrupted"
     a = remote.RemoteWorkdir(url, str(tmp_path / "a"))
