@@ -85,9 +85,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.assets = ["alpacaeval", "mtbench", "humaneval"]
         c.target.path = ""  # REQUIRED: HF dir of the target (e.g. huggingface-cli download Qwen/Qwen3-8B)
         c.target.dtype = "bfloat16"
-        # weights in bf16; the drafter's parameters and AdamW state follow the target's
-        # param_dtype (no float32 master copy: BUILD_NOTES, "TPU pods")
-        c.target.param_dtype = "bfloat16"
+        c.target.param_dtype = "bfloat16"  # weights in bf16
+        # the drafter trains float32 master weights (and float32 AdamW moments) where HBM allows:
+        # v5p; on v6e (32 GiB) a float32 DFlash state does not fit next to the 8B target (AOT plan)
+        c.drafter.param_dtype = "float32" if sl["hbm_gib"] >= 64 else ""
         c.target.scan_layers = True  # one compiled layer: minutes less compile at 36 layers
         c.regenerate.num_prompts = 1024  # per source
         c.regenerate.max_new_tokens = 2048  # thinking-mode answers are long

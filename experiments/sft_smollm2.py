@@ -30,6 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.drafter.kind = kind
     c.drafter.init = ""  # "" = fresh drafter; or an HF-layout drafter dir to fine-tune (its d2t is kept)
     c.drafter.overrides = ml_collections.ConfigDict()  # Eagle3Config / DFlash config fields
+    c.drafter.param_dtype = ""  # trained parameters (and AdamW moments): "" = the target's param_dtype
     if kind == "eagle3":
         c.drafter.overrides.draft_vocab_size = 8192  # covers the trajectories' tokens; V = 49152
     else:

@@ -116,7 +116,7 @@ def abstract_drafter(config: ml_collections.ConfigDict, tconfig: TransformerConf
     Returns:
       the `DrafterSpec` and ShapeDtypeStruct trees of `sft.split_drafter_params`.
     """
-    from opd.drafters import init_drafter
+    from opd.drafters import init_drafter, with_param_dtype
     from opd.models import transformer as tfm
     from opd.training import sft
 
@@ -127,7 +127,8 @@ def abstract_drafter(config: ml_collections.ConfigDict, tconfig: TransformerConf
     built = {}
 
     def init():
-        drafter = init_drafter(kind, target, seed=0, **overrides)
+        drafter = with_param_dtype(init_drafter(kind, target, seed=0, **overrides),
+                                   config.drafter.get("param_dtype", ""))
         built["spec"] = drafter.spec  # static: read back after tracing
         return sft.split_drafter_params(drafter)
 

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from opd import sharding as shd
+from opd.drafters import with_param_dtype
 from opd.checkpoints.errors import CheckpointError
 
 DRAFTER_KINDS = ("eagle3", "dflash")
@@ -60,6 +61,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if d.init and not path_exists(d.init):
         raise ValueError(f"config.drafter.init: no drafter directory at {d.init!r}")
+    if d.get("param_dtype", "") not in ("", "float32", "bfloat16"):
+        raise ValueError(f"config.drafter.param_dtype must be '', 'float32' or 'bfloat16', got {d.param_dtype!r}")
     for field in ("seq_len", "batch_size", "num_steps", "log_every", "save_every", "keep_checkpoints"):
         if int(s[field]) < 1:
             raise ValueError(f"config.sft.{field} must be >= 1, got {s[field]}")
@@ -230,7 +233,7 @@ def initial_drafter(config, workdir: str, target, folders, stage_dir: str):
     if drafter.kind != config.drafter.kind:
         raise CheckpointError(f"{init_dir} holds a {drafter.kind} drafter but config.drafter.kind is "
                               f"{config.drafter.kind!r}; use another --workdir")
-    return drafter
+    return with_param_dtype(drafter, config.drafter.get("param_dtype", ""))
 
 
 def with_trainable(drafter, trainable):
@@ -403,9 +406,10 @@ def matched_steps(run_dir: str, config, workdir: str, flops_per_step: int, cache
     return n
 
 
-def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=None):
+def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=None, param_dtype: str = ""):
     """(drafter, info): `DIR/<source>/<kind>/init` with the trainable params of its latest (or
-    `step`) checkpoint; info = {"source", "step", "flops" (cumulative training FLOPs)}."""
+    `step`) checkpoint, in `param_dtype` ("" = the init's, as the run trained them when its
+    config set none); info = {"source", "step", "flops" (cumulative training FLOPs)}."""
     from opd.checkpoints.drafters import load_drafter
     from opd.training import checkpoint as ckpt
     from opd.training import optim, sft
@@ -414,7 +418,7 @@ def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=N
     init_dir = os.path.join(stage_dir, "init")
     if not os.path.isfile(os.path.join(init_dir, "config.json")):
         raise FileNotFoundError(f"no {source} {kind} run in {workdir}: {init_dir} is missing (run the `{source}` stage)")
-    drafter = load_drafter(init_dir, target)
+    drafter = with_param_dtype(load_drafter(init_dir, target), param_dtype)
     manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), async_save=False)
     if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
@@ -438,7 +442,8 @@ def stage_export(config, workdir: str) -> str:
     out = os.path.join(workdir, "export", f"{source}_{kind}")
     meta = os.path.join(out, "export.json")
     target = load_target_from_config(config)
-    drafter, info = trained_drafter(workdir, target, kind, source)  # every process (a collective restore)
+    drafter, info = trained_drafter(workdir, target, kind, source,  # every process (a collective restore)
+                                    param_dtype=config.drafter.get("param_dtype", ""))
     done = False
     if os.path.isfile(meta):
         with open(meta) as f:

@@ -227,6 +227,7 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
         ("sft.target_features", "disk", "config.sft.target_features"),
         ("sft.optimizer.learning_rate", -1.0, "learning_rate must be > 0"),
         ("sft.loss.ttt_steps", 0, "ttt_steps must be a positive integer"),
+        ("drafter.param_dtype", "float16", "config.drafter.param_dtype must be"),
     ]:
         c = _config(target_dir, data_dir)
         section, key = field.rsplit(".", 1)
@@ -241,6 +242,30 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="run the `regenerate` stage first"):
         c.sft.data = ()
         sft_stage.stage_sft(c, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_float32_master_weights_next_to_a_bf16_target(data_dir, tmp_path, kind):
+    """drafter.param_dtype = float32 with a bf16 target: the drafter trains (and is checkpointed)
+    in float32 while the target stays bf16; the updates keep more than bf16's 8 bits."""
+    import jax.numpy as jnp
+
+    from opd.pipeline import load_target_from_config
+
+    config = _config(_save_target(tmp_path / "target"), data_dir, kind, num_steps=2, save_every=2)
+    config.target.dtype = config.target.param_dtype = "bfloat16"
+    config.drafter.param_dtype = "float32"
+    sft_stage.stage_sft(config, str(tmp_path / "run"))
+    target = load_target_from_config(config)
+    assert {a.dtype for a in jax.tree.leaves(target.params)} == {jnp.dtype(jnp.bfloat16)}
+    drafter, info = sft_stage.trained_drafter(str(tmp_path / "run"), target, kind, param_dtype="float32")
+    assert info["step"] == 2 and drafter.spec.config.param_dtype == "float32"
+    trained = jax.tree.leaves(drafter.params["eagle" if kind == "eagle3" else "dflash"])
+    assert all(a.dtype == np.float32 for a in trained if np.issubdtype(a.dtype, np.floating))
+    # the checkpoint holds float32 values: not all of them survive a round trip through bf16
+    assert any(np.any(np.asarray(a) != np.asarray(a).astype(jnp.bfloat16).astype(np.float32)) for a in trained)
+    bf16, _ = sft_stage.trained_drafter(str(tmp_path / "run"), target, kind)  # "" = as the init was stored
+    assert bf16.spec.config.param_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
