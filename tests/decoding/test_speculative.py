@@ -61,7 +61,7 @@ def target():
 PROMPTS = [[5, 9, 2, 5, 9], [17] * 11, [1], list(range(40, 70)) + list(range(40, 50))]
 
 
-@pytest.mark.parametrize("num_draft", [1, 3, 8])
+@pytest.mark.parametrize("num_draft", [1, 3, pytest.param(8, marks=pytest.mark.slow)])
 def test_greedy_equals_autoregressive(target, num_draft):
     weak = _target(seed=11, num_hidden_layers=1)
     rng = np.random.RandomState(num_draft)

@@ -105,7 +105,7 @@ def _trained(config, workdir, source="opd"):
     return drafter, info
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+@pytest.mark.parametrize("kind", ["eagle3", pytest.param("dflash", marks=pytest.mark.slow)])
 def test_opd_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, data_dir, tmp_path, monkeypatch,
                                                                         kind):
     config = _config(target_dir, data_dir, kind)
@@ -257,7 +257,7 @@ def own_answers(bigram_target_dir, tmp_path_factory):
     return str(d)
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+@pytest.mark.parametrize("kind", ["eagle3", pytest.param("dflash", marks=pytest.mark.slow)])
 def test_a_few_opd_steps_raise_held_out_tau_after_sft(bigram_target_dir, own_answers, tmp_path, kind):
     """SFT warm-up (6 steps) on the target's own answers, then 24 Draft-OPD steps (rollout
     temperature 1) on their prompts: tau on 8 held-out probe prompts, decoded at the rollout

@@ -40,7 +40,7 @@ def _rollout(target, drafter, temperature, eos=(V + 5,), key=0):
               jnp.asarray(eos, jnp.int32)), chunk
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+@pytest.mark.parametrize("kind", [pytest.param("eagle3", marks=pytest.mark.slow), "dflash"])
 def test_replay_reproduces_the_drafters_q_at_every_offset(target, kind):
     drafter = _drafter(target, kind)
     rec, _ = _rollout(target, drafter, temperature=1.0)
@@ -90,7 +90,7 @@ def test_recorded_acceptance_and_teacher_logprobs_match_a_recomputation(target, 
         np.testing.assert_array_equal(np.diff(np.asarray(rec.anchor_BR[b])), n_acc[b, :-1] + 1)
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+@pytest.mark.parametrize("kind", ["eagle3", pytest.param("dflash", marks=pytest.mark.slow)])
 def test_error_anchor_replay_is_a_fresh_chain_from_the_error_position(kind):
     """The extra anchors' first-draft q equals the q of the first draft of a new rollout that
     resumes from the committed text up to the error position, and the mask picks 1 <= n < K.

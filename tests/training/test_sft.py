@@ -178,6 +178,7 @@ print("RESULT" + json.dumps(result))
 """.replace("TESTS_DIR", repr(os.path.join(TESTS_DIR, "training")))
 
 
+@pytest.mark.slow  # ~50 s; the OPD step's 8-device check stays in the README's test command
 def test_step_on_8_fake_devices_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))

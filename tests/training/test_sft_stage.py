@@ -92,7 +92,8 @@ def _trained(config, workdir):
     return drafter, info["step"]
 
 
-@pytest.mark.parametrize("kind,features", [("eagle3", "online"), ("dflash", "online"), ("eagle3", "cache")])
+@pytest.mark.parametrize("kind,features", [("eagle3", "online"), pytest.param("dflash", "online", marks=pytest.mark.slow),
+                                           pytest.param("eagle3", "cache", marks=pytest.mark.slow)])
 def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, data_dir, tmp_path, monkeypatch, kind,
                                                                     features):
     config = _config(target_dir, data_dir, kind, target_features=features)
@@ -244,7 +245,7 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
         sft_stage.stage_sft(c, str(tmp_path / "empty"))
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+@pytest.mark.parametrize("kind", [pytest.param("eagle3", marks=pytest.mark.slow), "dflash"])
 def test_float32_master_weights_next_to_a_bf16_target(data_dir, tmp_path, kind):
     """drafter.param_dtype = float32 with a bf16 target: the drafter trains (and is checkpointed)
     in float32 while the target stays bf16; the updates keep more than bf16's 8 bits."""
@@ -268,7 +269,7 @@ def test_float32_master_weights_next_to_a_bf16_target(data_dir, tmp_path, kind):
     assert bf16.spec.config.param_dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+@pytest.mark.parametrize("kind", ["eagle3", pytest.param("dflash", marks=pytest.mark.slow)])
 def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp_path, kind):
     online = _config(target_dir, data_dir, kind, num_steps=4)
     sft_stage.stage_sft(online, str(tmp_path / "online"))
