@@ -16,17 +16,9 @@ import pytest
 from opd import pipeline, remote
 from opd.training import loop
 from opd.training.metrics import MetricsWriter, read_jsonl
-from test_sft_stage import _config, _save_target, _trained, write_pattern_trajectories
+from test_sft_stage import _config, _trained, data_dir, target_dir
 
-
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    return _save_target(tmp_path_factory.mktemp("target"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_pattern_trajectories(tmp_path_factory.mktemp("trajectories"))
+__all__ = ["data_dir", "target_dir"]  # test_sft_stage's fixtures, used here by name
 
 
 def _write(root, rel, text):
