@@ -172,9 +172,10 @@ def test_jsonl_builder(tmp_path, data_dir):
 
 
 def test_hosts_building_the_same_set_at_once(tmp_path, monkeypatch):
-    """Multi-host launches share the workdir: two builds of one set that start together (a
-    barrier just before tfds looks for the set) both succeed; the later rename loses to the
-    first (tfds raises FileExistsError) and reads the finished copy."""
+    """Multi-host launches share the workdir: two builds of one set that run at once (both
+    threads wait for each other inside example generation, i.e. after tfds found no finished
+    set) both succeed; the later rename loses to the first (tfds raises FileExistsError) and
+    reads the finished copy."""
     import threading
 
     path = tmp_path / "p.jsonl"
@@ -186,8 +187,14 @@ def test_hosts_building_the_same_set_at_once(tmp_path, monkeypatch):
 
     def racing_prepare(builder):
         calls.append(1)
-        if len(calls) <= 2:
-            together.wait(timeout=60)
+        if len(calls) <= 2:  # the two first builds: neither finishes before the other has started
+            generate = builder._generate_examples
+
+            def generate_together():
+                together.wait(timeout=60)
+                yield from generate()
+
+            builder._generate_examples = generate_together
         try:
             return prepare(builder)
         except FileExistsError:
