@@ -466,9 +466,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from opd import remote
     from opd.sharding import barrier, is_main_process
 
-    url = None
+    rw = None
     if remote.is_url(workdir):  # gs://...: the stages run in a local copy synced with the bucket
-        url, workdir = str(workdir), remote.attach(str(workdir), config.get("local_workdir", "")).local
+        rw = remote.attach(str(workdir), config.get("local_workdir", ""))
+        workdir = rw.local
     try:
         os.makedirs(workdir, exist_ok=True)
         if is_main_process():
@@ -485,8 +486,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 STAGES[name](config, workdir)
             barrier(f"stage {name} done")  # multi-host: the next stage reads what every process wrote
     finally:
-        if url is not None:
-            rw = remote.current()
+        if rw is not None:
             try:
                 rw.push()  # also after a failure or preemption: what was written so far
             finally:

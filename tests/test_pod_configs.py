@@ -2,10 +2,11 @@
 work: every variant is a valid config; paths, meshes, batch sizes and the DFlash block size are
 checked against what the launch finds, with errors that name the field."""
 
-import importlib.util
+import importlib
 import itertools
 import json
 import os
+import sys
 
 import pytest
 
@@ -98,9 +99,12 @@ def test_launch_checks_name_the_problem(tmp_path, drafter_dir, changes, message)
         pipeline.validate_launch(c)
 
 
-def test_gs_workdir_without_gcsfs_is_a_clear_error(tmp_path, drafter_dir):
-    if importlib.util.find_spec("gcsfs") is not None:
-        pytest.skip("gcsfs is installed: gs:// workdirs work (tests/training/test_remote_workdir.py)")
+def test_gs_workdir_without_gcsfs_is_a_clear_error(tmp_path, drafter_dir, monkeypatch):
+    # gcsfs made unimportable whether or not this machine has it (the `gcs` extra)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    registry = importlib.import_module("fsspec.registry")._registry
+    for scheme in ("gs", "gcs"):
+        monkeypatch.delitem(registry, scheme, raising=False)
     with pytest.raises(ValueError, match="workdir gs://b/run: no filesystem for gs://.*pip install gcsfs"):
         pipeline.run(_launch_config(tmp_path, drafter_dir), "gs://b/run")
 

@@ -37,24 +37,4 @@ def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
     raise ValueError(f"unknown drafter kind {kind!r}; available: {KINDS}")
 
 
-TRAINABLE = {"eagle3": "eagle", "dflash": "dflash"}  # the trained subtree of drafter.params
-
-
-def with_param_dtype(drafter: Drafter, dtype: str) -> Drafter:
-    """The drafter with its trained parameters stored in `dtype` (e.g. float32 master weights,
-    and so float32 AdamW moments, next to a bf16 target); the computation keeps the config's
-    `dtype` (the modules cast their parameters to it). "" keeps them as they are."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    if not dtype or drafter.kind not in TRAINABLE or drafter.spec.config.param_dtype == dtype:
-        return drafter
-    key = TRAINABLE[drafter.kind]
-    cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, drafter.params[key])
-    spec = dataclasses.replace(drafter.spec, config=dataclasses.replace(drafter.spec.config, param_dtype=dtype))
-    return Drafter(spec, {**drafter.params, key: cast}, drafter.tokenizer)
-
-
-__all__ = ["DraftContext", "Drafter", "DrafterSpec", "KINDS", "TRAINABLE", "init_drafter", "with_param_dtype"]
+__all__ = ["DraftContext", "Drafter", "DrafterSpec", "KINDS", "init_drafter"]

@@ -116,9 +116,10 @@ def abstract_drafter(config: ml_collections.ConfigDict, tconfig: TransformerConf
     Returns:
       the `DrafterSpec` and ShapeDtypeStruct trees of `sft.split_drafter_params`.
     """
-    from opd.drafters import init_drafter, with_param_dtype
+    from opd.drafters import init_drafter
     from opd.models import transformer as tfm
     from opd.training import sft
+    from opd.training.sft_stage import with_param_dtype
 
     kind = str(config.drafter.kind)
     overrides = dict(config.drafter.overrides) if "overrides" in config.drafter else {}

@@ -36,7 +36,6 @@ import ml_collections
 import numpy as np
 
 from opd import sharding as shd
-from opd.drafters import with_param_dtype
 from opd.checkpoints.errors import CheckpointError
 
 DRAFTER_KINDS = ("eagle3", "dflash")
@@ -240,6 +239,22 @@ def with_trainable(drafter, trainable):
     """The drafter with its trainable subtree replaced (inverse of `sft.split_drafter_params`)."""
     key = "eagle" if drafter.kind == "eagle3" else "dflash"
     return dataclasses.replace(drafter, params={**drafter.params, key: trainable})
+
+
+def with_param_dtype(drafter, dtype: str):
+    """The drafter with its trainable parameters stored in `dtype` (e.g. float32 master weights,
+    and so float32 AdamW moments, next to a bf16 target); the computation keeps the config's
+    `dtype` (the modules cast their parameters to it). "" keeps them as they are."""
+    import jax.numpy as jnp
+
+    from opd.training.sft import split_drafter_params
+
+    if not dtype or drafter.spec.config.param_dtype == dtype:
+        return drafter
+    trainable, _ = split_drafter_params(drafter)
+    cast = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, trainable)
+    spec = dataclasses.replace(drafter.spec, config=dataclasses.replace(drafter.spec.config, param_dtype=dtype))
+    return with_trainable(dataclasses.replace(drafter, spec=spec), cast)
 
 
 def restore_state(manager, abstract, directory: str):
