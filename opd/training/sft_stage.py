@@ -193,8 +193,9 @@ def check_run(config, target, stage_dir: str) -> None:
                 "checkpoints there belong to another target or drafter. Use another --workdir.")
     elif shd.is_main_process():
         os.makedirs(stage_dir, exist_ok=True)
-        with open(run_json, "w") as f:
+        with open(run_json + ".tmp", "w") as f:  # atomic: another process may be reading it now
             json.dump(fp, f, indent=2)
+        os.replace(run_json + ".tmp", run_json)
     shd.barrier("check_run")
 
 
@@ -205,8 +206,11 @@ def initial_drafter(config, workdir: str, target, folders, stage_dir: str):
     from opd.drafters import init_drafter
 
     init_dir = os.path.join(stage_dir, "init")
-    check_run(config, target, stage_dir)  # ends at a barrier: every process sees the same init_dir
-    if os.path.isfile(os.path.join(init_dir, "config.json")):
+    # Every process decides before the barrier in check_run: after it, process 0 may already
+    # be writing init_dir, and a process that looked then would skip the barrier below.
+    resume = os.path.isfile(os.path.join(init_dir, "config.json"))
+    check_run(config, target, stage_dir)
+    if resume:
         drafter = load_drafter(init_dir, target)  # refuses another target's vocabulary / sizes
     else:
         d = config.drafter

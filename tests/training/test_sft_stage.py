@@ -308,3 +308,54 @@ def test_matched_steps_count_the_runs_own_feature_cache(tmp_path):
     config = ml_collections.ConfigDict({"drafter": {"init": ""}})
     assert matched_steps(str(tmp_path), config, str(tmp_path), 100) == 10
     assert matched_steps(str(tmp_path), config, str(tmp_path), 100, cache_flops=300) == 7
+
+
+def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_path, monkeypatch):
+    """Multi-host: every process takes the same branch of `initial_drafter` (build or resume),
+    so every process calls the same barriers, even when process 0 has already written the
+    init folder by the time another process looks. Two threads stand in for two hosts; the
+    second one is held after the first barrier until the first has written the folder (CI
+    once hung on this: process 1 resumed from process 0's fresh folder and skipped a barrier)."""
+    import threading
+
+    from opd import sharding
+    from opd.pipeline import load_target_from_config
+
+    config = _config(target_dir, data_dir, "dflash")
+    target = load_target_from_config(config)
+    stage_dir = str(tmp_path / "sft" / "dflash")
+    host = threading.local()
+    meet = threading.Barrier(2, timeout=60)
+    written = threading.Event()
+    calls = {0: [], 1: []}
+
+    def barrier(name):
+        calls[host.pid].append(name)
+        if host.pid == 0 and name == "initial_drafter":
+            written.set()  # process 0 has replaced init/ and waits for the others
+        meet.wait()
+        if host.pid == 1 and name == "check_run":
+            written.wait(timeout=60)
+
+    monkeypatch.setattr(sharding, "barrier", barrier)
+    monkeypatch.setattr(sharding, "is_main_process", lambda: host.pid == 0)
+    results, errors = {}, []
+
+    def run(pid):
+        host.pid = pid
+        try:
+            results[pid] = sft_stage.initial_drafter(config, str(tmp_path), target, [], stage_dir)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"host {pid}: {type(e).__name__}: {e}")
+        finally:  # a host that is done waits for nobody: the other one's next barrier fails at once
+            meet.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert calls[0] == calls[1] == ["check_run", "initial_drafter"]
+    for a, b in zip(jax.tree.leaves(results[0].params), jax.tree.leaves(results[1].params)):
+        np.testing.assert_array_equal(a, b)
