@@ -152,6 +152,17 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """True when `flag` is True on any process. A collective in multi-host runs (every process
+    calls it at the same point): e.g. a SIGTERM that reached only some hosts stops all of them
+    at the same step, so they save the same checkpoint together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def barrier(name: str) -> None:
     """All processes wait here (no-op in single-process runs). With a URL workdir
     (`opd.remote`) each process first pushes what it wrote and afterwards pulls what the

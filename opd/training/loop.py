@@ -159,11 +159,12 @@ def train_loop(
                         out = hook(done, state)
                         if writer is not None and out:
                             writer.write(done, {**out, "flops": float(counters["flops"])})
-                if done % save_every == 0 or done == num_steps or flag["set"]:
+                stop = shd.any_process(flag["set"])  # multi-host: every host stops at this step
+                if done % save_every == 0 or done == num_steps or stop:
                     save()
-                if flag["set"]:
+                if stop:
                     manager.wait_until_finished()
-                    raise Preempted(f"{desc}: SIGTERM at step {done}; saved to {manager.directory}. "
+                    raise Preempted(f"{desc}: SIGTERM at step {done} (on this host or another); saved to {manager.directory}. "
                                     "Run the same command again to resume.")
     finally:
         bar.close()

@@ -7,6 +7,8 @@ slice share a bucket mount.
   its own shards; process 0 writes).
 * SFT with per-process rows (grain shards the data by process) trains to the end with one
   metrics line per logged step (not one per process).
+* On a URL workdir (one local copy per process), a SIGTERM that reaches one host only stops
+  both at the same step with the same checkpoint; the relaunch ends like one process.
 """
 
 import json
@@ -45,7 +47,22 @@ if opd_init:
     c.opd.init = opd_init
 if "://" in workdir:  # each process's local copy of the URL workdir, as on its own host
     c.local_workdir = os.path.join(os.path.dirname(data_dir), "host-%d" % pid)
-pipeline.run(c, workdir)
+sigterm = os.environ.get("TEST_SIGTERM", "")  # "PID:STEP": only that process gets SIGTERM, during STEP
+if sigterm and int(sigterm.split(":")[0]) == pid:
+    import signal
+    from opd.training.metrics import MetricsWriter
+    write = MetricsWriter.write
+    def write_then_sigterm(self, step, metrics):
+        write(self, step, metrics)
+        if step == int(sigterm.split(":")[1]):
+            os.kill(os.getpid(), signal.SIGTERM)
+    MetricsWriter.write = write_then_sigterm
+from opd.training.loop import Preempted
+try:
+    pipeline.run(c, workdir)
+except Preempted as e:
+    print("PREEMPTED", e)
+    sys.exit(0)
 print("DONE", pid, jax.process_count(), jax.device_count())
 """
 
@@ -56,11 +73,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc, workdir, target_dir, data_dir, stages, opd_init=""):
+def _launch(nproc, workdir, target_dir, data_dir, stages, opd_init="", sigterm="", expect="DONE"):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.path.join(TESTS_DIR, "training"),
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     env["OPD_REMOTE_CACHE"] = os.path.join(os.path.dirname(data_dir), "cache")  # fetched inputs, per test
+    env["TEST_SIGTERM"] = sigterm
     port = str(_free_port())
     log = os.path.join(os.path.dirname(data_dir), os.path.basename(str(workdir)))
     logs = [(open(f"{log}.{i}.out", "w+"), open(f"{log}.{i}.err", "w+"))
@@ -69,13 +87,19 @@ def _launch(nproc, workdir, target_dir, data_dir, stages, opd_init=""):
                                data_dir, ",".join(stages), opd_init], env=env, cwd=REPO, stdout=out, stderr=err,
                               text=True)
              for i, (out, err) in enumerate(logs)]
-    for p in procs:
-        p.wait(timeout=900)
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:  # a hung process (e.g. waiting in a collective the others never join) fails the test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     report = []
     for i, (p, (out, err)) in enumerate(zip(procs, logs)):
         out.seek(0), err.seek(0)
         o, e = out.read(), err.read()
-        if p.returncode != 0 or "DONE" not in o:  # every failed process's log: the first to fail shows the cause
+        if p.returncode != 0 or expect not in o:  # every failed process's log: the first to fail shows the cause
             report.append(f"--- process {i} of {nproc}: exit {p.returncode}\n{e[-3000:]}")
     assert not report, "\n".join(report)
 
@@ -132,14 +156,19 @@ def test_two_processes_train_like_one(tmp_path):
 
     # A gs://-style URL workdir (file:// here): each process runs in its own local copy and
     # syncs with the bucket at every barrier; orbax writes the checkpoints to the bucket.
+    # SIGTERM reaches process 1 only, during step 3: both hosts save step 3 and stop; the
+    # relaunch resumes there and ends like the uninterrupted single-process run.
     bucket = tmp_path / "bucket" / "run"
-    _launch(2, "file://" + str(bucket), str(target_dir), str(data), ["opd", "export:opd"],
-            opd_init="file://" + str(one / "export" / "sft_eagle3"))
+    for sigterm, expect in (("1:3", "PREEMPTED"), ("", "DONE")):
+        _launch(2, "file://" + str(bucket), str(target_dir), str(data), ["opd", "export:opd"],
+                opd_init="file://" + str(one / "export" / "sft_eagle3"), sigterm=sigterm, expect=expect)
+        if sigterm:
+            assert sorted(os.listdir(bucket / "opd" / "eagle3" / "checkpoints")) == ["2", "3"]
     c = _params(bucket / "export" / "opd_eagle3")
     for k in a:
         np.testing.assert_allclose(c[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
     assert roll(bucket) == roll(one)
-    assert sorted(os.listdir(bucket / "opd" / "eagle3" / "checkpoints")) == ["2", "4"]
+    assert sorted(os.listdir(bucket / "opd" / "eagle3" / "checkpoints")) == ["2", "3", "4"]
     assert [r["step"] for r in map(json.loads, open(bucket / "opd" / "eagle3" / "metrics.jsonl")) if "loss" in r] \
         == [1, 2, 3, 4]
     for i in range(2):  # no host kept checkpoints locally
