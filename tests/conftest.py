@@ -92,3 +92,24 @@ def make_target(family: str = "llama", seed: int = 0, **overrides):
     config = opd.TransformerConfig.from_hf(d)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return opd.Target(config, jax.tree.map(jnp.asarray, tfm.params_from_hf(config, sd)))
+
+
+def run_as_hosts(fn, n: int = 2, timeout: float = 120) -> tuple[list, list]:
+    """Runs `fn(i)` on n threads standing in for n hosts (race tests); returns (results, errors),
+    errors as "host i: Type: message"."""
+    import threading
+
+    results, errors = [None] * n, []
+
+    def host(i):
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(f"host {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return results, errors

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import run_as_hosts
 from opd.data import assets, builders, splits, text_sources
 
 tfds.disable_progress_bar()
@@ -202,19 +203,7 @@ def test_hosts_building_the_same_set_at_once(tmp_path, monkeypatch):
             raise
 
     monkeypatch.setattr(builders, "prepare", racing_prepare)
-    got, errors = [None, None], []
-
-    def host(i):
-        try:
-            got[i] = builders.load_prompts(str(path), data_dir)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=host, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    got, errors = run_as_hosts(lambda i: builders.load_prompts(str(path), data_dir))
     assert not errors, errors
     assert lost == [1]  # the race happened: one host's rename lost
     assert got[0] == got[1] == assets.load_prompt_set(str(path))

@@ -14,7 +14,7 @@ import pytest
 
 import opd
 from opd import pipeline
-from conftest import make_hf_model
+from conftest import make_hf_model, run_as_hosts
 from opd.checkpoints.errors import CheckpointError
 from opd.training import loop, sft_stage
 from opd.training.metrics import MetricsWriter, read_jsonl
@@ -339,22 +339,15 @@ def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_p
 
     monkeypatch.setattr(sharding, "barrier", barrier)
     monkeypatch.setattr(sharding, "is_main_process", lambda: host.pid == 0)
-    results, errors = {}, []
 
     def run(pid):
         host.pid = pid
         try:
-            results[pid] = sft_stage.initial_drafter(config, str(tmp_path), target, [], stage_dir)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(f"host {pid}: {type(e).__name__}: {e}")
+            return sft_stage.initial_drafter(config, str(tmp_path), target, [], stage_dir)
         finally:  # a host that is done waits for nobody: the other one's next barrier fails at once
             meet.abort()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results, errors = run_as_hosts(run)
     assert not errors, errors
     assert calls[0] == calls[1] == ["check_run", "initial_drafter"]
     for a, b in zip(jax.tree.leaves(results[0].params), jax.tree.leaves(results[1].params)):
