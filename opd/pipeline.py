@@ -68,7 +68,7 @@ def stage_fetch_assets(config, workdir: str) -> dict:
 
     paths = {name: asset_path(name) for name in config.assets}  # each host fills its own asset cache
     if is_main_process():
-        _write_json(os.path.join(workdir, "fetch_assets", "paths.json"), paths)
+        write_json(os.path.join(workdir, "fetch_assets", "paths.json"), paths)
     for name, p in paths.items():
         logging.info("asset %s: %s (%.1f MB)", name, p, os.path.getsize(p) / 1e6)
     return paths
@@ -510,7 +510,8 @@ def _print_chat(records) -> None:
         print(f"\n>>> {r['prompt']}\n{r['response']}")
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+    """Writes `obj` to `path` atomically (tmp + rename): a reader never sees half a file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

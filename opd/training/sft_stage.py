@@ -192,10 +192,9 @@ def check_run(config, target, stage_dir: str) -> None:
                 f"{stage_dir} was started with {json.dumps(old)}, but this config gives {json.dumps(fp)}: the "
                 "checkpoints there belong to another target or drafter. Use another --workdir.")
     elif shd.is_main_process():
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(run_json + ".tmp", "w") as f:  # atomic: another process may be reading it now
-            json.dump(fp, f, indent=2)
-        os.replace(run_json + ".tmp", run_json)
+        from opd.pipeline import write_json
+
+        write_json(run_json, fp)  # atomic: another process may be reading it now
     shd.barrier("check_run")
 
 
