@@ -8,9 +8,12 @@ Needs the drafters of `experiments/opd_smollm2.py` in the same DIR: for EAGLE-3 
 Draft-OPD run (`export/opd_<kind>`) and continued SFT to the same cumulative training FLOPs
 (`export/sft_cont_<kind>`), both from one SFT warm-up. The "no drafter" rows are the
 autoregressive throughput measured inside the same runs (each run times both, side by side).
+Every field and its default: `opd.configs.default_config`.
 """
 
 import ml_collections
+
+from opd.configs import default_config, variant_parts
 
 PROMPT_SETS = ("mtbench", "humaneval", "alpacaeval")
 DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
@@ -23,23 +26,15 @@ DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    if variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/main_table_smollm2.py (it has none)")
-    c = ml_collections.ConfigDict()
+    variant_parts(variant, (), "experiments/main_table_smollm2.py")  # it has none
+    c = default_config()
     c.stages = ("fetch_assets", "eval", "report")
-    c.seed = 0  # sampling seed of the T = 1 runs
-    c.assets = ["smollm2_gguf", "alpacaeval", "mtbench", "humaneval"]
-    c.target = ml_collections.ConfigDict(dict(path="asset:smollm2_gguf", dtype="float32", scan_layers=False))
+    c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")
+    c.target.path = "asset:smollm2_gguf"
 
     # Budget (2 CPU cores): 60 runs of 4 prompts x 64 new tokens, autoregressive + speculative each.
-    c.eval = ml_collections.ConfigDict()
     c.eval.num_prompts = 4  # the first prompts of each set (AlpacaEval: of its held-out split)
     c.eval.max_new_tokens = 64
-    c.eval.num_draft_tokens = 4
-    c.eval.batch_size = 1
-    c.eval.temperature = 0.0
-    c.eval.repeats = 1
-    c.eval.runs = []
     for temperature in (0.0, 1.0):
         for batch in (1, 4):
             for drafter, run, K in DRAFTERS:
@@ -51,8 +46,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                         r["drafter_path"] = f"workdir:export/{run}_{drafter}"
                     c.eval.runs.append(r)
 
-    c.report = ml_collections.ConfigDict()
-    c.report.curve_runs = ()  # the curves are experiments/benchmarks/opd_curves.py's figure
-    c.report.curve_drafters = ()
-    c.report.results_name = "main_table"
+    c.report.results_name = "main_table"  # (the curves are experiments/benchmarks/opd_curves.py's figure)
     return c

@@ -14,58 +14,39 @@ Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`); t
                 <kind>/), also to the OPD run's FLOPs;
 and `tiny` (a few steps of everything, for tests). Both baselines need the OPD run first.
 Every stage resumes from DIR and logs cumulative FLOPs from the same warm-up, so the curves
-(metrics.jsonl: `flops`, `probe_tau`) share one axis.
+(metrics.jsonl: `flops`, `probe_tau`) share one axis. Builds on experiments/sft_smollm2.py (the
+warm-up); every field and its default: `opd.configs.default_config`.
 """
 
 import ml_collections
 
-from opd.configs import sibling_config
+from opd.configs import sibling_config, variant_parts
 
 BRANCHES = ("opd", "sft_cont", "sft_rollouts")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = [p for p in variant.split(",") if p]
+    parts = variant_parts(variant, BRANCHES + ("eagle3", "dflash", "tiny"), "experiments/opd_smollm2.py")
     branches = [p for p in parts if p in BRANCHES]
-    unknown = [p for p in parts if p not in BRANCHES + ("eagle3", "dflash", "tiny")]
-    if unknown or len(branches) > 1 or ("eagle3" in parts and "dflash" in parts):
+    if len(branches) > 1 or ("eagle3" in parts and "dflash" in parts):
         raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: use eagle3|dflash, "
                          f"at most one of {BRANCHES}, optionally tiny")
     kind = "dflash" if "dflash" in parts else "eagle3"
     branch = branches[0] if branches else "opd"
     tiny = "tiny" in parts
-    # seed, assets, target, regenerate, sft, eval
+    # the SFT warm-up: seed, assets, target, regenerate, drafter, sft, eval
     c = sibling_config(__file__, "sft_smollm2.py", ",".join([kind] + (["tiny"] if tiny else [])))
     warmup = f"workdir:export/sft_{kind}"
     K = 4 if kind == "eagle3" else 7
 
-    c.opd = ml_collections.ConfigDict()
-    c.opd.name = "opd"  # DIR/<name>/<kind>/: ablations get their own name
     c.opd.init = warmup  # the SFT warm-up drafter (HF layout)
-    c.opd.data = ()  # trajectory folders whose prompts are rolled out; () = every DIR/regenerate/<source>/
-    c.opd.prefix = "random"  # prompt + a random-length prefix of the target's answer ("prompt": bare prompts)
-    c.opd.prompt_len = 256  # P: longer rows are skipped
-    c.opd.batch_size = 8
-    c.opd.num_steps = 60
-    c.opd.num_rounds = 8  # R verify rounds per prompt and step
-    c.opd.num_draft = K
-    c.opd.rollout_temperature = 1.0  # drafts sampled from q, verified by rejection sampling
-    c.opd.loss = ml_collections.ConfigDict(dict(
-        divergence="k3", accepted_weight=1.0, rejected_weight=1.0, decay=0.9, post_rejection_weight=0.0,
-        first_rejected_only=False, error_anchor_weight=0.0))
-    c.opd.optimizer = ml_collections.ConfigDict(dict(learning_rate=3e-4, warmup_steps=5, end_lr_ratio=0.1,
-                                                     weight_decay=0.0, clip_norm=0.5))
-    c.opd.log_every = 5
-    c.opd.save_every = 20
-    c.opd.keep_checkpoints = 2
-    c.opd.tensorboard = True
+    c.opd.num_draft_tokens = K
+    c.opd.optimizer.update(learning_rate=3e-4, warmup_steps=5, end_lr_ratio=0.1, weight_decay=0.0, clip_norm=0.5)
     c.opd.save_rollouts = True  # the data of the sft_rollouts baseline
     # tau on a fixed held-out probe set: the last prompts of AlpacaEval's held-out split (the eval
-    # stage reports the first ones), every `every` steps and at step 0; greedy by default (the
-    # rollout temperature optimises acceptance at that temperature: probe there too to see it)
-    c.opd.probe = ml_collections.ConfigDict(dict(prompt_set="alpacaeval", num_prompts=8, max_new_tokens=48,
-                                                 every=20, batch_size=8, temperature=0.0))
-    c.opd.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # stage reports the first ones), every `every` steps and at step 0; greedy (the rollout
+    # temperature optimises acceptance at that temperature: probe there too to see it)
+    c.opd.probe.num_prompts = 8
 
     if branch == "opd":
         c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval")
@@ -73,7 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.stages = ("fetch_assets", "sft", f"export:{branch}", "eval")
         c.drafter.init = warmup
         c.sft.name = branch
-        c.sft.probe = ml_collections.ConfigDict({**c.opd.probe.to_dict(), "num_draft": K})
+        c.sft.probe = ml_collections.ConfigDict(c.opd.probe.to_dict())
         c.sft.match_flops = f"workdir:opd/{kind}"
         c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
         c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps

@@ -22,11 +22,12 @@ itself may be gs://, see opd/remote.py). They are checked before any work starts
 Qwen3 runs in thinking mode: prompts are rendered with the model's own chat template, whose
 default is `enable_thinking=True`. (z-lab's public Qwen3 DFlash drafters were trained with
 thinking off; Draft-OPD's rollouts are thinking-mode text, so the OPD stage adapts them.)
+Every field and its default: `opd.configs.default_config`.
 """
 
 import ml_collections
 
-from opd.configs import sibling_config
+from opd.configs import default_config, variant_parts
 
 MODELS = {  # variant -> (target preset, suggested public drafters by kind)
     "qwen3_4b": ("qwen3-4b", {"dflash": "z-lab/Qwen3-4B-DFlash-b16", "eagle3": "AngelSlim/Qwen3-4B_eagle3"}),
@@ -50,12 +51,11 @@ ROWS_PER_DATA_SHARD = 4  # prompts (OPD) / sequences (SFT) per data-parallel gro
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = [p for p in variant.split(",") if p]
+    parts = variant_parts(variant, (*MODELS, "dflash", "eagle3", *SLICES, "from_sft", "tiny"), "experiments/pod.py")
     models = [p for p in parts if p in MODELS]
     kinds = [p for p in parts if p in ("dflash", "eagle3")]
     slices = [p for p in parts if p in SLICES]
-    unknown = [p for p in parts if p not in (*MODELS, "dflash", "eagle3", *SLICES, "from_sft", "tiny")]
-    if unknown or len(models) > 1 or len(kinds) > 1 or len(slices) > 1:
+    if len(models) > 1 or len(kinds) > 1 or len(slices) > 1:
         raise ValueError(f"bad variant {variant!r} of experiments/pod.py: at most one model {sorted(MODELS)}, one "
                          f"drafter (dflash|eagle3), one slice {sorted(SLICES)}, optionally from_sft, tiny")
     model = models[0] if models else "qwen3_8b"
@@ -65,41 +65,46 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     preset, public = MODELS[model]
     sl = SLICES[slice_name]
 
-    # regenerate / sft / opd / eval blocks with their comments: the SmolLM2 configs
-    c = sibling_config(__file__, "opd_smollm2.py", ",".join([kind] + (["tiny"] if tiny else [])))
+    c = default_config()
     c.slice = slice_name  # informational: the AOT check compiles for this many devices
     c.num_devices = 8 if tiny else sl["chips"]
     c.hbm_gib = sl["hbm_gib"]
-    # jax.distributed.initialize() before anything else (multi-host slices: every host runs the
-    # same command; on Cloud TPU it finds the coordinator itself)
-    c.distributed = not tiny and sl["chips"] > 4
-
+    c.distributed = not tiny and sl["chips"] > 4  # multi-host slices: every host runs the same command
     tensor = 2 if tiny else sl["tensor"]
     data = c.num_devices // tensor
-    mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=tensor))
-    c.sft.mesh = mesh
-    c.opd.mesh = ml_collections.ConfigDict(mesh.to_dict())
+    c.sft.mesh.tensor = tensor
+    c.opd.mesh.tensor = tensor
+    c.drafter.kind = kind
+
+    # the SFT data (from_sft): the target's greedy answers to the training prompts
+    c.regenerate.sources = ("alpacaeval", "stdlib_code", "pydocs")
+    c.regenerate.drafter = "ngram"
+    c.sft.optimizer.update(learning_rate=1e-3, warmup_steps=20)
+    c.opd.optimizer.update(learning_rate=3e-4, warmup_steps=5)
+    c.opd.save_rollouts = True
+    c.opd.probe.num_prompts = 8
 
     K = 15 if kind == "dflash" else 6  # z-lab b16 drafters draft 15; EAGLE-3 chains of 6
     if not tiny:
-        c.assets = ["alpacaeval", "mtbench", "humaneval"]
+        c.assets = ("alpacaeval", "mtbench", "humaneval")
         c.target.path = ""  # REQUIRED: HF dir of the target (e.g. huggingface-cli download Qwen/Qwen3-8B)
+        c.target.preset = preset  # the loaded checkpoint must be this architecture
         c.target.dtype = "bfloat16"
-        c.target.param_dtype = "bfloat16"  # weights in bf16
+        c.target.param_dtype = "bfloat16"
+        c.target.scan_layers = True  # one compiled layer: minutes less compile at 36 layers
         # the drafter trains float32 master weights (and float32 AdamW moments) where HBM allows:
         # v5p; on v6e (32 GiB) a float32 DFlash state does not fit next to the 8B target (AOT plan)
         c.drafter.param_dtype = "float32" if sl["hbm_gib"] >= 64 else ""
-        c.target.scan_layers = True  # one compiled layer: minutes less compile at 36 layers
-        c.regenerate.num_prompts = 1024  # per source
-        c.regenerate.max_new_tokens = 2048  # thinking-mode answers are long
-        c.regenerate.batch_size = 8 * data
-        c.regenerate.shard_size = 64
         c.drafter.init = ""  # REQUIRED unless from_sft: a public drafter dir (HF layout)
         c.drafter.public = public[kind]  # the HF repo to download into drafter.init
         if kind == "dflash":
             c.drafter.overrides.update(block_size=16, num_layers=5, num_target_features=5)
         else:
             c.drafter.overrides.update(draft_vocab_size=32000)
+        c.regenerate.num_prompts = 1024  # per source
+        c.regenerate.max_new_tokens = 2048  # thinking-mode answers are long
+        c.regenerate.batch_size = 8 * data
+        c.regenerate.shard_size = 64
         c.sft.target_features = "online"  # 8B features of the whole set would be terabytes
         c.sft.seq_len = 2048
         c.sft.batch_size = ROWS_PER_DATA_SHARD * data
@@ -114,7 +119,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                                else dict(num_anchors=16, gamma=7.0))
         c.opd.prompt_len = 1024  # prompt + random prefix of the target's answer
         c.opd.batch_size = ROWS_PER_DATA_SHARD * data
-        c.opd.num_rounds = 32  # amortises the prompt prefill (BUILD_NOTES: 67 % of a P=256, R=8 step)
+        c.opd.num_rounds = 32  # amortises the prompt prefill (67 % of a P=256, R=8 step: opd_diagnosis)
         c.opd.num_steps = 2000
         c.opd.log_every = 10
         c.opd.save_every = 100
@@ -122,21 +127,53 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.eval.num_prompts = 80
         c.eval.max_new_tokens = 1024
         c.eval.batch_size = 4
-    c.target.preset = "" if tiny else preset  # "" = no architecture check (the tiny SmolLM2 target)
-    c.opd.num_draft = 7 if tiny and kind == "dflash" else (4 if tiny else K)
-    c.eval.num_draft_tokens = c.opd.get_ref("num_draft")
-    if not tiny:
+        c.opd.num_draft_tokens = K
+        # from a public drafter (`--config.drafter.init=...`), or from this launch's SFT
         c.opd.init = "workdir:export/sft_" + kind if from_sft else c.drafter.get_ref("init")
+    else:  # the same stages and mesh logic on SmolLM2-135M with test-sized budgets
+        c.assets = ("smollm2_gguf", "mtbench", "humaneval")
+        c.target.path = "asset:smollm2_gguf"
+        c.target.scan_layers = True
+        c.regenerate.num_prompts = 8
+        c.regenerate.max_new_tokens = 32
+        c.regenerate.batch_size = 4
+        c.regenerate.shard_size = 4
+        c.regenerate.sources = ("alpacaeval",)
+        if kind == "dflash":
+            c.drafter.overrides.update(block_size=8, num_layers=2, num_target_features=3)
+        else:
+            c.drafter.overrides.update(draft_vocab_size=2048)
+        c.sft.seq_len = 96
+        c.sft.batch_size = 2 * data  # rows divide data x fsdp
+        c.sft.num_steps = 40
+        c.sft.log_every = 5
+        c.sft.save_every = 20
+        c.sft.optimizer.warmup_steps = 5
+        c.sft.loss = ml_collections.ConfigDict(dict(ttt_steps=4, step_decay=0.8) if kind == "eagle3"
+                                               else dict(num_anchors=8, gamma=7.0))
+        c.opd.init = "workdir:export/sft_" + kind
+        c.opd.prompt_len = 96
+        c.opd.batch_size = 2 * data
+        c.opd.num_steps = 4
+        c.opd.num_rounds = 3
+        c.opd.log_every = 2
+        c.opd.save_every = 2
+        c.opd.optimizer.warmup_steps = 1
+        c.opd.probe.update(num_prompts=2, max_new_tokens=16, every=2, batch_size=2)
+        c.eval.num_prompts = 2
+        c.eval.max_new_tokens = 16
+        c.opd.num_draft_tokens = 7 if kind == "dflash" else 4
+    c.eval.num_draft_tokens = c.opd.get_ref("num_draft_tokens")
+    sets = ("alpacaeval",) if tiny else ("alpacaeval", "mtbench", "humaneval")
+    if from_sft or tiny:
+        runs = [(run, ps) for ps in sets for run in ("sft", "opd")]
+    else:  # "public": the public drafter as the OPD stage copied it (DIR/opd/<kind>/init)
+        runs = [(run, ps) for run in ("opd", "public") for ps in sets]
+    for run, ps in runs:
+        path = f"workdir:opd/{kind}/init" if run == "public" else f"workdir:export/{run}_{kind}"
+        c.eval.runs.append(dict(name=f"{kind}_{run}_{ps}", drafter=kind, drafter_path=path, prompt_set=ps))
     if from_sft or tiny:
         c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval")
     else:
         c.stages = ("fetch_assets", "regenerate", "opd", "export:opd", "eval")
-        c.eval.runs = [r for r in c.eval.runs if "_sft_" not in r["name"]]
-        # the public drafter as the OPD stage copied it (DIR/opd/<kind>/init): the baseline row
-        c.eval.runs += [dict(name=f"{kind}_public_{ps}", drafter=kind, drafter_path=f"workdir:opd/{kind}/init",
-                             prompt_set=ps) for ps in ("alpacaeval", "mtbench", "humaneval")]
-    if tiny:
-        c.opd.batch_size = 2 * data  # rows divide data x fsdp
-        c.sft.batch_size = 2 * data
-        c.opd.probe.batch_size = 2
     return c

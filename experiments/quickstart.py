@@ -17,75 +17,84 @@ Stages (each resumes from what DIR holds, so an interrupted run continues where 
 
 The budget is a demonstration of the pipeline, far below the paper's: the drafters are weak and
 slower than autoregressive decoding on this CPU. `experiments/opd_smollm2.py` has the larger
-runs behind the README's results.
+runs behind the README's results. Every field and its default: `opd.configs.default_config`.
 """
 
 import ml_collections
 
-from opd.configs import sibling_config
+from opd.configs import default_config, variant_parts
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    if variant not in ("", "tiny"):
-        raise ValueError(f"unknown variant {variant!r} of experiments/quickstart.py (known: '', 'tiny')")
-    tiny = variant == "tiny"
-    # seed, assets, target, regenerate, drafter, sft, opd, eval
-    c = sibling_config(__file__, "opd_smollm2.py", "eagle3,tiny" if tiny else "eagle3")
+    tiny = "tiny" in variant_parts(variant, ("tiny",), "experiments/quickstart.py")
+    c = default_config()
     c.stages = ("fetch_assets", "chat", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval", "report")
+    c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")  # eval sets: to exclude their prompts
+    c.target.path = "asset:smollm2_gguf"
 
-    c.chat = ml_collections.ConfigDict()
-    c.chat.prompts = []  # explicit user messages; empty -> first turns of `prompt_set`
-    c.chat.prompt_set = "mtbench"  # mtbench | humaneval | alpacaeval | path/to.jsonl
-    c.chat.num_prompts = 2
-    c.chat.batch_size = 2
-    c.chat.max_new_tokens = 64
-    c.chat.temperature = 0.0  # 0 = greedy
+    c.regenerate.sources = ("alpacaeval",)  # its train split; eval and the probe use the held-out split
+    c.regenerate.num_prompts = 64
+    c.regenerate.max_new_tokens = 96
+    c.regenerate.drafter = "ngram"  # lossless speculative decoding: the same answers, faster
 
-    c.regenerate.sources = ("alpacaeval",)  # its train split; eval and probe use the held-out split
-    c.opd.save_rollouts = False
+    c.drafter.kind = "eagle3"
+    c.drafter.overrides.draft_vocab_size = 8192  # V = 49152
+
+    c.sft.target_features = "cache"  # one target pass over the data, then only the drafter trains
+    c.sft.seq_len = 160
+    c.sft.batch_size = 4
+    c.sft.num_steps = 60
+    c.sft.optimizer.update(learning_rate=1e-3, warmup_steps=10)
+    c.sft.loss = ml_collections.ConfigDict(dict(ttt_steps=4, step_decay=0.8))
     # the probe: tau on held-out AlpacaEval prompts, logged by both training stages (one curve)
-    probe = dict(prompt_set="alpacaeval", num_prompts=4, max_new_tokens=32, every=20, batch_size=4, temperature=0.0)
-    if tiny:  # the tiny base's test-sized stages (a few steps of everything)
-        c.chat.max_new_tokens = 8
-        probe.update(num_prompts=2, max_new_tokens=16, batch_size=2)
-        c.eval.num_prompts = 2
-        c.eval.batch_size = 2  # one compiled shape per run
-        c.eval.max_new_tokens = 8
-    else:  # the ~12-minute budget (BUILD_NOTES has the measured stage times)
-        c.regenerate.num_prompts = 64
-        c.regenerate.max_new_tokens = 96
-        c.regenerate.batch_size = 8
-        c.regenerate.shard_size = 16
-        c.sft.target_features = "cache"
-        c.sft.seq_len = 160
-        c.sft.batch_size = 4
-        c.sft.num_steps = 60
-        c.sft.log_every = 10
-        c.sft.save_every = 20
-        c.sft.optimizer.warmup_steps = 10
-        c.opd.prompt_len = 128
-        c.opd.batch_size = 4
-        c.opd.num_rounds = 4
-        c.opd.num_steps = 20
-        c.opd.log_every = 5
-        c.opd.save_every = 10
-        c.opd.probe = ml_collections.ConfigDict(probe)
-        c.eval.num_prompts = 4
-        c.eval.max_new_tokens = 64
-    c.sft.probe = ml_collections.ConfigDict({**probe, "num_draft": c.opd.num_draft})
+    probe = dict(num_prompts=4, max_new_tokens=32, every=20, batch_size=4)
+    c.sft.probe.update(probe)
+    c.sft.save_every = 20
 
-    c.eval.runs = []
+    c.opd.init = "workdir:export/sft_eagle3"  # Draft-OPD from the SFT warm-up
+    c.opd.prompt_len = 128
+    c.opd.batch_size = 4
+    c.opd.num_rounds = 4
+    c.opd.num_steps = 20
+    c.opd.save_every = 10
+    c.opd.optimizer.update(learning_rate=3e-4, warmup_steps=5)
+    c.opd.probe.update(probe)
+
+    c.eval.num_prompts = 4
+    c.eval.max_new_tokens = 64
     for ps in ("mtbench", "humaneval"):
         c.eval.runs.append(dict(name=f"ngram_{ps}", drafter="ngram", prompt_set=ps))
         for run in ("sft", "opd"):
             c.eval.runs.append(dict(name=f"eagle3_{run}_{ps}", drafter="eagle3", drafter_path=f"workdir:export/{run}_eagle3",
                                     prompt_set=ps))
-
-    c.report = ml_collections.ConfigDict()
-    c.report.curve_runs = ("sft", "opd")  # DIR/<run>/<drafter>/metrics.jsonl with probe_tau rows
+    c.report.curve_runs = ("sft", "opd")  # DIR/<run>/eagle3/metrics.jsonl with probe_tau rows
     c.report.curve_drafters = ("eagle3",)
-    c.report.results_name = ""  # also write experiments/results/<name>/ ("" = only DIR/report/)
 
-    if tiny:
+    if tiny:  # a few steps of everything (the slow test of the whole chain)
+        c.target.scan_layers = True  # faster compiles
+        c.chat.max_new_tokens = 8
+        c.regenerate.num_prompts = 8
+        c.regenerate.max_new_tokens = 32
+        c.regenerate.batch_size = 4
+        c.regenerate.shard_size = 4
+        c.drafter.overrides.draft_vocab_size = 2048
+        c.sft.target_features = "online"
+        c.sft.seq_len = 96
+        c.sft.batch_size = 2
+        c.sft.num_steps = 40
+        c.sft.log_every = 5
+        c.sft.optimizer.warmup_steps = 5
+        c.sft.probe.update(num_prompts=2, max_new_tokens=16, batch_size=2)
+        c.opd.prompt_len = 96
+        c.opd.batch_size = 2
+        c.opd.num_steps = 4
+        c.opd.num_rounds = 3
+        c.opd.log_every = 2
+        c.opd.save_every = 2
+        c.opd.optimizer.warmup_steps = 1
+        c.opd.probe.update(num_prompts=2, max_new_tokens=16, every=2, batch_size=2)
+        c.eval.num_prompts = 2
+        c.eval.batch_size = 2  # one compiled shape per run
+        c.eval.max_new_tokens = 8
         c.eval.runs = [r for r in c.eval.runs if r["prompt_set"] == "mtbench"]
     return c

@@ -3,43 +3,35 @@ stdlib code, Python docs; evaluation prompts removed) into trajectory shards.
 
   python -m opd.main --config=experiments/regenerate_smollm2.py --workdir=workdirs/smollm2
   python -m opd.main --config=experiments/regenerate_smollm2.py:tiny --workdir=/tmp/regen   # seconds
+
+Every field and its default: `opd.configs.default_config`.
 """
 
 import ml_collections
 
+from opd.configs import default_config, variant_parts
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.stages = ("fetch_assets", "regenerate")  # run in order; each resumes from what DIR holds
-    c.seed = 0  # base PRNG seed (shard i samples with seed + i)
-    c.assets = ["smollm2_gguf", "alpacaeval", "mtbench", "humaneval"]  # eval sets: to exclude their prompts
-    # with a gs:// (any URL) --workdir: this host's local copy of it (opd/remote.py); "" picks
-    # ~/.cache/opd/workdirs/<scheme>/<path>
-    c.local_workdir = ""
+    tiny = "tiny" in variant_parts(variant, ("tiny",), "experiments/regenerate_smollm2.py")
+    c = default_config()
+    c.stages = ("fetch_assets", "regenerate")
+    c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")  # eval sets: to exclude their prompts
+    c.target.path = "asset:smollm2_gguf"
 
-    c.target = ml_collections.ConfigDict()
-    c.target.path = "asset:smollm2_gguf"  # HF dir, .gguf file, or asset:<name>
-    c.target.dtype = "float32"  # activation dtype (bf16 is slower on CPU)
-    c.target.scan_layers = False  # True compiles faster; False decodes faster on CPU
-
-    c.regenerate = ml_collections.ConfigDict()
-    c.regenerate.sources = ("alpacaeval", "stdlib_code", "pydocs")  # training prompt sources (or .jsonl files)
+    c.regenerate.sources = ("alpacaeval", "stdlib_code", "pydocs")
     c.regenerate.num_prompts = 256  # per source (first N in deterministic order)
-    c.regenerate.max_new_tokens = 256  # per answer
-    c.regenerate.temperature = 0.0  # 0 = greedy (the target's own most likely answer)
-    c.regenerate.batch_size = 4  # prompts per decoding call
-    c.regenerate.shard_size = 32  # prompts per JSONL shard (the unit of resumption)
-    c.regenerate.drafter = "ngram"  # "ngram" (lossless speculative decoding) or "none"
-    c.regenerate.num_draft_tokens = 4  # K for the n-gram drafter
+    c.regenerate.max_new_tokens = 256
+    c.regenerate.batch_size = 4
+    c.regenerate.shard_size = 32
+    c.regenerate.drafter = "ngram"  # lossless speculative decoding: the same answers, faster
 
-    if variant == "tiny":
-        c.assets = ["smollm2_gguf", "mtbench", "humaneval"]
+    if tiny:
+        c.assets = ("smollm2_gguf", "mtbench", "humaneval")
         c.target.scan_layers = True
         c.regenerate.sources = ("stdlib_code",)
         c.regenerate.num_prompts = 2
         c.regenerate.max_new_tokens = 8
         c.regenerate.batch_size = 2
         c.regenerate.shard_size = 2
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/regenerate_smollm2.py (known: '', 'tiny')")
     return c

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from opd import remote
+
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -167,8 +169,6 @@ def barrier(name: str) -> None:
     """All processes wait here (no-op in single-process runs). With a URL workdir
     (`opd.remote`) each process first pushes what it wrote and afterwards pulls what the
     others wrote."""
-    from opd import remote
-
     rw = remote.current()
     if rw is not None:
         rw.push()

@@ -1,4 +1,5 @@
-"""`opd.Target`: a frozen target model (config + params + tokenizer) and `opd.load_target`."""
+"""`opd.Target`: a frozen target model (config + params + tokenizer), `opd.load_target` and
+`load_target_from_config` (a launch config's target, loaded once per process)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from opd.checkpoints.errors import CheckpointError
+from opd.checkpoints.gguf_file import open_gguf, read_gguf_checkpoint, read_gguf_metadata
+from opd.checkpoints.hf import read_hf_checkpoint
+from opd.data.tokenizer import Tokenizer
+from opd.models import presets
 from opd.models import transformer as tfm
 from opd.models.config import TransformerConfig
+from opd.paths import resolve_path
 
 
 @dataclasses.dataclass
@@ -56,22 +62,16 @@ def load_target(path: str, *, dtype: str = "float32", param_dtype: str = "float3
     Only safetensors and GGUF are read: nothing is unpickled and no checkpoint code runs.
     Raises CheckpointError (or ConfigError) naming the problem for bad input.
     """
-    from opd.data.tokenizer import Tokenizer
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path does not exist: {path}")
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise CheckpointError(f"{path}: a file checkpoint must be a .gguf file (or pass an HF directory)")
-        from opd.checkpoints.gguf_file import open_gguf, read_gguf_checkpoint, read_gguf_metadata
-
         reader = open_gguf(path)
         config, state = read_gguf_checkpoint(path, reader)
         tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(reader))
     else:
-        from opd.checkpoints.hf import read_hf_checkpoint
-
         config, state = read_hf_checkpoint(path)
         tokenizer = Tokenizer.from_hf_dir(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -82,3 +82,21 @@ def load_target(path: str, *, dtype: str = "float32", param_dtype: str = "float3
     config = config.replace(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
     params = jax.tree.map(jnp.asarray, tfm.params_from_hf(config, state))
     return Target(config, params, tokenizer, source=path)
+
+
+def load_target_from_config(config) -> Target:
+    """The config's target, loaded once per process (stages of one launch share it).
+
+    `config.target` (`opd.configs.default_config`): `path` (a path spec, `opd.paths.resolve_path`),
+    `dtype`, `param_dtype`, `scan_layers`, `remat`; with `preset` set, the checkpoint's
+    architecture must be that preset's (`opd.models.presets`)."""
+    t = config.target
+    target = _load_target_cached(resolve_path(t.path), t.dtype, bool(t.scan_layers), t.param_dtype, bool(t.remat))
+    if t.preset:
+        presets.check_against(t.preset, target.config)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _load_target_cached(path: str, dtype: str, scan_layers: bool, param_dtype: str, remat: bool) -> Target:
+    return load_target(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)

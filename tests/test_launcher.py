@@ -58,7 +58,7 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 def test_validate_names_the_bad_field():
     import importlib.util
 
-    from opd import pipeline
+    from opd import configs
 
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "experiments", "quickstart.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -80,7 +80,7 @@ def test_validate_names_the_bad_field():
         node, _, leaf = field.rpartition(".")
         (config[node] if node else config)[leaf] = value
         with pytest.raises(ValueError, match=message):
-            pipeline.validate(config)
+            configs.validate(config)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from opd import pipeline
+from opd import configs, pipeline
 from opd.configs import load_config
 from opd.models.config import ConfigError
 from opd.models.presets import PRESETS, check_against, preset_config
@@ -30,16 +30,16 @@ def test_every_pod_variant_is_a_valid_config(model, kind, slice_name):
         c = _pod(f"{model},{kind},{slice_name}{extra}")
         if not extra:
             with pytest.raises(ValueError, match="config.opd.init must name the drafter"):
-                pipeline.validate(c)  # the public drafter is required
+                configs.validate(c)  # the public drafter is required
             c.drafter.init = "/drafters/public"
             assert c.opd.init == "/drafters/public"  # follows drafter.init (a command-line override)
-        pipeline.validate(c)
+        configs.validate(c)
         assert c.target.preset in PRESETS and c.target.dtype == c.target.param_dtype == "bfloat16" and c.target.scan_layers
         n_data = c.num_devices // c.opd.mesh.tensor
         assert c.opd.batch_size % n_data == 0 and c.sft.batch_size % n_data == 0
-        assert c.eval.num_draft_tokens == c.opd.num_draft
+        assert c.eval.num_draft_tokens == c.opd.num_draft_tokens
         if kind == "dflash":
-            assert c.opd.num_draft <= c.drafter.overrides.block_size - 1
+            assert c.opd.num_draft_tokens <= c.drafter.overrides.block_size - 1
         assert c.distributed == (c.num_devices > 4)  # v5p-8 is one host
         if extra:
             assert "sft" in c.stages and c.opd.init == f"workdir:export/sft_{kind}"
@@ -65,7 +65,7 @@ def _launch_config(tmp_path, drafter_dir, **changes):
     c.num_devices = 1  # the devices of this test process
     c.target.path = str(tmp_path)
     c.drafter.init = drafter_dir
-    c.opd.num_draft = 7
+    c.opd.num_draft_tokens = 7
     c.opd.batch_size = c.sft.batch_size = 4
     for key, value in changes.items():
         node = c
@@ -78,8 +78,8 @@ def _launch_config(tmp_path, drafter_dir, **changes):
 
 def test_a_good_launch_config_passes(tmp_path, drafter_dir):
     c = _launch_config(tmp_path, drafter_dir)
-    pipeline.validate(c)
-    pipeline.validate_launch(c)
+    configs.validate(c)
+    configs.validate_launch(c)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -87,7 +87,7 @@ def test_a_good_launch_config_passes(tmp_path, drafter_dir):
     ({"target.path": "/no/such/model"}, "config.target.path: no checkpoint at"),
     ({"target.path": "memory://bucket/Qwen3-8B"}, "config.target.path: no checkpoint at 'memory://bucket/Qwen3-8B'"),
     ({"drafter.init": "/no/such/drafter"}, "config.opd.init: no drafter directory"),
-    ({"opd.num_draft": 15}, "config.opd.num_draft = 15.*block_size 8 drafts at most 7"),
+    ({"opd.num_draft_tokens": 15}, "config.opd.num_draft_tokens = 15.*block_size 8 drafts at most 7"),
     ({"num_devices": 4}, "config.num_devices = 4 .*1 devices are present"),
     ({"opd.mesh.tensor": 2}, "config.opd.mesh .*does not divide"),
     ({"target.preset": "qwen9"}, "config.target.preset 'qwen9' is unknown"),
@@ -95,8 +95,8 @@ def test_a_good_launch_config_passes(tmp_path, drafter_dir):
 def test_launch_checks_name_the_problem(tmp_path, drafter_dir, changes, message):
     c = _launch_config(tmp_path, drafter_dir, **changes)
     with pytest.raises(ValueError, match=message):
-        pipeline.validate(c)
-        pipeline.validate_launch(c)
+        configs.validate(c)
+        configs.validate_launch(c)
 
 
 def test_gs_workdir_without_gcsfs_is_a_clear_error(tmp_path, drafter_dir, monkeypatch):

@@ -4,10 +4,9 @@ from finished eval runs and the training stages' probe rows."""
 import json
 import os
 
-import ml_collections
 import pytest
 
-from opd import pipeline
+from opd import configs, pipeline
 from opd.eval import report
 
 
@@ -20,11 +19,12 @@ def _eval_metrics(drafter, training, prompt_set, temperature, batch, tau, speedu
 
 
 def _config(runs, curve_runs=("sft", "opd")):
-    c = ml_collections.ConfigDict()
+    c = configs.default_config()
     c.stages = ("report",)
-    c.target = ml_collections.ConfigDict(dict(path="unused", dtype="float32", scan_layers=False))
-    c.eval = ml_collections.ConfigDict(dict(num_prompts=4, runs=runs))
-    c.report = ml_collections.ConfigDict(dict(curve_runs=curve_runs, curve_drafters=("eagle3",), results_name=""))
+    c.target.path = "unused"
+    c.eval.num_prompts = 4
+    c.eval.runs = runs
+    c.report.update(curve_runs=curve_runs, curve_drafters=("eagle3",))
     return c
 
 
@@ -74,16 +74,19 @@ def test_report_names_the_missing_eval_run(tmp_path):
 
 
 def test_report_config_is_validated():
-    c = _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")], curve_runs="opd")
-    with pytest.raises(ValueError, match="config.report.curve_runs must be a list"):
-        pipeline.validate(c)
+    with pytest.raises(TypeError, match="curve_runs"):  # the schema's field is a tuple: refused when set
+        _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")], curve_runs="opd")
     c = _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")])
     c.report.results_name = "../x"
     with pytest.raises(ValueError, match="results_name must be a plain directory name"):
-        pipeline.validate(c)
+        configs.validate(c)
     del c.report
     with pytest.raises(ValueError, match="no `report` block"):
-        pipeline.validate(c)
+        configs.validate(c)
+    c = _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")])
+    c.report.results_nmae = "x"  # a typo: named, with the field it was meant to be
+    with pytest.raises(ValueError, match=r"unknown config field config\.report\.results_nmae; did you mean config\.report\.results_name\?"):
+        configs.validate(c)
 
 
 def test_summary_row_method_of_an_untrained_drafter():

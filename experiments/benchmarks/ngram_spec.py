@@ -80,8 +80,8 @@ def _verify_forward_loop(params, tok_B, lengths_B, *, config, num_tokens, cache_
     return jax.lax.fori_loop(0, iters, body, (cache, tok_B))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "num_draft", "iters"))
-def _propose_loop(dparams, seq_BS, seq_len_B, key, *, spec, num_draft, iters):
+@functools.partial(jax.jit, static_argnames=("spec", "num_draft_tokens", "iters"))
+def _propose_loop(dparams, seq_BS, seq_len_B, key, *, spec, num_draft_tokens, iters):
     """`iters` drafter proposals on a committed text of the engine's buffer size."""
     from opd.decoding.sampling import SamplingParams
     from opd.drafters.base import DraftContext
@@ -92,7 +92,7 @@ def _propose_loop(dparams, seq_BS, seq_len_B, key, *, spec, num_draft, iters):
 
     def body(_, carry):
         seq_BS, state = carry
-        d_BK, _, state = spec.propose(dparams, state, DraftContext(seq_BS, seq_len_B), key, num_draft, sp)
+        d_BK, _, state = spec.propose(dparams, state, DraftContext(seq_BS, seq_len_B), key, num_draft_tokens, sp)
         return tfm.update_rows(seq_BS, d_BK[:, :1], seq_len_B - 1, axis=1), state  # feed back: no hoisting
 
     return jax.lax.fori_loop(0, iters, body, (seq_BS, state))[0]
@@ -117,7 +117,7 @@ def engine_overhead(target, drafter, metrics, K: int, max_new_tokens: int, iters
                                     target.params, toks, lengths)
             t_fwd = _median_seconds(functools.partial(_verify_forward_loop, config=target.config, num_tokens=K + 1,
                                                       cache_len=cache_len, iters=iters), target.params, toks[:, 0], mid) / iters
-            t_prop = _median_seconds(functools.partial(_propose_loop, spec=drafter.spec, num_draft=K, iters=iters),
+            t_prop = _median_seconds(functools.partial(_propose_loop, spec=drafter.spec, num_draft_tokens=K, iters=iters),
                                      drafter.params, seq, mid, jax.random.PRNGKey(1)) / iters
             cache[key] = (t_pre, t_fwd, t_prop)
         t_pre, t_fwd, t_prop = cache[key]

@@ -49,7 +49,7 @@ def opd_run(workdir, run, kind):
     if not train:
         return None
     cfg = json.load(open(os.path.join(stage, "opd_config.json")))
-    K = int(cfg["num_draft"])
+    K = int(cfg.get("num_draft_tokens", cfg.get("num_draft")))  # workdirs written before the rename
     acc = np.array([[r.get(f"acceptance/{i}") or 0.0 for i in range(1, K + 1)] for r in train]).mean(0)
     reach = np.concatenate([[1.0], np.cumprod(acc)])  # P(n >= i), i = 0..K
     per_round = float(reach[:K].sum())
@@ -65,7 +65,7 @@ def opd_run(workdir, run, kind):
 
 def sft_run(workdir, run, kind, target_flops_per_token=None, opd_end_flops=None):
     from opd.data.builders import read_trajectory_shards
-    from opd.training.sft_stage import resolve
+    from opd.paths import resolve_path as resolve
 
     stage = os.path.join(workdir, run, kind)
     rows = _rows(os.path.join(stage, "metrics.jsonl"))

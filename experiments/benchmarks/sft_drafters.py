@@ -92,7 +92,7 @@ def _plot_tau(rows, out_dir: str) -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
-    from opd.checkpoints.drafters import load_drafter
+    from opd.drafters import load_drafter
     from opd.eval.harness import evaluate, write_eval
     from opd.eval.report import RESULTS_ROOT, markdown_table, write_results
     from opd.pipeline import drafter_training

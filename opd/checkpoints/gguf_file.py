@@ -7,14 +7,13 @@ becomes a `CheckpointError` naming the file.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from opd.checkpoints.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from opd.models.config import TransformerConfig
+from opd.checkpoints.hf import validate_state_dict
+from opd.models.config import GGUF_ARCHITECTURES, ConfigError, RopeScaling, TransformerConfig
 
 
 def open_gguf(path: str):
@@ -133,8 +132,6 @@ def rope_scaling_from_factors(factors: np.ndarray, rope_theta: float, head_dim: 
     Returns None when every factor is 1. Raises CheckpointError when the factors do not
     have the llama-3 form (result is checked by recomputing the factors).
     """
-    from opd.models.config import RopeScaling
-
     f = np.asarray(factors, dtype=np.float64).reshape(-1)
     if f.shape[0] != head_dim // 2:
         raise CheckpointError(
@@ -184,8 +181,6 @@ def _meta(reader, key: str, default: Any = KeyError, source: str = "GGUF"):
 
 
 def _config_from_gguf(reader, tensor_names: set[str], source: str):
-    from opd.models.config import GGUF_ARCHITECTURES, ConfigError, TransformerConfig
-
     arch = _meta(reader, "general.architecture", source=source)
     if arch not in GGUF_ARCHITECTURES:
         raise CheckpointError(
@@ -219,8 +214,6 @@ def _config_from_gguf(reader, tensor_names: set[str], source: str):
         scaling = None
         stype = m("rope.scaling.type", "none")
         if stype == "llama3":  # not written by llama.cpp today, accepted if present
-            from opd.models.config import RopeScaling
-
             scaling = RopeScaling(
                 factor=float(m("rope.scaling.factor")),
                 low_freq_factor=float(m("rope.scaling.low_freq_factor")),
@@ -278,8 +271,6 @@ def read_gguf_checkpoint(path: str, reader=None) -> tuple["TransformerConfig", d
     Raises CheckpointError for anything malformed, truncated, missing or unsupported.
     """
     import gguf
-
-    from opd.checkpoints.hf import validate_state_dict
 
     path = os.fspath(path)
     reader = reader if reader is not None else open_gguf(path)  # pass one to avoid parsing twice

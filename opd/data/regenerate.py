@@ -21,7 +21,9 @@ from typing import Optional, Sequence
 
 from absl import logging
 
-from opd.data import splits
+from opd.data import splits, text_sources
+from opd.decoding.generate import generate
+from opd.decoding.speculative import speculative_generate
 
 SOURCES = ("alpacaeval", "stdlib_code", "pydocs")
 
@@ -32,8 +34,6 @@ def training_prompts(source: str, num_prompts: Optional[int] = None) -> list[dic
     source: "alpacaeval" (its train split), "stdlib_code", "pydocs" (opd.data.text_sources)
     or a local .jsonl file.
     """
-    from opd.data import text_sources
-
     if source == "stdlib_code":
         records = text_sources.stdlib_code_prompts(max_prompts=num_prompts)
     elif source == "pydocs":
@@ -74,9 +74,6 @@ def regenerate(
 ) -> list[str]:
     """Writes this process's missing shards; returns the paths of all of its shards."""
     from tqdm import tqdm
-
-    from opd.decoding.generate import generate
-    from opd.decoding.speculative import speculative_generate
 
     if shard_size < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"shard_size, batch_size and max_new_tokens must be >= 1, got {shard_size}, {batch_size}, {max_new_tokens}")

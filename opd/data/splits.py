@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Sequence
 
+from opd.data import assets
+
 SPLITS = ("train", "heldout")
 HELDOUT_PER_MILLE = 200  # 20 % held out
 EVAL_ONLY_SETS = ("mtbench", "humaneval")
@@ -58,11 +60,9 @@ def training_records(prompt_set: str) -> list[dict]:
     "alpacaeval" -> its train split; a JSONL path -> all of it; MT-Bench / HumanEval ->
     ValueError (they are evaluation sets).
     """
-    from opd.data.assets import load_prompt_set
-
     if prompt_set in EVAL_ONLY_SETS:
         raise ValueError(f"prompt set {prompt_set!r} is evaluation-only and must not be used for training")
-    records = load_prompt_set(prompt_set)
+    records = assets.load_prompt_set(prompt_set)
     if prompt_set == "alpacaeval":
         records = alpaca_split(records, "train")
     return drop_eval_prompts(records)
@@ -70,9 +70,7 @@ def training_records(prompt_set: str) -> list[dict]:
 
 def eval_prompt_texts() -> set:
     """Normalised texts of every user turn of the evaluation-only sets."""
-    from opd.data.assets import load_prompt_set
-
-    return {_normalise(t) for name in EVAL_ONLY_SETS for r in load_prompt_set(name) for t in r["turns"]}
+    return {_normalise(t) for name in EVAL_ONLY_SETS for r in assets.load_prompt_set(name) for t in r["turns"]}
 
 
 def drop_eval_prompts(records: Sequence[dict]) -> list[dict]:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from opd.checkpoints.gguf_file import read_gguf_metadata
 from opd.data import chat
 
 # llama.cpp token types (gguf.TokenType).
@@ -227,8 +228,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str) -> "Tokenizer":
         """Reads a GGUF file's metadata and builds its tokenizer."""
-        from opd.checkpoints.gguf_file import read_gguf_metadata
-
         return cls.from_gguf_metadata(read_gguf_metadata(path))
 
     @classmethod

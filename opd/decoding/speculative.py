@@ -25,19 +25,19 @@ from opd.decoding.sampling import SamplingParams, sample
 from opd.drafters.base import DraftContext, Drafter, DrafterSpec
 from opd.models import transformer as tfm
 from opd.models.config import TransformerConfig
+# submodules, not names: `import pallas_kernels.verify` first imports opd (its kernel reads
+# opd.decoding.sampling), which imports this module while that package is half-initialised
+from pallas_kernels.verify import kernel as verify_kernel
+from pallas_kernels.verify import reference as verify_ref
 
 VERIFY_IMPLS = ("reference", "pallas")
 
 
 def _verify(impl: str, logits_BKV1, d_BK, logq_BKV, key, sp: SamplingParams):
     if impl == "pallas":
-        from pallas_kernels.verify import verify
-
-        return verify(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p,
+        return verify_kernel.verify(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p,
                       interpret=jax.default_backend() == "cpu")
-    from pallas_kernels.verify import verify_reference
-
-    return verify_reference(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p)
+    return verify_ref.verify_reference(logits_BKV1, d_BK, logq_BKV, key, sp.temperature, sp.top_k, sp.top_p)
 
 
 def start_state(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *, tconfig: TransformerConfig,
@@ -74,10 +74,10 @@ class Round(NamedTuple):
 
 
 def verify_round(s: dict, tparams, dparams, eos_ids, *, tconfig: TransformerConfig, dspec: DrafterSpec,
-                 sp: SamplingParams, num_draft: int, max_new_tokens: int, verify_impl: str):
+                 sp: SamplingParams, num_draft_tokens: int, max_new_tokens: int, verify_impl: str):
     """One round: draft K tokens, verify them in one target forward over K+1 positions, commit
     per row. Returns (new state, `Round`)."""
-    K, N = num_draft, max_new_tokens
+    K, N = num_draft_tokens, max_new_tokens
     key, kd, kv = jax.random.split(s["key"], 3)
     ctx = DraftContext(s["seq"], s["seq_len"])
     d_BK, logq_BKV, dstate = dspec.propose(dparams, s["dstate"], ctx, kd, K, sp)
@@ -115,12 +115,12 @@ def verify_round(s: dict, tparams, dparams, eos_ids, *, tconfig: TransformerConf
 
 @functools.partial(
     jax.jit,
-    static_argnames=("tconfig", "dspec", "sp", "num_draft", "max_new_tokens", "cache_len", "verify_impl"),
+    static_argnames=("tconfig", "dspec", "sp", "num_draft_tokens", "max_new_tokens", "cache_len", "verify_impl"),
 )
 def _speculative_jit(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *,
-                     tconfig: TransformerConfig, dspec: DrafterSpec, sp: SamplingParams, num_draft: int,
+                     tconfig: TransformerConfig, dspec: DrafterSpec, sp: SamplingParams, num_draft_tokens: int,
                      max_new_tokens: int, cache_len: int, verify_impl: str):
-    K, N = num_draft, max_new_tokens
+    K, N = num_draft_tokens, max_new_tokens
     state = start_state(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, tconfig=tconfig, dspec=dspec,
                         sp=sp, max_new_tokens=N, cache_len=cache_len)
     state["accept_hist"] = jnp.zeros((K + 1,), jnp.int32)
@@ -130,7 +130,7 @@ def _speculative_jit(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_id
 
     def body(s):
         hist = s.pop("accept_hist")
-        new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft=K,
+        new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft_tokens=K,
                               max_new_tokens=N, verify_impl=verify_impl)
         # accept_hist[n] = active rounds that accepted exactly n drafts
         new["accept_hist"] = hist + jnp.sum(jax.nn.one_hot(r.num_accepted_B, K + 1, dtype=jnp.int32)
@@ -176,13 +176,10 @@ def speculative_generate(
     included), acceptance_by_offset, target_forwards, generated_tokens, seconds.
     """
     sp = SamplingParams(temperature, top_k, top_p)
-    if int(num_draft_tokens) < 1:
-        raise ValueError(f"num_draft_tokens (K) must be >= 1, got {num_draft_tokens}")
     if verify_impl not in VERIFY_IMPLS:
         raise ValueError(f"verify_impl must be one of {VERIFY_IMPLS}, got {verify_impl!r}")
     check_compatible(target, drafter)
-    if hasattr(drafter.spec, "check_num_draft"):  # e.g. DFlash: K <= block_size - 1
-        drafter.spec.check_num_draft(int(num_draft_tokens))
+    drafter.spec.check_num_draft_tokens(num_draft_tokens)  # e.g. DFlash: K <= block_size - 1
     K, config = int(num_draft_tokens), target.config
     ids = batching.encode_prompts(target, prompts)
     # A round may write K + 1 cache slots past the committed text.
@@ -197,7 +194,7 @@ def speculative_generate(
         key, sub = jax.random.split(key)
         seq, n_gen, n_rounds, row_rounds, row_committed, acc_hist = _speculative_jit(
             target.params, drafter.params, chunk.tokens, chunk.lengths, ~chunk.valid, sub, batching.eos_array(eos),
-            tconfig=config, dspec=drafter.spec, sp=sp, num_draft=K, max_new_tokens=max_new_tokens,
+            tconfig=config, dspec=drafter.spec, sp=sp, num_draft_tokens=K, max_new_tokens=max_new_tokens,
             cache_len=cache_len, verify_impl=verify_impl,
         )
         seq, n_gen = np.asarray(seq), np.asarray(n_gen)

@@ -1,40 +1,17 @@
-"""Drafters for speculative decoding, behind one interface (`opd.drafters.base`)."""
+"""Drafters for speculative decoding: the interface (`base`), the kind registry (`registry`)
+and the built-in kinds, each a plug-in in its own module: n-gram prompt lookup, an
+independent small LM, EAGLE-3 and DFlash."""
 
-from opd.drafters.base import DraftContext, Drafter, DrafterSpec
+from opd.drafters import registry
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, TargetFeatures
+from opd.drafters.dflash import DFlashKind
+from opd.drafters.eagle3 import Eagle3Kind
+from opd.drafters.lm import LMKind
+from opd.drafters.ngram import NGramKind
+from opd.drafters.registry import DrafterKind, export_drafter, get_kind, init_drafter, load_drafter, register
 
-KINDS = ("ngram", "lm", "eagle3", "dflash")
+for _kind in (NGramKind(), LMKind(), Eagle3Kind(), DFlashKind()):
+    register(_kind)
 
-
-def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
-    """Builds a drafter for `target`.
-
-    kinds: "ngram" (prompt lookup; overrides max_ngram, min_ngram), "lm" (an independent
-    small LM: pass `model=<opd.Target with the target's vocabulary>`), "eagle3" (feature-fusion
-    chain drafter; see `opd.drafters.eagle3.init_eagle3`) and "dflash" (block
-    diffusion drafter over the target's features; see `opd.drafters.dflash.init_dflash`).
-    """
-    if kind == "ngram":
-        from opd.drafters.ngram import NGramSpec
-
-        return Drafter(NGramSpec(vocab_size=target.config.vocab_size, **overrides), None)
-    if kind == "lm":
-        from opd.drafters.lm import LMSpec
-
-        model = overrides.pop("model", None)
-        if model is None:
-            raise ValueError('init_drafter("lm", target, model=...) needs the small LM (an opd.Target)')
-        if overrides:
-            raise ValueError(f"unknown options for the lm drafter: {sorted(overrides)}")
-        return Drafter(LMSpec(vocab_size=model.config.vocab_size, config=model.config), model.params, model.tokenizer)
-    if kind == "eagle3":
-        from opd.drafters.eagle3 import init_eagle3
-
-        return init_eagle3(target, seed=seed, **overrides)
-    if kind == "dflash":
-        from opd.drafters.dflash import init_dflash
-
-        return init_dflash(target, seed=seed, **overrides)
-    raise ValueError(f"unknown drafter kind {kind!r}; available: {KINDS}")
-
-
-__all__ = ["DraftContext", "Drafter", "DrafterSpec", "KINDS", "init_drafter"]
+__all__ = ["DraftContext", "Drafter", "DrafterKind", "DrafterSpec", "LossOut", "TargetFeatures", "export_drafter",
+           "get_kind", "init_drafter", "load_drafter", "register", "registry"]

@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from opd.drafters.base import DraftContext, DrafterSpec
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec
+from opd.drafters.registry import DrafterKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +34,24 @@ class NGramSpec(DrafterSpec):
     def commit(self, params, state, ctx, n_accepted_B, target_aux):
         return ()
 
-    def propose(self, params, state, ctx: DraftContext, key, num_draft: int, sp):
-        tokens_BK = lookup(ctx.seq_BS, ctx.seq_len_B, num_draft, self.max_ngram, self.min_ngram)
+    def propose(self, params, state, ctx: DraftContext, key, num_draft_tokens: int, sp):
+        tokens_BK = lookup(ctx.seq_BS, ctx.seq_len_B, num_draft_tokens, self.max_ngram, self.min_ngram)
         logq_BKV = None
         if not sp.greedy:
             logq_BKV = jnp.where(jax.nn.one_hot(tokens_BK, self.vocab_size, dtype=bool), 0.0, -jnp.inf)
         return tokens_BK, logq_BKV, state
 
 
-def lookup(seq_BS, seq_len_B, num_draft: int, max_ngram: int, min_ngram: int):
+class NGramKind(DrafterKind):
+    """Prompt lookup: no parameters, nothing to train or load."""
+
+    name = "ngram"
+
+    def init(self, target, seed: int = 0, **overrides):
+        return Drafter(NGramSpec(vocab_size=target.config.vocab_size, **overrides), None)
+
+
+def lookup(seq_BS, seq_len_B, num_draft_tokens: int, max_ngram: int, min_ngram: int):
     """[B, K] proposals. Rows without any match repeat their last token (still lossless)."""
     B, S = seq_BS.shape
     pos_S = jnp.arange(S)
@@ -58,6 +68,6 @@ def lookup(seq_BS, seq_len_B, num_draft: int, max_ngram: int, min_ngram: int):
         end_B = jnp.max(jnp.where(match_BS & valid_BS, pos_S[None], -1), axis=1).astype(jnp.int32)
         best_end_B = jnp.where(end_B >= 0, end_B, best_end_B)
     # Continuation after the match; past the end of the known text, repeat its last token.
-    idx_BK = jnp.minimum(best_end_B[:, None] + 1 + jnp.arange(num_draft)[None], seq_len_B[:, None] - 1)
+    idx_BK = jnp.minimum(best_end_B[:, None] + 1 + jnp.arange(num_draft_tokens)[None], seq_len_B[:, None] - 1)
     cont_BK = jnp.take_along_axis(seq_BS, jnp.clip(idx_BK, 0, S - 1), axis=1)
     return jnp.where(best_end_B[:, None] >= 0, cont_BK, last_B[:, None]).astype(jnp.int32)

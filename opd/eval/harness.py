@@ -27,9 +27,13 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 from absl import logging
 import numpy as np
 
+from opd.data.assets import load_prompt_set
+from opd.data.splits import alpaca_split
 from opd.decoding import batching
-
-DRAFTER_NAMES = ("none", "ngram", "lm", "eagle3", "dflash")
+from opd.decoding.generate import generate
+from opd.decoding.speculative import speculative_generate
+from opd.drafters import registry
+from opd.eval.report import markdown_table, provenance
 PromptSet = Union[str, Sequence[Any]]
 
 
@@ -47,9 +51,6 @@ def load_eval_records(prompt_set: PromptSet, num_prompts: Optional[int] = None, 
 
     AlpacaEval is restricted to its held-out split unless `heldout_split=False`.
     """
-    from opd.data.assets import load_prompt_set
-    from opd.data.splits import alpaca_split
-
     if isinstance(prompt_set, str):
         name = prompt_set
         if prompt_set.endswith(".jsonl") and os.path.isfile(prompt_set):
@@ -143,13 +144,9 @@ class _Runner:
         self.warmup_seconds = 0.0
 
     def ar(self, chunk, ci):
-        from opd.decoding.generate import generate
-
         return generate(self.target, chunk, seed=self.seed + ci, batch_size=len(chunk), **self.kw)
 
     def spec(self, chunk, ci):
-        from opd.decoding.speculative import speculative_generate
-
         return speculative_generate(self.target, self.drafter, chunk, num_draft_tokens=self.K, seed=self.seed + ci,
                                     batch_size=len(chunk), **self.kw)
 
@@ -234,8 +231,8 @@ def evaluate(
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     name = drafter_name or (drafter.kind if drafter is not None else "none")
-    if name not in DRAFTER_NAMES:
-        raise ValueError(f"drafter name must be one of {DRAFTER_NAMES}, got {name!r}")
+    if name != "none" and name not in registry.names():
+        raise ValueError(f"drafter name must be one of {('none',) + registry.names()}, got {name!r}")
     if (drafter is None) != (name == "none"):
         raise ValueError(f"drafter_name={name!r} does not match the drafter passed ({drafter!r})")
     greedy = temperature == 0.0
@@ -334,8 +331,6 @@ def write_eval(metrics: dict, out_dir: str) -> str:
 
     `metrics.json` is written last (atomically): its presence marks a finished run.
     """
-    from opd.eval.report import markdown_table, provenance
-
     os.makedirs(out_dir, exist_ok=True)
     _plot_tau(metrics, os.path.join(out_dir, "tau_hist.png"))
     _plot_acceptance(metrics, os.path.join(out_dir, "acceptance_by_offset.png"))

@@ -11,6 +11,9 @@ import subprocess
 import sys
 from typing import Sequence
 
+from opd.drafters import registry
+from opd.paths import read_jsonl
+
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "experiments", "results")
 
 
@@ -76,7 +79,7 @@ def summary_row(run: str, metrics: dict) -> dict:
     training stage that made the drafter ("sft", "opd", "sft_cont", ...; "untrained" for a
     fresh one, "-" for drafters that are not trained)."""
     source = str(metrics.get("training", "none")).split(" (")[0]
-    method = source if source != "none" else ("untrained" if metrics["drafter"] in ("eagle3", "dflash") else "-")
+    method = source if source != "none" else ("untrained" if metrics["drafter"] in registry.names(trainable=True) else "-")
     row = {k: metrics.get(k) for k in SUMMARY_ROW_FIELDS if k not in ("run", "method")}
     taus = [t for t in metrics.get("tau_per_batch") or [] if t is not None]  # per prompt at batch 1
     sem = statistics.stdev(taus) / len(taus) ** 0.5 if len(taus) > 1 else None
@@ -128,8 +131,6 @@ def main_tables(rows: Sequence[dict]) -> str:
 def probe_curves(workdir: str, runs: Sequence[str], kinds: Sequence[str]) -> dict:
     """{kind: {run: [{"step", "flops", "probe_tau"}, ...]}} from DIR/<run>/<kind>/metrics.jsonl
     (the `probe_tau` rows the sft and opd stages log), for the runs that exist."""
-    from opd.training.metrics import read_jsonl
-
     out: dict = {}
     for kind in kinds:
         for run in runs:

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a drafter training run (SFT now; Draft-OPD uses the same state).
+"""Orbax checkpoints of a drafter training run (SFT and Draft-OPD share the train state).
 
 One orbax step directory per saved step, two items (orbax args API):
   "state"  the `TrainState` (step, trainable drafter params, optimizer state, PRNG key):
@@ -9,11 +9,11 @@ One orbax step directory per saved step, two items (orbax args API):
 Frozen inputs (target params, draft-vocabulary maps) are not saved here: they come from the
 target checkpoint and the drafter checkpoint, which never change during training.
 
-Resume order (`restore_or_init`; the launcher must follow it):
-  1. build the mesh, the optimizer and the shardings (`sft.make_shardings`);
-  2. the abstract state (`abstract_state`: shapes from `jax.eval_shape(init)` + shardings);
+Resume order (the stages follow it; `stage_common.restore_state`):
+  1. build the run (`opd.training.run`: mesh, optimizer, shardings, the jitted step);
+  2. its abstract state (`TrainRun.abstract_state`: shapes from `jax.eval_shape(init)` + shardings);
   3. if the manager has a checkpoint: restore "state" onto the abstract state and "data";
-     else: `sft.init_train_state` and the caller's fresh iterator state;
+     else: `TrainRun.init_state` and the caller's fresh iterator state;
   4. rebuild the data iterator from the "data" state, then loop from `int(state.step)`.
 Saves are asynchronous: device arrays are copied to host before `save` returns, so the next
 (donating) train step may run at once; call `wait_until_finished()` before exiting.
@@ -21,17 +21,13 @@ Saves are asynchronous: device arrays are copied to host before `save` returns, 
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
 import orbax.checkpoint as ocp
 
-from opd.drafters.base import DrafterSpec
+from opd import remote
 from opd.training import sft
 
 STATE, DATA = "state", "data"
@@ -47,18 +43,9 @@ def make_manager(directory: str, max_to_keep: Optional[int] = 3, save_interval_s
         raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            create=True, enable_async_checkpointing=async_save)
-    from opd import remote
-
     # a URL workdir's checkpoints go straight to the bucket (orbax commits them there)
     directory = remote.checkpoint_location(os.path.abspath(os.fspath(directory)))
     return ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA))
-
-
-def abstract_state(spec: DrafterSpec, optimizer: optax.GradientTransformation, shardings: sft.SFTShardings):
-    """ShapeDtypeStructs (with the train step's shardings) of the `TrainState`."""
-    init = functools.partial(sft.initial_state, optimizer=optimizer)
-    shapes = jax.eval_shape(init, nn.unbox(sft.abstract_trainable(spec)), jax.ShapeDtypeStruct((2,), jnp.uint32))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings.state)
 
 
 def save(manager: ocp.CheckpointManager, state: sft.TrainState, data_state: dict, force: bool = False) -> bool:
@@ -76,12 +63,3 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] =
     out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract),
                                                             DATA: ocp.args.JsonRestore()}))
     return sft.TrainState(*out[STATE]), dict(out[DATA])
-
-
-def restore_or_init(manager: ocp.CheckpointManager, spec: DrafterSpec, trainable, optimizer: optax.GradientTransformation,
-                    shardings: sft.SFTShardings, fresh_data_state: dict, seed: int = 0):
-    """Steps 2-3 of the resume order: (state, data_state), restored or fresh."""
-    got = restore(manager, abstract_state(spec, optimizer, shardings))
-    if got is not None:
-        return got
-    return sft.init_train_state(trainable, optimizer, shardings, seed=seed), dict(fresh_data_state)

@@ -4,7 +4,8 @@ The SFT step needs, per training row, the target's hidden states at the drafter'
 for EAGLE-3 the target's next-token distribution). "online" recomputes them with a full target
 forward in every step; "cache" runs the target once over every record (padded to T) and stores
   aux.npy    [N, T, n, D]  the drafter's target layers (n = len(spec.target_hidden_layers));
-  final.npy  [N, T, D]     EAGLE-3 only: the target's last hidden state; the step turns it into
+  final.npy  [N, T, D]     drafters whose loss reads the target's logits (`needs_final_hidden`,
+                           EAGLE-3): the target's last hidden state; the step turns it into
                            logits with the frozen LM head (2·D·V FLOPs per token instead of a
                            whole target forward);
   meta.json  what they were computed from (a different target, layer set, T or data is refused).
@@ -25,6 +26,11 @@ import os
 import grain
 import jax
 import numpy as np
+from tqdm import tqdm
+
+from opd.data.pipeline import PadToLength, TokenizeTrajectory
+from opd.models import transformer as tfm
+from opd.training.flops import target_forward_flops
 
 DTYPES = ("float16", "float32")
 
@@ -33,15 +39,13 @@ def _meta(target, spec, folders, seq_len: int, dtype: str, n_records: int) -> di
     c = target.config
     return {"target": {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
                        "source": str(getattr(target, "source", ""))},
-            "layers": [int(i) for i in spec.target_hidden_layers], "final": spec.kind == "eagle3",
+            "layers": [int(i) for i in spec.target_hidden_layers], "final": bool(spec.needs_final_hidden),
             "data": [os.path.abspath(f) for f in folders], "records": int(n_records), "seq_len": int(seq_len),
             "dtype": dtype}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layers"))
 def _features(params, tokens_BT, *, config, layers):
-    from opd.models import transformer as tfm
-
     out = tfm.forward(params, config, tokens_BT, hidden_layers=layers)
     return jax.numpy.stack(out.aux_hidden, axis=2), out.hidden_BTD
 
@@ -50,11 +54,6 @@ def build(target, spec, source, folders, seq_len: int, directory: str, dtype: st
           batch_size: int = 8) -> dict:
     """Writes the cache for every record of `source` (skipped when a matching one exists);
     returns its meta plus the target-forward FLOPs spent (0 when it already existed)."""
-    from tqdm import tqdm
-
-    from opd.data.pipeline import PadToLength, TokenizeTrajectory
-    from opd.training.flops import target_forward_flops
-
     if dtype not in DTYPES:
         raise ValueError(f"feature cache dtype must be one of {DTYPES}, got {dtype!r}")
     meta = _meta(target, spec, folders, seq_len, dtype, len(source))

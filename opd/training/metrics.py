@@ -19,6 +19,9 @@ from typing import Mapping
 
 import numpy as np
 
+from opd.paths import read_jsonl
+from opd.sharding import is_main_process
+
 
 def flatten(metrics: Mapping) -> dict:
     """{name: float}; arrays become `name/1 .. name/n`; non-finite values become None."""
@@ -37,19 +40,10 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class MetricsWriter:
     """Appends `{"step": s, **scalars}` lines to metrics.jsonl and TensorBoard scalars."""
 
     def __init__(self, directory: str, tensorboard: bool = True):
-        from opd.sharding import is_main_process
-
         self.enabled = is_main_process()  # multi-host: process 0 writes, the others only return rows
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "metrics.jsonl")

@@ -33,13 +33,11 @@ Never a float32 [B, R, K + 1, V] teacher buffer: at V = 150k the k3 default stor
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from opd import sharding as shd
 from opd.decoding.sampling import SamplingParams
 from opd.training import rollout as ro
 from opd.training import sft
@@ -48,12 +46,12 @@ from opd.training.opd_loss import EXACT, OPDLossConfig, opd_loss
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
     num_rounds: int = 8  # R verify rounds per prompt
-    num_draft: int = 4  # K drafts per round
+    num_draft_tokens: int = 4  # K drafts per round
     rollout_temperature: float = 1.0  # drafts sampled from q (and verified by rejection sampling) when > 0
     loss: OPDLossConfig = OPDLossConfig()
 
     def __post_init__(self):
-        for name in ("num_rounds", "num_draft"):
+        for name in ("num_rounds", "num_draft_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -62,36 +60,29 @@ class OPDConfig:
 
     def cache_len(self, prompt_len: int) -> int:
         """Sequence buffer for prompts padded to `prompt_len` (R rounds + one round of slack)."""
-        n = prompt_len + 1 + (self.num_rounds + 1) * (self.num_draft + 1)
+        n = prompt_len + 1 + (self.num_rounds + 1) * (self.num_draft_tokens + 1)
         return -(-n // 16) * 16
-
-
-def drafter_params(kind: str, trainable, drafter_frozen, target_params) -> dict:
-    """The drafter's full parameter tree (as `opd.Drafter.params`) from the step's pieces."""
-    if kind == "eagle3":
-        return {"eagle": trainable, "vocab": drafter_frozen["vocab"], "embedding": target_params["embedding"]}
-    return {"dflash": trainable, "target": {k: target_params[k] for k in sft.DFLASH_SHARED if k in target_params}}
 
 
 def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_ids, *, spec, target_config,
              optimizer: optax.GradientTransformation, cfg: OPDConfig, cache_len: int):
     """One Draft-OPD update. Returns (new state, metrics)."""
     rng, key = jax.random.split(state.rng)
-    K, R = cfg.num_draft, cfg.num_rounds
+    K, R = cfg.num_draft_tokens, cfg.num_rounds
     tparams = jax.lax.stop_gradient(target_params)
-    dparams = jax.lax.stop_gradient(drafter_params(spec.kind, state.params, drafter_frozen, tparams))
+    dparams = jax.lax.stop_gradient(spec.join_params(state.params, drafter_frozen, tparams))
     exact = cfg.loss.divergence in EXACT
     err_anchors = cfg.loss.error_anchor_weight > 0
     rec = ro.rollout(tparams, dparams, batch["tokens"], batch["lengths"], key, eos_ids, tconfig=target_config,
-                     dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft=K, num_rounds=R,
+                     dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
                      cache_len=cache_len, teacher_support="draft" if exact else "none", error_support=err_anchors)
     active = rec.active_BR & batch["valid"][:, None]
     aux = ro.target_features(tparams, target_config, spec, rec.seq_BS)
     idx = ro.drafted_support_index(dparams, spec, rec.drafts_BRK)
 
     def loss_fn(params):
-        dp = drafter_params(spec.kind, params, drafter_frozen, tparams)
-        logits = ro.replay_logits(params, dp, spec, target_config, rec, aux, error_anchors=err_anchors)
+        dp = spec.join_params(params, drafter_frozen, tparams)
+        logits = spec.replay_logits(params, dp, target_config, rec, aux, error_anchors=err_anchors)
         err = {}
         if err_anchors:
             logits, err_logits = logits
@@ -121,22 +112,3 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
         "_seq": rec.seq_BS, "_seq_len": rec.seq_len_B,  # the committed text (for SFT-on-rollouts baselines)
     }
     return sft.TrainState(state.step + 1, params, opt_state, rng), metrics
-
-
-def batch_shardings(mesh) -> dict:
-    """Shardings of an OPD batch: rows over data x fsdp."""
-    return {"tokens": shd.batch_sharding(mesh, 2), "lengths": shd.batch_sharding(mesh, 1),
-            "valid": shd.batch_sharding(mesh, 1)}
-
-
-def make_opd_step(spec, target_config, optimizer: optax.GradientTransformation, shardings: sft.SFTShardings,
-                  cfg: OPDConfig, prompt_len: int, mesh):
-    """`opd_step` jitted with explicit shardings; the state is donated.
-
-    Returns step(state, target_params, drafter_frozen, batch, eos_ids) -> (state, metrics)."""
-    rep = shd.replicated(mesh)
-    batch_sh = batch_shardings(mesh)
-    fn = functools.partial(opd_step, spec=spec, target_config=target_config, optimizer=optimizer, cfg=cfg,
-                           cache_len=cfg.cache_len(prompt_len))
-    return jax.jit(fn, in_shardings=(shardings.state, shardings.target, shardings.drafter_frozen, batch_sh, rep),
-                   out_shardings=(shardings.state, rep), donate_argnums=(0,))

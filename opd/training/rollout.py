@@ -15,23 +15,16 @@ round, so the rollout is exactly inference) in a `lax.scan`, recording per row b
 Rows that finished (EOS) stay inactive; their rounds are masked.
 
 Replay, from the final committed text and the target's features over it (positions < n are
-committed, so these equal what the verify passes computed):
-  EAGLE-3: the training-time-test unroll with the drafter's own drafts as the step inputs at the
-    anchor indices t = n - 2 (`losses.eagle3_ttt_logits(step_tokens=...)`, its head applied at
-    those indices only): step 1 is the pair
-    (f_{n-2}, s_{n-1}) over the drafter's cache of true features, step k >= 2 the pair
-    (own output of step k-1, d_{k-1}) - the chain of `opd.drafters.eagle3.propose`;
-  DFlash: the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over the target context of
-    positions < n - 1 (`losses.dflash_block_logits`) - `opd.drafters.dflash.propose`.
-Both return the drafter's logits over its support at offsets 1..K: [B, R, K, W].
+committed, so these equal what the verify passes computed): the drafter kind's
+`spec.replay_logits` recomputes its drafting from every recorded anchor exactly as at inference
+(EAGLE-3: its own fed-back features and tokens; DFlash: the block from the anchor), giving its
+logits over its support at offsets 1..K: [B, R, K, W].
 
 Extra replay anchors at error positions (`error_anchors=True`): for a round that accepted
 1 <= n < K drafts, the position of the first rejected draft, n_r + n, has a committed prefix
 (s_{<n_r}, d_1..d_n). A fresh drafting chain anchored there - what the drafter computes when a
-later round starts at that position - differs from the in-round chain (EAGLE-3 sees true target
-features instead of its own fed-back ones; DFlash a new block), and its first draft is scored by
-the teacher distribution recorded at that offset. EAGLE-3's first TTT step already computes it
-at every position (t = n_r + n - 2); DFlash runs R more blocks. Returned as [B, R, W].
+later round starts at that position - differs from the in-round chain, and its first draft is
+scored by the teacher distribution recorded at that offset. Returned as [B, R, W].
 """
 
 from __future__ import annotations
@@ -43,9 +36,7 @@ import jax.numpy as jnp
 
 from opd.decoding.sampling import SamplingParams
 from opd.decoding.speculative import start_state, verify_round
-from opd.models import eagle3 as e3
 from opd.models import transformer as tfm
-from opd.training import losses
 
 SUPPORTS = ("none", "draft")  # teacher distribution over the drafter's support: not stored / stored
 
@@ -63,31 +54,24 @@ class RolloutRecord(NamedTuple):
     teacher_error_BRW: Optional[jax.Array] = None  # log p over the support at the error offset, or None
 
 
-def support_ids(drafter_params, spec) -> jax.Array:
-    """Target ids of the drafter's output support, [W]: EAGLE-3's draft vocabulary, else all V."""
-    if spec.kind == "eagle3":
-        return e3.draft_target_ids(drafter_params["vocab"]["d2t"])
-    return jnp.arange(spec.vocab_size, dtype=jnp.int32)
-
-
 def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, dspec, sp: SamplingParams,
-            num_draft: int, num_rounds: int, cache_len: int, teacher_support: str = "none",
+            num_draft_tokens: int, num_rounds: int, cache_len: int, teacher_support: str = "none",
             error_support: bool = False) -> RolloutRecord:
     """R recorded rounds of speculative decoding from the prompts (module docstring);
     `error_support` records the teacher's log p over the drafter's support at each round's
     error offset (for the extra replay anchors)."""
     if teacher_support not in SUPPORTS:
         raise ValueError(f"teacher_support must be one of {SUPPORTS}, got {teacher_support!r}")
-    K, R = num_draft, num_rounds
+    K, R = num_draft_tokens, num_rounds
     N = R * (K + 1) + 1  # never the reason a row stops: R rounds always run
     B = tokens_BP.shape[0]
     state = start_state(tparams, dparams, tokens_BP, lengths_B, jnp.zeros((B,), bool), key, eos_ids, tconfig=tconfig,
                         dspec=dspec, sp=sp, max_new_tokens=N, cache_len=cache_len)
-    sup = support_ids(dparams, dspec) if (teacher_support == "draft" or error_support) else None
+    sup = dspec.support_ids(dparams) if (teacher_support == "draft" or error_support) else None
     rows = jnp.arange(B)
 
     def body(s, _):
-        new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft=K,
+        new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft_tokens=K,
                               max_new_tokens=N, verify_impl="reference")
         logp_BKV = jax.nn.log_softmax(r.logits_BKV1[:, :K].astype(jnp.float32), axis=-1)
         teacher_tok = jnp.take_along_axis(logp_BKV, r.drafts_BK[..., None], axis=-1)[..., 0]
@@ -119,44 +103,8 @@ def error_anchor_mask(rec: RolloutRecord) -> jax.Array:
     return rec.active_BR & (n >= 1) & (n < K)
 
 
-def replay_logits(trainable, dparams, spec, tconfig, rec: RolloutRecord, aux, error_anchors: bool = False):
-    """The drafter's logits over its support at offsets 1..K of every recorded round,
-    [B, R, K, W], differentiable in `trainable` (module docstring). With `error_anchors`,
-    returns (that, the first-draft logits of the chains anchored at the error positions [B, R, W])."""
-    B, R, K = rec.drafts_BRK.shape
-    rows = jnp.arange(B)[:, None]
-    err_pos_BR = rec.anchor_BR + rec.num_accepted_BR  # the first rejected draft's position
-    if spec.kind == "eagle3":
-        t_BR = jnp.maximum(rec.anchor_BR - 2, 0)  # the pair (f_{n-2}, s_{n-1}) drafts d_1
-        step_tokens = []
-        for k in range(1, K + 1):
-            toks = losses.shift_left(rec.seq_BS, k)
-            if k >= 2:  # the chain fed its own previous draft
-                toks = toks.at[rows, t_BR].set(rec.drafts_BRK[:, :, k - 2])
-            step_tokens.append(toks)
-        at = t_BR if not error_anchors else jnp.concatenate([t_BR, jnp.maximum(err_pos_BR - 2, 0)], axis=1)
-        logits_KBAW = losses.eagle3_ttt_logits(trainable, spec.config, dparams["embedding"], rec.seq_BS, aux,
-                                               steps=K, step_tokens=step_tokens, at_BA=at)
-        out = jnp.moveaxis(logits_KBAW[:, :, :R], 0, 2)  # [B, R, K, W]
-        if not error_anchors:
-            return out
-        return out, logits_KBAW[0, :, R:]  # step 1 at the error positions = a fresh chain's first draft
-    if spec.kind == "dflash":
-        anchors = jnp.maximum(rec.anchor_BR - 1, 0)
-        if error_anchors:
-            anchors = jnp.concatenate([anchors, jnp.maximum(err_pos_BR - 1, 0)], axis=1)
-        logits = losses.dflash_block_logits(trainable, dparams["target"], spec.config, tconfig, aux, rec.seq_BS,
-                                            anchors)
-        if not error_anchors:
-            return logits[:, :, :K]
-        return logits[:, :R, :K], logits[:, R:, 0]
-    raise ValueError(f"replay supports eagle3 and dflash drafters, got {spec.kind!r}")
-
-
 def drafted_support_index(dparams, spec, drafts_BRK) -> jax.Array:
-    """Index of each drafted target id in the drafter's support."""
-    if spec.kind == "eagle3":
-        ids = support_ids(dparams, spec)
-        inv = jnp.zeros((spec.vocab_size,), jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
-        return inv[drafts_BRK]
-    return drafts_BRK
+    """Index of each drafted target id in the drafter's support (`spec.support_ids`)."""
+    ids = spec.support_ids(dparams)
+    inv = jnp.zeros((spec.vocab_size,), jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
+    return inv[drafts_BRK]

@@ -40,9 +40,9 @@ class FixedQSpec(DrafterSpec):
     def commit(self, params, state, ctx, n_accepted_B, target_aux):
         return ()
 
-    def propose(self, params, state, ctx, key, num_draft, sp):
+    def propose(self, params, state, ctx, key, num_draft_tokens, sp):
         B = ctx.seq_BS.shape[0]
-        logits = jnp.broadcast_to(jnp.asarray(self.logits, jnp.float32), (B, num_draft, self.vocab_size))
+        logits = jnp.broadcast_to(jnp.asarray(self.logits, jnp.float32), (B, num_draft_tokens, self.vocab_size))
         if sp.greedy:
             return jnp.argmax(logits, -1).astype(jnp.int32), None, state
         logq = process_logits(logits, sp)
@@ -61,10 +61,10 @@ def target():
 PROMPTS = [[5, 9, 2, 5, 9], [17] * 11, [1], list(range(40, 70)) + list(range(40, 50))]
 
 
-@pytest.mark.parametrize("num_draft", [1, 3, pytest.param(8, marks=pytest.mark.slow)])
-def test_greedy_equals_autoregressive(target, num_draft):
+@pytest.mark.parametrize("num_draft_tokens", [1, 3, pytest.param(8, marks=pytest.mark.slow)])
+def test_greedy_equals_autoregressive(target, num_draft_tokens):
     weak = _target(seed=11, num_hidden_layers=1)
-    rng = np.random.RandomState(num_draft)
+    rng = np.random.RandomState(num_draft_tokens)
     drafters = {
         "ngram": opd.init_drafter("ngram", target),
         "weak_lm": opd.init_drafter("lm", target, model=weak),
@@ -72,11 +72,11 @@ def test_greedy_equals_autoregressive(target, num_draft):
     }
     want = opd.generate(target, PROMPTS, max_new_tokens=24).tokens
     for name, drafter in drafters.items():
-        out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=24, num_draft_tokens=num_draft)
+        out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=24, num_draft_tokens=num_draft_tokens)
         assert out.tokens == want, name
-        one = opd.speculative_generate(target, drafter, PROMPTS[3:], max_new_tokens=24, num_draft_tokens=num_draft)
+        one = opd.speculative_generate(target, drafter, PROMPTS[3:], max_new_tokens=24, num_draft_tokens=num_draft_tokens)
         assert one.tokens == want[3:], name  # batch 1
-        assert 1.0 <= out.stats["tau"] <= num_draft + 1
+        assert 1.0 <= out.stats["tau"] <= num_draft_tokens + 1
 
 
 def test_eos_mid_round_matches_autoregressive(target):

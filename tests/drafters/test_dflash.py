@@ -10,12 +10,12 @@ import pytest
 
 import opd
 from conftest import make_hf_model, tol
-from opd.checkpoints.dflash_hf import export_dflash_hf, load_dflash_hf
+from opd.drafters.dflash.hf import export_dflash_hf, load_dflash_hf
 from opd.decoding.generate import prefill
 from opd.decoding.sampling import SamplingParams
 from opd.drafters.base import DraftContext
 from opd.drafters.dflash import init_dflash
-from opd.models import dflash as dfm
+from opd.drafters.dflash import model as dfm
 from opd.models import transformer as tfm
 
 BLOCK = 4
@@ -58,12 +58,12 @@ def test_params_layout(target, drafter):
     assert leaves and all(len(x.names) == len(x.value.shape) for x in leaves)
 
 
-@pytest.mark.parametrize("num_draft", [1, 3])
-def test_greedy_equals_autoregressive(target, drafter, num_draft):
+@pytest.mark.parametrize("num_draft_tokens", [1, 3])
+def test_greedy_equals_autoregressive(target, drafter, num_draft_tokens):
     want = opd.generate(target, PROMPTS, max_new_tokens=16).tokens
-    out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=16, num_draft_tokens=num_draft)
+    out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=16, num_draft_tokens=num_draft_tokens)
     assert out.tokens == want
-    assert 1.0 <= out.stats["tau"] <= num_draft + 1
+    assert 1.0 <= out.stats["tau"] <= num_draft_tokens + 1
 
 
 def test_context_cache_equals_from_scratch(target, drafter):

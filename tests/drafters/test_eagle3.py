@@ -11,13 +11,13 @@ import pytest
 
 import opd
 from conftest import make_target, tol
-from opd.checkpoints.eagle3_hf import load_eagle3_hf, export_eagle3_hf
+from opd.drafters.eagle3.hf import load_eagle3_hf, export_eagle3_hf
 from opd.decoding import batching
 from opd.decoding.generate import prefill as target_prefill
 from opd.decoding.sampling import SamplingParams
 from opd.drafters.base import DraftContext
 from opd.drafters.eagle3 import init_eagle3
-from opd.models import eagle3 as e3
+from opd.drafters.eagle3 import model as e3
 from opd.models import transformer as tfm
 
 PROMPTS = [[5, 9, 2, 5, 9], [17] * 11, [1], list(range(40, 70)) + list(range(40, 50))]
@@ -42,13 +42,13 @@ def small_vocab_drafter(target):
 # ----------------------------------------------------------------------------- (a), (c) engine
 
 
-@pytest.mark.parametrize("num_draft", [1, 3])
-def test_greedy_equals_autoregressive(target, drafter, num_draft):
+@pytest.mark.parametrize("num_draft_tokens", [1, 3])
+def test_greedy_equals_autoregressive(target, drafter, num_draft_tokens):
     want = opd.generate(target, PROMPTS, max_new_tokens=16).tokens
-    out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=16, num_draft_tokens=num_draft)
+    out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=16, num_draft_tokens=num_draft_tokens)
     assert out.tokens == want
-    assert 1.0 <= out.stats["tau"] <= num_draft + 1
-    one = opd.speculative_generate(target, drafter, PROMPTS[3:], max_new_tokens=16, num_draft_tokens=num_draft)
+    assert 1.0 <= out.stats["tau"] <= num_draft_tokens + 1
+    one = opd.speculative_generate(target, drafter, PROMPTS[3:], max_new_tokens=16, num_draft_tokens=num_draft_tokens)
     assert one.tokens == want[3:]
 
 

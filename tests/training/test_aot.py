@@ -101,10 +101,10 @@ def test_mesh_not_dividing_the_devices_is_an_error():
         aot.check(config, steps=["opd"])
 
 
-def test_num_draft_above_block_size_is_an_error():
+def test_num_draft_tokens_above_block_size_is_an_error():
     config = _pod("qwen3_8b,dflash")
     with config.unlocked():
-        config.opd.num_draft = 16  # block_size 16 drafts at most 15
+        config.opd.num_draft_tokens = 16  # block_size 16 drafts at most 15
     with pytest.raises(ValueError, match=r"block_size - 1 = 15"):
         aot.check(config, num_layers=2, steps=["opd"])
 
@@ -112,3 +112,42 @@ def test_num_draft_above_block_size_is_an_error():
 def test_unknown_step_is_an_error():
     with pytest.raises(ValueError, match="steps"):
         aot.check(_pod("qwen3_8b,dflash"), steps=["rollout"])
+
+
+# ----------------------------------------------------------------------------- the program the stages run
+
+
+@pytest.mark.parametrize("step", ["sft", "opd"])
+def test_aot_lowers_the_program_the_stage_runs(tmp_path, monkeypatch, step):
+    """The AOT check's step (`aot.build`, from abstract inputs) and the step the stage runs (its
+    first call, on real arrays) lower to the same program."""
+    from test_opd_stage import _config, _warm_up
+    from test_sft_stage import _save_target, write_pattern_trajectories
+
+    from opd.target import load_target_from_config
+    from opd.training import opd_stage, sft_stage
+    from opd.training import run as run_mod
+
+    data = tmp_path / "data"
+    data.mkdir()
+    config = _config(_save_target(tmp_path / "target"), write_pattern_trajectories(data), "eagle3", num_steps=1)
+    config.opd.probe.num_prompts = 0
+    config.sft.num_steps = 1
+    workdir = tmp_path / "run"
+    if step == "opd":
+        _warm_up(config, workdir)
+    lowered = []
+    call = run_mod.TrainRun.__call__
+
+    def spy(self, *args):
+        if not lowered:
+            lowered.append(self.step.lower(*args).as_text())
+        return call(self, *args)
+
+    monkeypatch.setattr(run_mod.TrainRun, "__call__", spy)
+    stage = sft_stage.stage_sft if step == "sft" else opd_stage.stage_opd
+    stage(config, str(workdir))
+    assert lowered, "the stage ran no step"
+    tconfig = load_target_from_config(config).config
+    spec, _, frozen = aot.abstract_drafter(config, tconfig)
+    assert aot.build(step, config, tconfig, spec, frozen).lower().as_text() == lowered[0]

@@ -10,8 +10,10 @@ import pytest
 
 import opd
 from conftest import make_target, tol
-from opd.models import dflash as dfm
-from opd.models import eagle3 as e3
+from opd.drafters.dflash import model as dfm
+from opd.drafters.eagle3 import model as e3
+from opd.drafters.dflash import training as dft
+from opd.drafters.eagle3 import training as e3t
 from opd.training import losses
 
 LOG = math.log
@@ -40,7 +42,7 @@ def test_eagle3_step_weights_and_masks_by_hand():
     tl[0, 2] = [0.0, 0.0, 3.0]
     loss_mask = jnp.array([[0, 0, 1, 1, 1]])
     logits = jnp.zeros((2, 1, 5, 2))
-    out = losses.eagle3_ttt_loss_from_logits(logits, d2t, t2d, jnp.asarray(tl), loss_mask, decay=0.8)
+    out = e3t.ttt_loss_from_logits(logits, d2t, t2d, jnp.asarray(tl), loss_mask, decay=0.8)
     # step 1: mask[t] = loss_mask[t+2] = [1,1,1,0,0]; in-vocab argmax of p_{t+1} = [1,0,1,1,0]
     #   -> 2 counted positions over 3; step 2: mask = loss_mask[t+3] = [1,1,0,0,0], in-vocab of
     #   p_{t+2} = [0,1,1,0,0] -> 1 over 2.
@@ -56,7 +58,7 @@ def test_eagle3_soft_ce_renormalises_over_draft_vocab():
     d2t, t2d = jnp.array([0, 0], jnp.int32), jnp.array([True, True, False])
     tl = jnp.asarray(np.log(np.array([[[1, 1, 1], [1, 3, 0.5], [1, 1, 1]]], np.float32)))
     logits = jnp.asarray(np.log(np.array([[[[3, 1], [1, 1], [1, 1]]]], np.float32)))
-    out = losses.eagle3_ttt_loss_from_logits(logits, d2t, t2d, tl, jnp.array([[0, 0, 1]]))
+    out = e3t.ttt_loss_from_logits(logits, d2t, t2d, tl, jnp.array([[0, 0, 1]]))
     want = -(0.25 * LOG(0.75) + 0.75 * LOG(0.25))
     np.testing.assert_allclose(out.loss, want, rtol=1e-6)
     np.testing.assert_allclose(out.accuracy, [0.0])
@@ -65,7 +67,7 @@ def test_eagle3_soft_ce_renormalises_over_draft_vocab():
 # ----------------------------------------------------------------------------- EAGLE-3 unroll vs inference
 
 
-_ttt_logits = jax.jit(losses.eagle3_ttt_logits, static_argnums=(1, 5))
+_ttt_logits = jax.jit(e3t.ttt_logits, static_argnums=(1, 5))
 _e3_forward = jax.jit(e3.forward, static_argnums=(1,))
 
 
@@ -100,7 +102,7 @@ def test_ttt_loss_gradient_reaches_all_steps(target):
     mask = jnp.ones((2, 8))
 
     def f(q, last_step_only):
-        out = losses.eagle3_ttt_loss(q, c, p["embedding"], p["vocab"]["d2t"], p["vocab"]["t2d"], aux, tl, tokens,
+        out = e3t.ttt_loss(q, c, p["embedding"], p["vocab"]["d2t"], p["vocab"]["t2d"], aux, tl, tokens,
                                      mask, steps=2)
         return out.per_step_loss[1] if last_step_only else out.loss
 
@@ -113,9 +115,9 @@ def test_ttt_loss_gradient_reaches_all_steps(target):
 
 
 def test_dflash_offset_weights():
-    np.testing.assert_allclose(losses.dflash_offset_weights(4, 7.0), [1.0, math.exp(-1 / 7), math.exp(-2 / 7)], rtol=1e-6)
+    np.testing.assert_allclose(dft.offset_weights(4, 7.0), [1.0, math.exp(-1 / 7), math.exp(-2 / 7)], rtol=1e-6)
     with pytest.raises(ValueError, match="gamma"):
-        losses.dflash_offset_weights(4, 0.0)
+        dft.offset_weights(4, 0.0)
 
 
 def test_dflash_weighting_and_masking_by_hand():
@@ -127,26 +129,26 @@ def test_dflash_weighting_and_masking_by_hand():
     logits = jnp.asarray(np.log(np.array([[[[1, 3], [1, 1]], [[3, 1], [1e4, 1e-4]]]], np.float32)))
     g = 7.0
     e = math.exp(-1 / g)
-    out = losses.dflash_loss_from_logits(logits, tokens, loss_mask, anchors, jnp.array([[True, True]]), gamma=g)
+    out = dft.loss_from_logits(logits, tokens, loss_mask, anchors, jnp.array([[True, True]]), gamma=g)
     want = (LOG(4 / 3) + e * LOG(2) + LOG(4)) / (2 + e)
     np.testing.assert_allclose(out.loss, want, rtol=1e-5)
     np.testing.assert_allclose(out.accuracy, [0.5, 0.0])
     np.testing.assert_allclose(out.per_step_loss, [(LOG(4 / 3) + LOG(4)) / 2, LOG(2)], rtol=1e-5)
     # A dropped anchor (keep = False) and a masked label (loss_mask[2] = 0) count nothing.
-    out = losses.dflash_loss_from_logits(logits, tokens, jnp.array([[1, 1, 0, 0, 1]]), anchors,
+    out = dft.loss_from_logits(logits, tokens, jnp.array([[1, 1, 0, 0, 1]]), anchors,
                                          jnp.array([[True, False]]), gamma=g)
     np.testing.assert_allclose(out.loss, LOG(4 / 3), rtol=1e-5)
 
 
 def test_sample_anchors_respects_mask():
     mask = jnp.array([[0, 1, 1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 0, 1]])
-    anchors, keep = losses.sample_anchors(jax.random.PRNGKey(0), mask, 3)
+    anchors, keep = dft.sample_anchors(jax.random.PRNGKey(0), mask, 3)
     a, k = np.asarray(anchors), np.asarray(keep)
     assert k[0].all() and len(set(a[0])) == 3
     assert all(mask[0, i] == 1 and i <= 6 for i in a[0])
     assert k[1].tolist() == [True, False, False] and a[1, 0] == 5  # position 7 = T - 1 has no label
     with pytest.raises(ValueError, match="num_anchors"):
-        losses.sample_anchors(jax.random.PRNGKey(0), mask, 0)
+        dft.sample_anchors(jax.random.PRNGKey(0), mask, 0)
 
 
 def test_dflash_blocks_equal_logits_from_features(target):
@@ -155,7 +157,7 @@ def test_dflash_blocks_equal_logits_from_features(target):
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, c.vocab_size, (2, 10)), jnp.int32)
     _, aux = target.forward(tokens, hidden_layers=c.target_layer_ids)
     anchors = jnp.array([[2, 7], [0, 5]], jnp.int32)
-    got = jax.jit(losses.dflash_block_logits, static_argnums=(2, 3))(p["dflash"], p["target"], c, target.config, aux,
+    got = jax.jit(dft.block_logits, static_argnums=(2, 3))(p["dflash"], p["target"], c, target.config, aux,
                                                                      tokens, anchors)
     assert got.shape == (2, 2, 3, c.vocab_size)
     for j in range(2):

@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from opd import pipeline
+from opd import configs, pipeline
 from opd.checkpoints.errors import CheckpointError
 from opd.data.builders import read_trajectory_shards
-from opd.training import loop, opd_stage, sft_stage
+from opd.target import _load_target_cached, load_target_from_config
+from opd.training import loop, opd_stage, sft_stage, stage_common
 from opd.training.metrics import MetricsWriter, read_jsonl
 from conftest import make_hf_model
 from test_sft_stage import V, _save_target, write_pattern_trajectories
@@ -68,11 +69,11 @@ def _config(target_dir, data_dir, kind="eagle3", branch="", **opd):
     if kind == "eagle3":
         c.drafter.overrides.draft_vocab_size = 32
         c.sft.loss.ttt_steps = 3
-        c.opd.num_draft = 3
+        c.opd.num_draft_tokens = 3
     else:
         c.drafter.overrides = dict(block_size=4, num_layers=1, num_target_features=1)
         c.sft.loss.num_anchors = 2
-        c.opd.num_draft = 3
+        c.opd.num_draft_tokens = 3
     c.opd.data = (data_dir,)
     c.opd.prompt_len = 16
     c.opd.num_steps = 4
@@ -86,8 +87,8 @@ def _config(target_dir, data_dir, kind="eagle3", branch="", **opd):
     c.opd.probe.num_prompts = 2
     c.opd.probe.max_new_tokens = 6
     c.opd.probe.every = 2
-    if "probe" in c.sft:
-        c.sft.probe.update(prompt_set=c.opd.probe.prompt_set, num_prompts=2, max_new_tokens=6, every=2, num_draft=3)
+    if c.sft.probe.num_prompts:  # a baseline's probe: the same held-out curve as OPD's
+        c.sft.probe.update(prompt_set=c.opd.probe.prompt_set, num_prompts=2, max_new_tokens=6, every=2, num_draft_tokens=3)
     for k, v in opd.items():
         c.opd[k] = v
     return c
@@ -95,13 +96,11 @@ def _config(target_dir, data_dir, kind="eagle3", branch="", **opd):
 
 def _warm_up(config, workdir):
     sft_stage.stage_sft(config, str(workdir))
-    sft_stage.stage_export(sft_stage.with_export_source(config, "sft"), str(workdir))
+    stage_common.export_run(str(workdir), load_target_from_config(config), config.drafter.kind, "sft")
 
 
 def _trained(config, workdir, source="opd"):
-    from opd.pipeline import load_target_from_config
-
-    drafter, info = sft_stage.trained_drafter(str(workdir), load_target_from_config(config), config.drafter.kind, source)
+    drafter, info = stage_common.trained_drafter(str(workdir), load_target_from_config(config), config.drafter.kind, source)
     return drafter, info
 
 
@@ -161,13 +160,12 @@ def test_opd_metrics_probe_rollouts_and_matched_flops_baselines(target_dir, data
                 "divergence/2", "rollout_tau", "tokens_per_s", "grad_norm", "learning_rate"):
         assert all(r.get(key) is not None for r in train), key
     assert all(1.0 <= r["probe_tau"] <= 4.0 for r in probes)
-    from opd.pipeline import load_target_from_config
     from opd.training import flops
 
     drafter, _ = _trained(config, tmp_path)
-    o, cfg = config.opd, opd_stage.opd_config(config.opd)
+    o, cfg = config.opd, configs.opd_config(config.opd)
     per_step = flops.opd_step_flops(drafter.spec, load_target_from_config(config).config, o.batch_size, o.prompt_len,
-                                    o.num_rounds, o.num_draft, cfg.cache_len(o.prompt_len))
+                                    o.num_rounds, o.num_draft_tokens, cfg.cache_len(o.prompt_len))
     assert train[1]["flops"] - train[0]["flops"] == per_step and train[0]["flops"] == warm["flops"] + per_step
     # rollouts: committed continuations of the step's prompts, readable as trajectories
     recs = read_trajectory_shards(str(tmp_path / "opd" / "eagle3" / "rollouts"))
@@ -205,11 +203,11 @@ def test_opd_refuses_another_warm_up_and_bad_config(target_dir, data_dir, tmp_pa
                                 ("init", "", "warm-up"), ("prompt_len", 0, "prompt_len")):
         bad = _config(target_dir, data_dir, "eagle3", **{field: value})
         with pytest.raises(ValueError, match=match):
-            opd_stage.validate(bad)
+            configs.validate(bad)
     bad = _config(target_dir, data_dir, "eagle3")
     bad.opd.loss.divergence = "l2"
     with pytest.raises(ValueError, match="divergence"):
-        opd_stage.validate(bad)
+        configs.validate(bad)
     too_short = _config(target_dir, data_dir, "eagle3", prompt_len=3, num_steps=2, name="short")
     with pytest.raises(ValueError, match="every prompt is longer"):
         opd_stage.stage_opd(too_short, str(tmp_path))
@@ -240,8 +238,6 @@ def own_answers(bigram_target_dir, tmp_path_factory):
     """The bigram target's own greedy answers to random training prompts, and held-out probe
     prompts."""
     import opd
-    from opd.pipeline import _load_target_cached
-
     target = _load_target_cached(bigram_target_dir, "float32", False, "float32", False)
     rs = np.random.RandomState(11)
     prompts = [rs.randint(2, VB, 4 + i % 4).tolist() for i in range(24)]

@@ -16,9 +16,10 @@ import opd
 from conftest import make_target
 from opd import sharding as shd
 from opd.decoding import batching
-from opd.training import optim, sft
+from opd.training import optim
+from opd.training import run as run_mod
 from opd.training.opd_loss import OPDLossConfig
-from opd.training.opd_step import OPDConfig, make_opd_step
+from opd.training.opd_step import OPDConfig
 
 PROMPTS = [[5, 9, 2, 5, 9], [17, 3], [1, 2, 3, 4, 5, 6, 7], [40, 41]]
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +43,12 @@ def _drafter(target, kind):
 def _setup(target, drafter, cfg, lr=3e-3):
     mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, warmup_steps=1, total_steps=100))
-    sh = sft.make_shardings(mesh, drafter.spec, target.config, optimizer)
-    trainable, frozen = sft.split_drafter_params(drafter)
-    state = sft.init_train_state(trainable, optimizer, sh, seed=0)
+    trainable, frozen = drafter.split()
     chunk = next(batching.chunks(PROMPTS, 0, None))
     batch = {"tokens": jnp.asarray(chunk.tokens), "lengths": jnp.asarray(chunk.lengths), "valid": jnp.asarray(chunk.valid)}
-    step = make_opd_step(drafter.spec, target.config, optimizer, sh, cfg, chunk.tokens.shape[1], mesh)
-    return state, frozen, batch, step
+    run = run_mod.opd_run(drafter.spec, frozen, target.config, mesh=mesh, optimizer=optimizer, opd_config=cfg,
+                          batch_size=len(PROMPTS), prompt_len=chunk.tokens.shape[1], num_eos=1)
+    return run.init_state(trainable, seed=0), frozen, batch, run
 
 
 @pytest.mark.parametrize("kind,divergence,temperature,err", [
@@ -56,7 +56,7 @@ def _setup(target, drafter, cfg, lr=3e-3):
     ("eagle3", "k3", 1.0, 1.0), ("dflash", "forward_kl", 1.0, 1.0)])
 def test_opd_steps_update_the_drafter_and_lower_the_loss(target, kind, divergence, temperature, err):
     drafter = _drafter(target, kind)
-    cfg = OPDConfig(num_rounds=3, num_draft=3, rollout_temperature=temperature,
+    cfg = OPDConfig(num_rounds=3, num_draft_tokens=3, rollout_temperature=temperature,
                     loss=OPDLossConfig(divergence=divergence, error_anchor_weight=err))
     state, frozen, batch, step = _setup(target, drafter, cfg)
     before = jax.tree.map(np.asarray, state.params)
@@ -85,9 +85,9 @@ sys.path[:0] = [TESTS_DIR]
 import test_sft as t
 from opd import sharding as shd
 from opd.decoding import batching
-from opd.training import sft
+from opd.training import run as run_mod
 from opd.training.opd_loss import OPDLossConfig
-from opd.training.opd_step import OPDConfig, make_opd_step
+from opd.training.opd_step import OPDConfig
 assert len(jax.devices()) == 8, jax.devices()
 target = t._target(logit_scale=8.0)
 chunk = next(batching.chunks([[5, 9, 2, 5, 9], [17, 3], [1, 2, 3, 4, 5, 6, 7], [40, 41]], 0, None))
@@ -97,17 +97,16 @@ optimizer = optax.sgd(1.0)  # params after one step = params - grad: compares th
 result = {}
 for kind, T, div, err in (("eagle3", 1.0, "k3", 1.0), ("dflash", 1.0, "reverse_kl", 1.0)):
     drafter = t._drafter(target, kind)
-    cfg = OPDConfig(num_rounds=3, num_draft=3, rollout_temperature=T,
+    cfg = OPDConfig(num_rounds=3, num_draft_tokens=3, rollout_temperature=T,
                     loss=OPDLossConfig(divergence=div, post_rejection_weight=0.5, error_anchor_weight=err))
     runs = {}
     for name, mesh in (("one", shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])), ("mesh", shd.make_mesh(2, 2, 2))):
-        sh = sft.make_shardings(mesh, drafter.spec, target.config, optimizer)
-        trainable, frozen = sft.split_drafter_params(drafter)
-        state = sft.init_train_state(trainable, optimizer, sh, seed=0)
+        trainable, frozen = drafter.split()
+        run = run_mod.opd_run(drafter.spec, frozen, target.config, mesh=mesh, optimizer=optimizer, opd_config=cfg,
+                              batch_size=4, prompt_len=chunk.tokens.shape[1], num_eos=1)
+        state = run.init_state(trainable, seed=0)
         before = jax.tree.map(np.asarray, state.params)
-        step = make_opd_step(drafter.spec, target.config, optimizer, sh, cfg, chunk.tokens.shape[1], mesh)
-        state, m = step(state, jax.device_put(target.params, sh.target), jax.device_put(frozen, sh.drafter_frozen),
-                        batch, eos)
+        state, m = run(state, *run.place_frozen(target.params, frozen), batch, eos)
         grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, state.params)
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
         runs[name] = (float(m["loss"]), float(m["rollout_tau"]), float(m["error_loss"]), grads, specs,

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from opd import pipeline, remote
+from opd import paths, pipeline, remote
+from opd.target import load_target_from_config
 from opd.training import loop
 from opd.training.metrics import MetricsWriter, read_jsonl
 from test_sft_stage import _config, _trained, data_dir, target_dir
@@ -110,7 +111,7 @@ def test_inputs_on_a_url_are_fetched_once(tmp_path):
     _write(str(src), "config.json", '{"a": 1}')
     _write(str(src), "sub/model.safetensors", "w")
     url = "file://" + str(src)
-    assert pipeline.path_exists(url) and not pipeline.path_exists(url + "-missing")
+    assert paths.path_exists(url) and not paths.path_exists(url + "-missing")
     cache = str(tmp_path / "cache" / "drafter")
     local = remote.fetch(url, cache)
     assert _read(local, "config.json") == '{"a": 1}' and _read(local, "sub/model.safetensors") == "w"
@@ -162,9 +163,9 @@ def test_preempted_on_one_vm_resumed_on_another(target_dir, data_dir, tmp_path, 
     assert os.path.isfile(bucket / "export" / "sft_eagle3" / "export.json")  # the export reached the bucket
 
     # The exported drafter, read back from the bucket, is the uninterrupted run's.
-    from opd.checkpoints.drafters import load_drafter
+    from opd.drafters import load_drafter
 
     got = load_drafter(remote.fetch(url + "/export/sft_eagle3", str(tmp_path / "fetched")),
-                       pipeline.load_target_from_config(config))
+                       load_target_from_config(config))
     for a, b in zip(jax.tree.leaves(want.params["eagle"]), jax.tree.leaves(got.params["eagle"])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)

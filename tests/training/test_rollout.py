@@ -34,7 +34,7 @@ def _rollout(target, drafter, temperature, eos=(V + 5,), key=0):
     chunk = next(batching.chunks(PROMPTS, 0, None))
     cache_len = batching.round_up(chunk.tokens.shape[1] + (R + 2) * (K + 1) + 2, 32)
     fn = jax.jit(functools.partial(ro.rollout, tconfig=target.config, dspec=drafter.spec,
-                                   sp=SamplingParams(temperature, 0, 1.0), num_draft=K, num_rounds=R,
+                                   sp=SamplingParams(temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
                                    cache_len=cache_len, teacher_support="draft", error_support=True))
     return fn(target.params, drafter.params, chunk.tokens, chunk.lengths, jax.random.PRNGKey(key),
               jnp.asarray(eos, jnp.int32)), chunk
@@ -44,9 +44,9 @@ def _rollout(target, drafter, temperature, eos=(V + 5,), key=0):
 def test_replay_reproduces_the_drafters_q_at_every_offset(target, kind):
     drafter = _drafter(target, kind)
     rec, _ = _rollout(target, drafter, temperature=1.0)
-    trainable = drafter.params["eagle" if kind == "eagle3" else "dflash"]
+    trainable, _ = drafter.split()
     aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
-    logits = ro.replay_logits(trainable, drafter.params, drafter.spec, target.config, rec, aux)
+    logits = drafter.spec.replay_logits(trainable, drafter.params, target.config, rec, aux)
     idx = ro.drafted_support_index(drafter.params, drafter.spec, rec.drafts_BRK)
     replayed = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), idx[..., None], -1)[..., 0]
     active = np.asarray(rec.active_BR)
@@ -80,7 +80,7 @@ def test_recorded_acceptance_and_teacher_logprobs_match_a_recomputation(target, 
             assert n_acc[b, r] == want, (b, r)
             np.testing.assert_allclose(np.asarray(rec.teacher_tok_BRK[b, r]), logp[np.arange(K), d], atol=1e-4)
             if rec.teacher_support_BRKW is not None:
-                ids = np.asarray(ro.support_ids(drafter.params, drafter.spec))
+                ids = np.asarray(drafter.spec.support_ids(drafter.params))
                 np.testing.assert_allclose(np.asarray(rec.teacher_support_BRKW[b, r]), logp[:, ids], atol=1e-4)
                 # the error offset n + 1 (clamped to K when all were accepted)
                 np.testing.assert_allclose(np.asarray(rec.teacher_error_BRW[b, r]), logp[min(want, K - 1), ids],
@@ -102,10 +102,10 @@ def test_error_anchor_replay_is_a_fresh_chain_from_the_error_position(kind):
     target = opd.Target(t.config, {**t.params, "lm_head": t.params["lm_head"] * 300.0})
     drafter = _drafter(target, kind)
     rec, _ = _rollout(target, drafter, temperature=1.0, key=3)
-    trainable = drafter.params["eagle" if kind == "eagle3" else "dflash"]
+    trainable, _ = drafter.split()
     aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
-    main, err = ro.replay_logits(trainable, drafter.params, drafter.spec, target.config, rec, aux, error_anchors=True)
-    plain = np.asarray(ro.replay_logits(trainable, drafter.params, drafter.spec, target.config, rec, aux))
+    main, err = drafter.spec.replay_logits(trainable, drafter.params, target.config, rec, aux, error_anchors=True)
+    plain = np.asarray(drafter.spec.replay_logits(trainable, drafter.params, target.config, rec, aux))
     # the same logits from a differently shaped batch (float32 sums in another order): compared
     # to 1e-6 of their scale (|logit| reaches ~70 here), not to an absolute 1e-5
     np.testing.assert_allclose(np.asarray(main), plain, rtol=1e-5, atol=1e-6 * np.abs(plain).max())
@@ -120,7 +120,7 @@ def test_error_anchor_replay_is_a_fresh_chain_from_the_error_position(kind):
     cache_len = batching.round_up(chunk.tokens.shape[1] + 2 * (K + 1) + 2, 32)
     fresh = ro.rollout(target.params, drafter.params, chunk.tokens, chunk.lengths, jax.random.PRNGKey(9),
                        jnp.asarray([V + 5], jnp.int32), tconfig=target.config, dspec=drafter.spec,
-                       sp=SamplingParams(1.0, 0, 1.0), num_draft=K, num_rounds=1, cache_len=cache_len)
+                       sp=SamplingParams(1.0, 0, 1.0), num_draft_tokens=K, num_rounds=1, cache_len=cache_len)
     fseq = np.asarray(fresh.seq_BS)
     same = [i for i, ((b, _), e) in enumerate(zip(cases, err_pos)) if fseq[i, e - 1] == seq[b, e - 1]]
     assert len(same) >= 2, (len(same), len(cases))  # compared where the new rollout committed the same token

@@ -1,6 +1,6 @@
-"""SFT: the jitted train step overfits a fixed batch for both drafters, never touches frozen
-parameters, gives the same result on 1 device and on a (2, 2, 2) mesh of 8 fake CPU devices;
-sharding rules, optimizer / loss config checks, FLOP counting."""
+"""SFT: the jitted train step (built by `opd.training.run.sft_run`) overfits a fixed batch for
+both drafters, never touches frozen parameters, gives the same result on 1 device and on a
+(2, 2, 2) mesh of 8 fake CPU devices; sharding rules, optimizer / loss config checks, FLOPs."""
 
 import json
 import math
@@ -17,10 +17,13 @@ import pytest
 import opd
 from conftest import make_hf_model
 from opd import sharding as shd
-from opd.models import dflash as dfm
-from opd.models import eagle3 as e3
+from opd.drafters import registry
+from opd.drafters.dflash import model as dfm
+from opd.drafters.eagle3 import model as e3
 from opd.models import transformer as tfm
-from opd.training import flops, optim, sft
+from opd.training import checkpoint as ckpt
+from opd.training import flops, optim
+from opd.training import run as run_mod
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS_DIR)
@@ -48,18 +51,28 @@ def _batch(vocab, B=4, T=12, seed=0):
     return {"tokens": tokens, "loss_mask": mask}
 
 
-LOSS_CFG = sft.SFTLossConfig(ttt_steps=3, num_anchors=3)
+LOSS_OPTIONS = {"eagle3": dict(ttt_steps=3), "dflash": dict(num_anchors=3)}
 
 
-def _setup(target, drafter, mesh, lr=1e-2):
+def _setup(target, drafter, mesh, lr=1e-2, batch_size=4, seq_len=12):
+    """(run, step-0 state, placed target params, placed frozen drafter parts)."""
     optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=lr, warmup_steps=1, total_steps=100, clip_norm=1.0))
-    sh = sft.make_shardings(mesh, drafter.spec, target.config, optimizer)
-    trainable, frozen = sft.split_drafter_params(drafter)
-    state = sft.init_train_state(trainable, optimizer, sh, seed=0)
-    tparams = jax.device_put(target.params, sh.target)
-    frozen = jax.device_put(frozen, sh.drafter_frozen)
-    step = sft.make_train_step(drafter.spec, target.config, optimizer, sh, LOSS_CFG)
-    return sh, state, tparams, frozen, step
+    trainable, frozen = drafter.split()
+    loss_cfg = registry.get_kind(drafter.kind).loss_config(LOSS_OPTIONS[drafter.kind])
+    run = run_mod.sft_run(drafter.spec, frozen, target.config, mesh=mesh, optimizer=optimizer, loss_config=loss_cfg,
+                          batch_size=batch_size, seq_len=seq_len)
+    tparams, frozen = run.place_frozen(target.params, frozen)
+    return run, run.init_state(trainable, seed=0), tparams, frozen
+
+
+def _steps(run, state, tparams, frozen, batches, on_metrics=None):
+    """Runs the step over host batches (placed on the run's batch shardings)."""
+    for batch in batches:
+        placed = jax.device_put({k: jnp.asarray(batch[k]) for k in run.batch}, run.shardings.batch)
+        state, metrics = run(state, tparams, frozen, placed)
+        if on_metrics is not None:
+            on_metrics(metrics)
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +85,16 @@ def test_sft_overfits_and_keeps_frozen_parts(target, kind):
     drafter = _drafter(target, kind)
     before = jax.tree.map(np.array, {"target": target.params, "drafter": drafter.params})
     mesh = shd.make_mesh(1, 1, 1)
-    sh, state, tparams, frozen, step = _setup(target, drafter, mesh)
+    run, state, tparams, frozen = _setup(target, drafter, mesh)
     batch = _batch(target.config.vocab_size)
     history = []
-    counter = flops.FlopCounter(drafter.spec, target.config, ttt_steps=LOSS_CFG.ttt_steps, num_anchors=LOSS_CFG.num_anchors)
-    state = sft.run(step, state, tparams, frozen, [batch] * 12, sh, flop_counter=counter,
-                    on_metrics=lambda i, m: history.append(jax.device_get(m)))
+    state = _steps(run, state, tparams, frozen, [batch] * 12, lambda m: history.append(jax.device_get(m)))
     losses = [float(m["loss"]) for m in history]
     assert int(state.step) == 12
     assert losses[-1] < 0.75 * losses[0] and losses[-1] == min(losses), losses
-    n_steps = 3  # eagle3: LOSS_CFG.ttt_steps; dflash: block_size 4 - 1 offsets
+    n_steps = 3  # eagle3: ttt_steps; dflash: block_size 4 - 1 offsets
     assert history[0]["accuracy"].shape == (n_steps,) and history[0]["per_step_loss"].shape == (n_steps,)
     assert all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in history)
-    assert counter.total == 12 * flops.sft_step_flops(drafter.spec, target.config, 4, 12, 3, 3)
     # Frozen: the target, the shared embedding / LM head and the vocabulary maps are bit-identical;
     # the drafter's own initial trainable arrays were not donated away.
     after = jax.tree.map(np.array, {"target": target.params, "drafter": drafter.params})
@@ -93,19 +103,8 @@ def test_sft_overfits_and_keeps_frozen_parts(target, kind):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen),
                  {"vocab": before["drafter"]["vocab"]} if kind == "eagle3" else {})
     trained = jax.tree.map(np.array, state.params)
-    init = before["drafter"]["eagle" if kind == "eagle3" else "dflash"]
+    init, _ = drafter.spec.split_params(before["drafter"])
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(init)))
-
-    # A non-finite loss stops the host loop naming the step (same shapes: no recompile).
-    bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tparams)
-    with pytest.raises(FloatingPointError, match="step 12"):
-        sft.run(step, state, bad, frozen, [batch], sh)
-
-
-def test_check_finite():
-    sft.check_finite({"loss": jnp.float32(1.0)}, 3)
-    with pytest.raises(FloatingPointError, match="step 7"):
-        sft.check_finite({"loss": jnp.float32(jnp.inf)}, 7)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -157,7 +156,6 @@ import jax, numpy as np
 sys.path[:0] = [TESTS_DIR]
 import test_sft as t
 from opd import sharding as shd
-from opd.training import sft
 assert len(jax.devices()) == 8, jax.devices()
 target = t._target()
 batch = t._batch(target.config.vocab_size)
@@ -166,9 +164,9 @@ for kind in ("eagle3", "dflash"):
     drafter = t._drafter(target, kind)
     runs = {}
     for name, mesh in (("one", shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])), ("mesh", shd.make_mesh(2, 2, 2))):
-        sh, state, tparams, frozen, step = t._setup(target, drafter, mesh)
+        run, state, tparams, frozen = t._setup(target, drafter, mesh)
         losses = []
-        state = sft.run(step, state, tparams, frozen, [batch] * 3, sh, on_metrics=lambda i, m: losses.append(float(m["loss"])))
+        state = t._steps(run, state, tparams, frozen, [batch] * 3, lambda m: losses.append(float(m["loss"])))
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
         runs[name] = (losses, jax.tree.map(np.asarray, state.params), specs)
     (l1, p1, _), (l8, p8, specs) = runs["one"], runs["mesh"]
@@ -223,13 +221,14 @@ def test_optimizer_schedule_and_unknown_keys():
     assert optim.make_optimizer({"learning_rate": 1e-3, "total_steps": 5, "warmup_steps": 1}) is not None
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(ttt_steps=0), "ttt_steps"), (dict(step_decay=0.0), "step_decay"),
-    (dict(num_anchors=0), "num_anchors"), (dict(gamma=-7.0), "gamma"),
+@pytest.mark.parametrize("kind, kw, match", [
+    ("eagle3", dict(ttt_steps=0), "ttt_steps"), ("eagle3", dict(step_decay=0.0), "step_decay"),
+    ("dflash", dict(num_anchors=0), "num_anchors"), ("dflash", dict(gamma=-7.0), "gamma"),
+    ("eagle3", dict(num_anchors=4), "unknown eagle3 SFT loss option"),
 ])
-def test_bad_loss_config_is_a_clear_error(kw, match):
+def test_bad_loss_config_is_a_clear_error(kind, kw, match):
     with pytest.raises(ValueError, match=match):
-        sft.SFTLossConfig(**kw)
+        registry.get_kind(kind).loss_config(kw)
 
 
 def test_flop_formulas(target):
@@ -240,30 +239,30 @@ def test_flop_formulas(target):
     assert flops.target_matmul_params(c) == n_target
     d = _drafter(target, "eagle3")
     n_drafter = sum(math.prod(x.shape) for x in jax.tree.leaves(d.params["eagle"]))
-    assert flops.sft_step_flops(d.spec, c, 2, 8, ttt_steps=7) == 2 * n_target * 16 + 6 * n_drafter * 16 * 7
-    counter = flops.FlopCounter(d.spec, c, ttt_steps=7)
-    counter.add_step((2, 8))
-    counter.add(5)
-    assert counter.total == 2 * n_target * 16 + 6 * n_drafter * 16 * 7 + 5
+    ttt7 = registry.get_kind("eagle3").loss_config(dict(ttt_steps=7))
+    assert flops.sft_step_flops(d.spec, c, 2, 8, ttt7) == 2 * n_target * 16 + 6 * n_drafter * 16 * 7
+    # cached features: the step pays only the target LM head over the cached last hidden state
+    assert flops.sft_step_flops(d.spec, c, 2, 8, ttt7, cached_features=True) == 2 * D * V * 16 + 6 * n_drafter * 16 * 7
 
 
 # ----------------------------------------------------------------------------- checkpoint / resume
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(target, tmp_path):
-    from opd.training import checkpoint as ckpt
-
     drafter = _drafter(target, "dflash")  # its anchors come from the state's PRNG key
     mesh = shd.make_mesh(1, 1, 1)
-    sh, state, tparams, frozen, step = _setup(target, drafter, mesh)
-    optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=100, clip_norm=1.0))
+    run, state, tparams, frozen = _setup(target, drafter, mesh)
     batches = [_batch(target.config.vocab_size, seed=s) for s in range(5)]
-    trainable, _ = sft.split_drafter_params(drafter)
+    trainable, _ = drafter.split()
+
+    def restore_or_init(manager):
+        got = ckpt.restore(manager, run.abstract_state())
+        return got if got is not None else (run.init_state(trainable, seed=0), {"position": 0})
 
     def loop(state, data_state, n, manager=None):
         for _ in range(n):
             i = data_state["position"]
-            state = sft.run(step, state, tparams, frozen, [batches[i]], sh)
+            state = _steps(run, state, tparams, frozen, [batches[i]])
             data_state = {"position": i + 1}
             if manager is not None:
                 ckpt.save(manager, state, data_state)
@@ -273,7 +272,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(target, tmp_path):
     straight = jax.tree.map(np.asarray, straight)
 
     mgr = ckpt.make_manager(tmp_path / "run", max_to_keep=2)
-    state, data = ckpt.restore_or_init(mgr, drafter.spec, trainable, optimizer, sh, {"position": 0})
+    state, data = restore_or_init(mgr)
     assert data == {"position": 0} and int(state.step) == 0
     loop(state, data, 2, mgr)  # "interrupted" after 2 steps
     mgr.wait_until_finished()
@@ -281,9 +280,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(target, tmp_path):
 
     mgr = ckpt.make_manager(tmp_path / "run", max_to_keep=2)
     assert mgr.all_steps() == [1, 2]
-    state, data = ckpt.restore_or_init(mgr, drafter.spec, trainable, optimizer, sh, {"position": 0})
+    state, data = restore_or_init(mgr)
     assert data == {"position": 2} and int(state.step) == 2
-    assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(sh.state.params)[0]
+    assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(run.shardings.state.params)[0]
     resumed, data = loop(state, data, 3)
     mgr.close()
     assert data == {"position": 5}

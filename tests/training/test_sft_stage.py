@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import opd
-from opd import pipeline
+from opd import configs, pipeline
+from opd.target import load_target_from_config
 from conftest import make_hf_model, run_as_hosts
 from opd.checkpoints.errors import CheckpointError
 from opd.training import loop, sft_stage
+from opd.training import stage_common
 from opd.training.metrics import MetricsWriter, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,9 +88,7 @@ def _config(target_dir, data_dir, kind="eagle3", **sft):
 
 
 def _trained(config, workdir):
-    from opd.pipeline import load_target_from_config
-
-    drafter, info = sft_stage.trained_drafter(str(workdir), load_target_from_config(config), config.drafter.kind)
+    drafter, info = stage_common.trained_drafter(str(workdir), load_target_from_config(config), config.drafter.kind)
     return drafter, info["step"]
 
 
@@ -143,9 +143,7 @@ def test_metrics_loss_falls_and_export_round_trips(target_dir, data_dir, tmp_pat
     assert all(b["flops"] > a["flops"] > 0 for a, b in zip(rows, rows[1:]))
     assert glob.glob(str(tmp_path / "sft" / "eagle3" / "tb" / "events.out.tfevents.*"))
     # The exported HF-layout drafter is the latest checkpoint's.
-    from opd.checkpoints.drafters import load_drafter
-    from opd.pipeline import load_target_from_config
-
+    from opd.drafters import load_drafter
     target = load_target_from_config(config)
     exported = load_drafter(str(tmp_path / "export" / "sft_eagle3"), target)
     trained, step = _trained(config, tmp_path)
@@ -192,18 +190,16 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(target_dir, data_dir, tmp
 
 
 def test_fine_tuning_keeps_the_draft_vocabulary(target_dir, data_dir, tmp_path):
-    from opd.checkpoints.drafters import export_drafter, load_drafter
-    from opd.pipeline import load_target_from_config
-
+    from opd.drafters import export_drafter, load_drafter
     config = _config(target_dir, data_dir, num_steps=2)
     target = load_target_from_config(config)
     # A pretrained drafter whose draft vocabulary came from other data than ours.
     counts = np.random.RandomState(5).randint(0, 1000, V)
     pretrained = opd.init_drafter("eagle3", target, seed=3, token_counts=counts, draft_vocab_size=32)
     export_drafter(pretrained, str(tmp_path / "pretrained"))
-    ours = sft_stage.response_token_counts([data_dir], V)
-    from opd.models import eagle3 as e3
-    from opd.drafters.eagle3 import special_token_ids
+    ours = stage_common.response_token_counts([data_dir], V)
+    from opd.drafters.eagle3 import model as e3
+    from opd.drafters.eagle3.drafter import special_token_ids
 
     rebuilt, _ = e3.build_draft_vocab(ours, 32, special_token_ids(target))
     assert not np.array_equal(rebuilt, np.asarray(pretrained.params["vocab"]["d2t"]))  # a rebuild would show
@@ -219,10 +215,8 @@ def test_fine_tuning_keeps_the_draft_vocabulary(target_dir, data_dir, tmp_path):
 
 
 def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
-    from opd import pipeline
-
     for field, value, message in [
-        ("drafter.kind", "medusa", "config.drafter.kind must be one of"),
+        ("drafter.kind", "medusa", "config.drafter.kind must be a trainable drafter kind"),
         ("drafter.init", str(tmp_path / "nope"), "config.drafter.init: no drafter directory"),
         ("sft.num_steps", 0, "config.sft.num_steps must be >= 1"),
         ("sft.target_features", "disk", "config.sft.target_features"),
@@ -237,7 +231,7 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
             node = node[part]
         node[key] = value
         with pytest.raises(ValueError, match=message):
-            pipeline.validate(c)
+            configs.validate(c)
     c = _config(target_dir, data_dir, batch_size=3)
     c.sft.mesh.data = -1
     with pytest.raises(FileNotFoundError, match="run the `regenerate` stage first"):
@@ -251,21 +245,19 @@ def test_float32_master_weights_next_to_a_bf16_target(data_dir, tmp_path, kind):
     in float32 while the target stays bf16; the updates keep more than bf16's 8 bits."""
     import jax.numpy as jnp
 
-    from opd.pipeline import load_target_from_config
-
     config = _config(_save_target(tmp_path / "target"), data_dir, kind, num_steps=2, save_every=2)
     config.target.dtype = config.target.param_dtype = "bfloat16"
     config.drafter.param_dtype = "float32"
     sft_stage.stage_sft(config, str(tmp_path / "run"))
     target = load_target_from_config(config)
     assert {a.dtype for a in jax.tree.leaves(target.params)} == {jnp.dtype(jnp.bfloat16)}
-    drafter, info = sft_stage.trained_drafter(str(tmp_path / "run"), target, kind, param_dtype="float32")
+    drafter, info = stage_common.trained_drafter(str(tmp_path / "run"), target, kind, param_dtype="float32")
     assert info["step"] == 2 and drafter.spec.config.param_dtype == "float32"
     trained = jax.tree.leaves(drafter.params["eagle" if kind == "eagle3" else "dflash"])
     assert all(a.dtype == np.float32 for a in trained if np.issubdtype(a.dtype, np.floating))
     # the checkpoint holds float32 values: not all of them survive a round trip through bf16
     assert any(np.any(np.asarray(a) != np.asarray(a).astype(jnp.bfloat16).astype(np.float32)) for a in trained)
-    bf16, _ = sft_stage.trained_drafter(str(tmp_path / "run"), target, kind)  # "" = as the init was stored
+    bf16, _ = stage_common.trained_drafter(str(tmp_path / "run"), target, kind)  # "" = as the init was stored
     assert bf16.spec.config.param_dtype == "bfloat16"
 
 
@@ -285,8 +277,6 @@ def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp
     # FLOPs: the cache's one target pass over all 12 records is counted up front; then the steps
     # are cheaper than online ones (no target forward).
     from opd.training.flops import target_forward_flops
-    from opd.pipeline import load_target_from_config
-
     tconfig = load_target_from_config(online).config
     up_front = target_forward_flops(tconfig, 12, 24)
     per_step = {n: (rows[n][-1]["flops"] - rows[n][0]["flops"]) / 3 for n in rows}
@@ -300,14 +290,11 @@ def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp
 
 def test_matched_steps_count_the_runs_own_feature_cache(tmp_path):
     """A matched-FLOPs baseline stops at the other run's FLOPs, its own feature cache included."""
-    import ml_collections
-
     from opd.training.sft_stage import matched_steps
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "flops": 1000.0}\n')
-    config = ml_collections.ConfigDict({"drafter": {"init": ""}})
-    assert matched_steps(str(tmp_path), config, str(tmp_path), 100) == 10
-    assert matched_steps(str(tmp_path), config, str(tmp_path), 100, cache_flops=300) == 7
+    assert matched_steps(str(tmp_path), 0, 100) == 10
+    assert matched_steps(str(tmp_path), 300, 100) == 7  # its own feature cache (or a warm-up) counts
 
 
 def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_path, monkeypatch):
@@ -319,8 +306,6 @@ def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_p
     import threading
 
     from opd import sharding
-    from opd.pipeline import load_target_from_config
-
     config = _config(target_dir, data_dir, "dflash")
     target = load_target_from_config(config)
     stage_dir = str(tmp_path / "sft" / "dflash")
@@ -343,7 +328,11 @@ def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_p
     def run(pid):
         host.pid = pid
         try:
-            return sft_stage.initial_drafter(config, str(tmp_path), target, [], stage_dir)
+            d = config.drafter
+            fp = stage_common.fingerprint(config.target.path, target, d.to_dict())
+            return stage_common.initial_drafter(stage_dir, fp, target, kind=d.kind, init=d.init,
+                                                overrides=dict(d.overrides), seed=0, param_dtype="",
+                                                workdir=str(tmp_path))
         finally:  # a host that is done waits for nobody: the other one's next barrier fails at once
             meet.abort()
 

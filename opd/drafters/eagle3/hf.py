@@ -29,11 +29,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from opd.checkpoints.errors import CheckpointError
 from opd.checkpoints.hf import read_config_json
 from opd.drafters.base import Drafter
-from opd.models import eagle3 as e3
+from opd.drafters.eagle3 import model as e3
+from opd.drafters.eagle3.drafter import Eagle3Spec
 from opd.models.config import RopeScaling
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -49,8 +52,6 @@ def _rope_scaling_json(rs):
 
 def export_eagle3_hf(drafter: Drafter, path: str) -> None:
     """Writes `drafter` (an EAGLE-3 `opd.Drafter`) as an HF EAGLE-3 directory at `path`."""
-    from safetensors.numpy import save_file
-
     if drafter.kind != "eagle3":
         raise ValueError(f"export_eagle3_hf needs an eagle3 drafter, got {drafter.kind!r}")
     c: e3.Eagle3Config = drafter.spec.config
@@ -116,8 +117,6 @@ def _rope(hf: dict, where: str):
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     fpath = os.path.join(path, _WEIGHTS)
     if not os.path.isfile(fpath):
         pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
@@ -140,8 +139,6 @@ def load_eagle3_hf(path: str, target) -> Drafter:
     CheckpointError when the checkpoint does not fit the target (vocabulary or width), or is
     missing, malformed or inconsistent.
     """
-    from opd.drafters.eagle3 import Eagle3Spec
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"EAGLE-3 checkpoint directory not found: {path}")

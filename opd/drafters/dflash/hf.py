@@ -23,10 +23,12 @@ import os
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
 from opd.checkpoints.errors import CheckpointError
 from opd.checkpoints.hf import _read_file, _shard_files, read_config_json
-from opd.models import dflash as dfm
+from opd.drafters.dflash import model as dfm
+from opd.drafters.dflash.drafter import make_drafter
 from opd.models.config import ConfigError, TransformerConfig
 
 ARCHITECTURE = "DFlashDraftModel"
@@ -141,16 +143,12 @@ def params_from_state_dict(c: dfm.DFlashConfig, sd: dict):
                     "down": sd[pre + "mlp.down_proj.weight"].T},
         }
     if c.param_dtype == "bfloat16":
-        import jax.numpy as jnp
-
-        return jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+        return jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.bfloat16), params)
     return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=np.dtype(c.param_dtype)), params)
 
 
 def export_dflash_hf(drafter, path: str) -> None:
     """Writes `drafter` (a DFlash `opd.Drafter`) as config.json + model.safetensors in `path`."""
-    from safetensors.numpy import save_file
-
     c = drafter.spec.config
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
@@ -259,7 +257,5 @@ def read_dflash_hf(path: str, tconfig: TransformerConfig):
 
 def load_dflash_hf(path: str, target):
     """A DFlash `opd.Drafter` for `target` from a z-lab layout directory."""
-    from opd.drafters.dflash import make_drafter
-
     c, params = read_dflash_hf(path, target.config)
     return make_drafter(target, c, jax.tree.map(jax.numpy.asarray, params))

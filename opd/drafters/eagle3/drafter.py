@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd.drafters.base import DraftContext, Drafter, DrafterSpec
-from opd.models import eagle3 as e3
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, TargetFeatures
+from opd.drafters.eagle3 import model as e3
+from opd.drafters.eagle3 import training as tr
 from opd.models import transformer as tfm
 
 
@@ -53,6 +54,7 @@ class Eagle3Spec(DrafterSpec):
     config: e3.Eagle3Config = None
 
     kind = "eagle3"
+    needs_final_hidden = True  # the TTT loss distils the target's distribution
 
     def __post_init__(self):
         if self.config is None:
@@ -76,9 +78,9 @@ class Eagle3Spec(DrafterSpec):
         rows = jnp.arange(B)
         return Eagle3State(out.cache._replace(lengths=ctx.seq_len_B - 1), out.hidden_BTD[rows, last_B], out.logits_BTW[rows, last_B])
 
-    def propose(self, params, state: Eagle3State, ctx: DraftContext, key, num_draft: int, sp):
+    def propose(self, params, state: Eagle3State, ctx: DraftContext, key, num_draft_tokens: int, sp):
         d2t, V = params["vocab"]["d2t"], self.vocab_size
-        keys = jax.random.split(key, num_draft)
+        keys = jax.random.split(key, num_draft_tokens)
         d1, logq1 = e3.sample_draft(keys[0], state.logits_BW, d2t, V, sp)
 
         def step(carry, key_i):
@@ -89,7 +91,7 @@ class Eagle3Spec(DrafterSpec):
 
         toks, logqs = [d1[:, None]], [None if logq1 is None else logq1[:, None]]
         cache = state.cache
-        if num_draft > 1:
+        if num_draft_tokens > 1:
             (cache, _, _), (d_KB, logq_KBV) = jax.lax.scan(step, (cache, state.hidden_BD, d1), keys[1:])
             toks.append(jnp.swapaxes(d_KB, 0, 1))
             logqs.append(None if logq_KBV is None else jnp.swapaxes(logq_KBV, 0, 1))
@@ -116,6 +118,45 @@ class Eagle3Spec(DrafterSpec):
             jnp.where(moved, out.hidden_BTD[rows, last_B], state.hidden_BD),
             jnp.where(moved, out.logits_BTW[rows, last_B], state.logits_BW),
         )
+
+    # ------------------------------------------------------------------ training hooks
+    # params = {"eagle": trainable, "vocab": {"d2t", "t2d"} (frozen), "embedding": the target's}
+
+    def split_params(self, params):
+        return params["eagle"], {"vocab": params["vocab"]}
+
+    def join_params(self, trainable, frozen, target_params):
+        return {"eagle": trainable, "vocab": frozen["vocab"], "embedding": target_params["embedding"]}
+
+    def shared_params(self, params):
+        return {"embedding": params["embedding"]}
+
+    def abstract_trainable(self):
+        return e3.abstract_params(self.config)
+
+    def with_param_dtype(self, dtype: str) -> "Eagle3Spec":
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, param_dtype=dtype))
+
+    def sft_loss(self, trainable, frozen, target_params, target_config, features: TargetFeatures, tokens_BT,
+                 loss_mask_BT, key, loss_config: tr.Eagle3SFTLoss) -> LossOut:
+        target_logits = jax.lax.stop_gradient(tfm.lm_head(target_params, target_config, features.final_BTD))
+        vocab = frozen["vocab"]
+        return tr.ttt_loss(trainable, self.config, jax.lax.stop_gradient(target_params["embedding"]), vocab["d2t"],
+                           vocab["t2d"], features.aux, target_logits, tokens_BT, loss_mask_BT,
+                           steps=loss_config.ttt_steps, decay=loss_config.step_decay)
+
+    def sft_flops(self, target_config, batch: int, seq_len: int, loss_config: tr.Eagle3SFTLoss) -> int:
+        return tr.sft_flops(self.config, batch, seq_len, loss_config.ttt_steps)
+
+    def support_ids(self, params) -> jax.Array:
+        return e3.draft_target_ids(params["vocab"]["d2t"])
+
+    def replay_logits(self, trainable, params, target_config, rec, aux, error_anchors: bool = False):
+        return tr.replay_logits(trainable, params, self.config, rec, aux, error_anchors)
+
+    def opd_flops(self, target_config, batch: int, prompt_len: int, num_rounds: int, num_draft_tokens: int,
+                  seq_len: int, error_anchors: bool = False) -> int:
+        return tr.opd_flops(self.config, batch, prompt_len, num_rounds, num_draft_tokens, seq_len, error_anchors)
 
 
 def special_token_ids(target) -> tuple:

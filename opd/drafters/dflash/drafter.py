@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from opd.decoding.sampling import process_logits
-from opd.drafters.base import DraftContext, Drafter, DrafterSpec
-from opd.models import dflash as dfm
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, TargetFeatures
+from opd.drafters.dflash import model as dfm
+from opd.drafters.dflash import training as tr
 from opd.models.config import TransformerConfig
 
 # Target parameters the drafter shares (frozen): the input embedding and, if untied, the LM head.
@@ -50,12 +51,9 @@ class DFlashSpec(DrafterSpec):
     def max_draft_tokens(self) -> int:
         return self.config.max_draft_tokens
 
-    def check_num_draft(self, num_draft: int) -> None:
-        if not 1 <= num_draft <= self.config.max_draft_tokens:
-            raise ValueError(
-                f"num_draft_tokens (K={num_draft}) must be in [1, block_size - 1 = {self.config.max_draft_tokens}] "
-                f"for this DFlash drafter (block_size {self.config.block_size})"
-            )
+    @property
+    def max_draft_tokens_why(self) -> str:
+        return f"block_size - 1 = {self.config.max_draft_tokens}"
 
     def prefill(self, params, ctx: DraftContext, target_aux, cache_len: int):
         # target_aux covers the padded prompt: positions [0, len_b) are x_1..x_{n-1}, the rest stale.
@@ -63,12 +61,12 @@ class DFlashSpec(DrafterSpec):
         cache = dfm.write_context(params["dflash"], self.config, cache, target_aux, jnp.zeros_like(ctx.seq_len_B))
         return cache._replace(lengths=ctx.seq_len_B - 1)
 
-    def propose(self, params, cache, ctx: DraftContext, key, num_draft: int, sp):
-        self.check_num_draft(num_draft)
+    def propose(self, params, cache, ctx: DraftContext, key, num_draft_tokens: int, sp):
+        self.check_num_draft_tokens(num_draft_tokens)
         S = jax.tree.leaves(cache.k)[0].shape[2]
         valid_BS = jnp.arange(S)[None] < cache.lengths[:, None]
         logits = dfm.block_logits(params["dflash"], params["target"], self.config, self.target_config,
-                                  ctx.pending(), ctx.seq_len_B - 1, cache.k, cache.v, valid_BS)[:, :num_draft]
+                                  ctx.pending(), ctx.seq_len_B - 1, cache.k, cache.v, valid_BS)[:, :num_draft_tokens]
         if sp.greedy:
             return jnp.argmax(logits, -1).astype(jnp.int32), None, cache
         # q_i is the proposal for position i on its own, so independent samples keep the
@@ -81,6 +79,42 @@ class DFlashSpec(DrafterSpec):
         # n_accepted + 1 are now committed context. Inactive rows keep their length.
         cache = dfm.write_context(params["dflash"], self.config, cache, target_aux, cache.lengths)
         return cache._replace(lengths=ctx.seq_len_B - 1)
+
+    # ------------------------------------------------------------------ training hooks
+    # params = {"dflash": trainable, "target": the target's embedding (+ untied lm_head)}
+
+    def split_params(self, params):
+        return params["dflash"], {}
+
+    def join_params(self, trainable, frozen, target_params):
+        return {"dflash": trainable, "target": {k: target_params[k] for k in SHARED_TARGET_PARAMS if k in target_params}}
+
+    def shared_params(self, params):
+        return dict(params["target"])
+
+    def abstract_trainable(self):
+        return dfm.abstract_params(self.config)
+
+    def with_param_dtype(self, dtype: str) -> "DFlashSpec":
+        return dataclasses.replace(self, config=self.config.replace(param_dtype=dtype))
+
+    def sft_loss(self, trainable, frozen, target_params, target_config, features: TargetFeatures, tokens_BT,
+                 loss_mask_BT, key, loss_config: tr.DFlashSFTLoss) -> LossOut:
+        shared = jax.lax.stop_gradient(self.join_params(trainable, frozen, target_params)["target"])
+        anchors, keep = tr.sample_anchors(key, loss_mask_BT, loss_config.num_anchors)
+        return tr.loss(trainable, shared, self.config, target_config, features.aux, tokens_BT, loss_mask_BT, anchors,
+                       keep, gamma=loss_config.gamma)
+
+    def sft_flops(self, target_config, batch: int, seq_len: int, loss_config: tr.DFlashSFTLoss) -> int:
+        return tr.sft_flops(self.config, target_config, batch, seq_len, loss_config.num_anchors)
+
+    def replay_logits(self, trainable, params, target_config, rec, aux, error_anchors: bool = False):
+        return tr.replay_logits(trainable, params, self.config, target_config, rec, aux, error_anchors)
+
+    def opd_flops(self, target_config, batch: int, prompt_len: int, num_rounds: int, num_draft_tokens: int,
+                  seq_len: int, error_anchors: bool = False) -> int:
+        return tr.opd_flops(self.config, target_config, batch, prompt_len, num_rounds, num_draft_tokens, seq_len,
+                            error_anchors)
 
 
 def check_fits_target(config: dfm.DFlashConfig, tconfig: TransformerConfig, source: str = "DFlash drafter") -> None:

@@ -1,0 +1,172 @@
+"""DFlash training: the SFT loss (anchored blocks), Draft-OPD replay and FLOPs.
+
+Conventions (0-based positions): a training sequence is x_0..x_{T-1} (`tokens_BT`); the
+target's causal forward over it gives, at position t, the aux features f_t of x_t and the
+logits p_t of x_{t+1} given x_{<=t}. `loss_mask_BT[b, j] = 1` means "the prediction of token
+x_j is trained" (e.g. j inside an assistant turn).
+
+DFlash (SpecForge `OnlineDFlashModel`): per sequence `num_anchors` random anchor positions a
+with loss_mask[a] = 1 and a <= T - 2 (without replacement; rows with fewer eligible positions
+keep fewer anchors). Block [x_a, MASK x (Q-1)] at positions a..a+Q-1, context = target
+features of positions < a (`opd.models.dflash.logits_from_features` semantics, K/V of the
+context computed once and shared by every anchor of the row). Offset k = 1..Q-1 predicts
+x_{a+k}: hard cross-entropy to the sequence token (what SpecForge does; on target-generated
+sequences that token is the target's own sample), weight w = loss_mask[a+k] *
+[a + k < T] * exp(-(k-1)/gamma), gamma = 7. Loss = sum w * CE / sum w. Accuracy of offset k
+= argmax == token over positions with w > 0.
+
+Draft-OPD replay (`replay_logits`): the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over
+the target context of positions < n - 1 (`block_logits`) - exactly `DFlashSpec.propose`.
+Error anchors run R more blocks, anchored at each round's error position.
+
+Axis letters: B batch, T positions, D width, V target vocabulary, A anchors per row,
+Q block size, K draft tokens, R rollout rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd.drafters.base import LossOut
+from opd.drafters.dflash import model as dfm
+from opd.training.losses import as_aux
+from opd.training.flops import count_params
+
+GAMMA = 7.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DFlashSFTLoss:
+    """DFlash's SFT loss options (`config.sft.loss` of a dflash drafter)."""
+
+    num_anchors: int = 4  # anchored blocks per sequence
+    gamma: float = GAMMA  # weight of offset k: exp(-(k-1)/gamma)
+
+    def __post_init__(self):
+        if isinstance(self.num_anchors, bool) or not isinstance(self.num_anchors, int) or self.num_anchors < 1:
+            raise ValueError(f"num_anchors must be a positive integer, got {self.num_anchors!r}")
+        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
+
+# ----------------------------------------------------------------------------- SFT loss
+
+
+def sample_anchors(key, loss_mask_BT, num_anchors: int):
+    """Random anchor positions without replacement among {a : loss_mask[a] = 1, a <= T - 2}.
+
+    Returns (anchors int32 [B, A], keep bool [B, A]); rows with fewer than A eligible
+    positions have keep = False on the extra slots (their anchor is arbitrary)."""
+    B, T = loss_mask_BT.shape
+    if num_anchors < 1:
+        raise ValueError(f"num_anchors must be >= 1, got {num_anchors}")
+    if num_anchors > T:
+        raise ValueError(f"num_anchors ({num_anchors}) exceeds the sequence length ({T})")
+    eligible = (loss_mask_BT > 0) & (jnp.arange(T)[None] <= T - 2)
+    u = jnp.where(eligible, jax.random.uniform(key, (B, T)), 2.0)
+    anchors = jnp.argsort(u, axis=1)[:, :num_anchors].astype(jnp.int32)
+    return anchors, jnp.take_along_axis(eligible, anchors, axis=1)
+
+
+def offset_weights(block_size: int, gamma: float = GAMMA) -> jax.Array:
+    """[Q-1] weights exp(-(k-1)/gamma) of offsets k = 1..Q-1."""
+    if gamma <= 0:
+        raise ValueError(f"DFlash loss gamma must be > 0, got {gamma}")
+    k = np.arange(1, block_size, dtype=np.float64)
+    return jnp.asarray(np.exp(-(k - 1) / gamma), jnp.float32)
+
+
+def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT,
+                        anchors_BA) -> jax.Array:
+    """Logits [B, A, Q-1, V] of the blocks anchored at `anchors_BA` (context: positions < anchor)."""
+    B, T = tokens_BT.shape
+    aux = as_aux(target_hidden, len(config.target_layer_ids), "DFlash")
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    ctx_k, ctx_v = dfm.context_kv(params, config, dfm.context_features(params, config, aux), pos_BT)
+    anchor_tok_BA = jnp.take_along_axis(tokens_BT, anchors_BA, axis=1)
+
+    def one(anchor_B, start_B):
+        return dfm.block_logits(params, target_params, config, tconfig, anchor_B, start_B, ctx_k, ctx_v,
+                                pos_BT < start_B[:, None])
+
+    return jnp.swapaxes(jax.vmap(one, in_axes=(1, 1))(anchor_tok_BA, anchors_BA), 0, 1)
+
+
+def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
+                            gamma: float = GAMMA) -> LossOut:
+    """Weighted block CE (module docstring); K = Q - 1 offsets."""
+    B, A, Km1, V = logits_BAKV.shape
+    T = tokens_BT.shape[1]
+    w_k = offset_weights(Km1 + 1, gamma)
+    idx_BAK = anchors_BA[..., None] + jnp.arange(1, Km1 + 1, dtype=jnp.int32)[None, None]
+    in_seq = idx_BAK < T
+    safe = jnp.clip(idx_BAK, 0, T - 1).reshape(B, A * Km1)
+    labels = jnp.take_along_axis(tokens_BT, safe, axis=1).reshape(B, A, Km1)
+    lm = jnp.take_along_axis(loss_mask_BT.astype(jnp.float32), safe, axis=1).reshape(B, A, Km1)
+    on = keep_BA[..., None].astype(jnp.float32) * in_seq.astype(jnp.float32) * lm  # [B, A, K]
+    w = on * w_k[None, None]
+    logits = logits_BAKV.astype(jnp.float32)
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-6)
+    cnt_k = jnp.maximum(jnp.sum(on, axis=(0, 1)), 1.0)
+    per_offset = jnp.sum(on * ce, axis=(0, 1)) / cnt_k
+    hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    acc = jax.lax.stop_gradient(jnp.sum(on * hit, axis=(0, 1)) / cnt_k)
+    return LossOut(loss, per_offset, acc, w_k)
+
+
+def loss(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT, loss_mask_BT,
+                anchors_BA, keep_BA, gamma: float = GAMMA) -> LossOut:
+    """DFlash SFT loss at given anchors (draw them with `sample_anchors`); differentiable in `params`.
+
+    `target_params` holds the target's frozen `embedding` (+ untied `lm_head`)."""
+    logits = block_logits(params, target_params, config, tconfig, target_hidden, tokens_BT, anchors_BA)
+    return loss_from_logits(logits, tokens_BT, loss_mask_BT, anchors_BA, keep_BA, gamma)
+
+
+
+# ----------------------------------------------------------------------------- Draft-OPD replay
+
+
+def replay_logits(trainable, params, config: dfm.DFlashConfig, tconfig, rec, aux, error_anchors: bool = False):
+    """The blocks' logits at offsets 1..K of every recorded round [B, R, K, V] (module
+    docstring); with `error_anchors` also the first draft of blocks at the error positions."""
+    R, K = rec.drafts_BRK.shape[1:]
+    anchors = jnp.maximum(rec.anchor_BR - 1, 0)
+    if error_anchors:
+        anchors = jnp.concatenate([anchors, jnp.maximum(rec.anchor_BR + rec.num_accepted_BR - 1, 0)], axis=1)
+    logits = block_logits(trainable, params["target"], config, tconfig, aux, rec.seq_BS, anchors)
+    if not error_anchors:
+        return logits[:, :, :K]
+    return logits[:, :R, :K], logits[:, R:, 0]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _matmul_params(config: dfm.DFlashConfig, target_config) -> tuple[int, int]:
+    """(N_block, N_context): the trainable params + the target's LM head the block runs through
+    (frozen, but the backward pass flows through it); fc + every layer's k/v projections."""
+    D, K, H = config.hidden_size, config.num_kv_heads, config.head_dim
+    n_block = count_params(dfm.abstract_params(config)) + target_config.vocab_size * D
+    return n_block, len(config.target_layer_ids) * D * D + config.num_layers * 2 * D * K * H
+
+
+def sft_flops(config: dfm.DFlashConfig, target_config, batch: int, seq_len: int, num_anchors: int) -> int:
+    """6 * N_block * B * A * Q over the anchored blocks + 6 * N_context * B * T."""
+    n_block, n_context = _matmul_params(config, target_config)
+    return 6 * n_block * batch * num_anchors * config.block_size + 6 * n_context * batch * seq_len
+
+
+def opd_flops(config: dfm.DFlashConfig, target_config, batch: int, prompt_len: int, num_rounds: int,
+              num_draft_tokens: int, seq_len: int, error_anchors: bool = False) -> int:
+    """Rollout: the context of the prompt and of every round's K + 1 new positions, one block
+    per round (forward); replay: R blocks (2R with error anchors) over an S-token context."""
+    B, P, R, K = batch, prompt_len, num_rounds, num_draft_tokens
+    n_block, n_ctx = _matmul_params(config, target_config)
+    rollout = 2 * n_ctx * B * (P + R * (K + 1)) + 2 * n_block * B * R * config.block_size
+    return rollout + sft_flops(config, target_config, B, seq_len, R * (2 if error_anchors else 1))

@@ -1,0 +1,123 @@
+"""The drafter-kind registry: one `DrafterKind` plug-in per kind, looked up by name.
+
+A kind bundles what is known before a drafter exists: how to build one for a target, its
+HF-layout checkpoints, its SFT loss options and the launch-time checks. Everything that
+needs a drafter's hyper-parameters lives on its `DrafterSpec` (`opd.drafters.base`):
+inference (prefill / propose / commit) and the training hooks. Training, the launcher and
+eval look kinds up here and never branch on a kind's name.
+
+Built-in kinds (registered by `opd.drafters`): ngram, lm, eagle3, dflash. A new kind is a
+`DrafterKind` subclass plus its spec, registered with `register(MyKind())` - from anywhere,
+e.g. a test file (tests/drafters/test_plugin.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from opd.checkpoints.errors import CheckpointError
+from opd.drafters.base import Drafter
+
+
+class DrafterKind:
+    """A drafter plug-in (defaults: an inference-only kind without a checkpoint layout)."""
+
+    name: str = ""
+    trainable: bool = False  # SFT / Draft-OPD can train it (its spec implements the training hooks)
+    architectures: tuple = ()  # `config.json` architectures of its HF-layout checkpoints
+    uses_token_counts: bool = False  # `init` takes `token_counts` of the training data (e.g. a draft vocabulary)
+    sft_loss_config: Optional[type] = None  # frozen dataclass of its SFT loss options (`config.sft.loss`)
+
+    def init(self, target, seed: int = 0, **overrides) -> Drafter:
+        """A fresh drafter for `target` (`overrides`: the kind's hyper-parameters)."""
+        raise TypeError(f"drafter kind {self.name!r} does not implement init")
+
+    def load(self, path: str, target) -> Drafter:
+        raise CheckpointError(f"drafter kind {self.name!r} has no checkpoint layout to load from {path}")
+
+    def export(self, drafter: Drafter, path: str) -> None:
+        raise ValueError(f"no HF layout for a {self.name!r} drafter; exportable kinds: "
+                         f"{[k for k in names() if get_kind(k).architectures]}")
+
+    def loss_config(self, options=None):
+        """The kind's SFT loss options from a mapping (unknown keys are an error)."""
+        if self.sft_loss_config is None:
+            raise ValueError(f"{self.name} drafters are not trainable: no SFT loss")
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(self.sft_loss_config)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown {self.name} SFT loss option(s) {unknown}; known: {sorted(known)}")
+        return self.sft_loss_config(**options)
+
+    def draft_limit(self, overrides: dict, path: str = "") -> tuple:
+        """(the most tokens a round may draft, what sets it), as far as it is known before
+        loading: from the checkpoint directory `path` (its config.json only) or a fresh
+        drafter's `overrides`; (None, "") when there is no limit."""
+        return None, ""
+
+    def scaled_overrides(self, overrides: dict, full_target_config, target_config) -> dict:
+        """`overrides` for a reduced copy of the target (fewer layers, e.g. the AOT check) that
+        keep the drafter's shapes (e.g. its tapped target layers mapped into the shorter stack)."""
+        return dict(overrides)
+
+
+_KINDS: dict[str, DrafterKind] = {}
+
+
+def register(kind: DrafterKind) -> DrafterKind:
+    """Adds (or replaces) a kind under `kind.name`; returns it."""
+    if not kind.name or not isinstance(kind.name, str):
+        raise ValueError(f"a drafter kind needs a name, got {kind.name!r}")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    _KINDS.pop(name, None)
+
+
+def get_kind(name: str) -> DrafterKind:
+    if name not in _KINDS:
+        raise ValueError(f"unknown drafter kind {name!r}; available: {names()}")
+    return _KINDS[name]
+
+
+def names(trainable: Optional[bool] = None) -> tuple:
+    """Registered kind names (only the trainable / inference-only ones when asked)."""
+    return tuple(n for n, k in _KINDS.items() if trainable is None or k.trainable == trainable)
+
+
+def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
+    """A fresh drafter of a registered kind for `target` (see each kind's `init`)."""
+    return get_kind(kind).init(target, seed=seed, **overrides)
+
+
+def load_drafter(path: str, target) -> Drafter:
+    """A drafter from an HF-layout directory, by its config.json `architectures`, checked
+    against `target`."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"drafter checkpoint directory does not exist: {path}")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path} has no config.json (expected an HF-layout drafter)")
+    try:
+        with open(cfg_path) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path} is not a valid JSON object: {e}") from e
+    for arch in archs:
+        for kind in _KINDS.values():
+            if arch in kind.architectures:
+                return kind.load(path, target)
+    supported = sorted(a for k in _KINDS.values() for a in k.architectures)
+    raise CheckpointError(f"{cfg_path}: architectures {archs} is not a supported drafter; supported: {supported}")
+
+
+def export_drafter(drafter: Drafter, path: str) -> None:
+    """Writes a drafter in its kind's HF layout (config.json + model.safetensors)."""
+    get_kind(drafter.kind).export(drafter, os.fspath(path))

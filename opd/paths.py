@@ -1,0 +1,71 @@
+"""Paths and small files shared by every stage: config path specs and atomic JSON / JSONL.
+
+Path specs in configs:
+  `asset:<name>`    a cached offline asset (`opd.data.assets`), fetched on first use;
+  `workdir:<rel>`   `<workdir>/<rel>`, written by an earlier stage;
+  a URL (gs://...)  a local copy, downloaded once per version (`opd.remote`);
+  anything else     a local path (`~` expanded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from opd import remote
+from opd.data.assets import asset_path
+
+
+def resolve_path(spec: str, workdir: str = "") -> str:
+    """The local path a config path spec names (module docstring)."""
+    spec = str(spec)
+    if spec.startswith("workdir:"):
+        if not workdir:
+            raise ValueError(f"{spec!r} names a workdir path, but no workdir was given")
+        return os.path.join(workdir, spec[len("workdir:"):])
+    if spec.startswith("asset:"):
+        return asset_path(spec[len("asset:"):])
+    if remote.is_url(spec):
+        return remote.fetch(spec)
+    return os.path.expanduser(spec)
+
+
+def path_exists(spec: str) -> bool:
+    """Whether a config path spec names something that exists (`asset:` and `workdir:` specs
+    are fetched / written by an earlier stage, so they count as existing)."""
+    spec = str(spec)
+    if spec.startswith(("asset:", "workdir:")):
+        return True
+    return remote.exists(spec) if remote.is_url(spec) else os.path.exists(os.path.expanduser(spec))
+
+
+def write_json(path: str, obj) -> None:
+    """Writes `obj` to `path` atomically (tmp + rename): a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list:
+    """The records of a JSONL file ([] when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str, records) -> None:
+    """Appends records as JSON lines, flushed to disk."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

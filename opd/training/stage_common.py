@@ -1,0 +1,231 @@
+"""What the training stages (`sft`, `opd`) and `export` share: a run directory's identity,
+its step-0 drafter, restoring and exporting its checkpoints, its data folders, the probe.
+
+A run directory `DIR/<name>/<kind>/` holds
+  run.json       what the run depends on (the target and the drafter it starts from); a
+                 resume with another target / drafter is refused;
+  init/          the step-0 drafter in its public HF layout, written once: every resume and
+                 export starts from it (a fresh drafter's draft vocabulary is built once, here);
+  checkpoints/   orbax steps (`opd.training.checkpoint`);
+  metrics.jsonl, tb/   training metrics (`opd.training.metrics`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+from absl import logging
+import jax
+import numpy as np
+
+from opd import sharding as shd
+from opd.checkpoints.errors import CheckpointError
+from opd.data.builders import read_trajectory_shards
+from opd.decoding.speculative import speculative_generate
+from opd.drafters import registry
+from opd.eval.harness import load_eval_records
+from opd.paths import read_jsonl, resolve_path, write_json
+from opd.training import checkpoint as ckpt
+from opd.training import optim
+from opd.training import run as run_mod
+
+# ----------------------------------------------------------------------------- data
+
+
+def trajectory_folders(data, workdir: str, what: str = "sft") -> list[str]:
+    """The trajectory folders `config.<what>.data` names, default every DIR/regenerate/<source>/."""
+    folders = [resolve_path(p, workdir) for p in data] if data else sorted(
+        os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "regenerate", "*", "shard-00000.jsonl")))
+    if not folders:
+        raise FileNotFoundError(f"no trajectories: run the `regenerate` stage first (nothing in {workdir}/regenerate/*/) "
+                                f"or list trajectory folders in config.{what}.data")
+    for f in folders:
+        if not glob.glob(os.path.join(f, "shard-*.jsonl")):
+            raise FileNotFoundError(f"config.{what}.data: {f} holds no shard-*.jsonl trajectory files")
+    return folders
+
+
+def response_token_counts(folders, vocab_size: int) -> np.ndarray:
+    """Frequencies of the trained (response) tokens (e.g. what an EAGLE-3 draft vocabulary keeps)."""
+    counts = np.zeros(vocab_size, np.int64)
+    for f in folders:
+        for r in read_trajectory_shards(f):
+            ids = np.asarray(r["response_ids"], np.int64)
+            if ids.size and ids.max() >= vocab_size:
+                raise ValueError(f"{f}: token id {ids.max()} >= the target's vocabulary size {vocab_size} "
+                                 "(trajectories of another target?)")
+            counts += np.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def check_run(stage_dir: str, fingerprint: dict) -> None:
+    """Writes `stage_dir/run.json`, or refuses a fingerprint that differs from the one there."""
+    run_json = os.path.join(stage_dir, "run.json")
+    fp = json.loads(json.dumps(fingerprint, default=str))
+    if os.path.isfile(run_json):
+        with open(run_json) as f:
+            old = json.load(f)
+        if old != fp:
+            raise CheckpointError(
+                f"{stage_dir} was started with {json.dumps(old)}, but this config gives {json.dumps(fp)}: the "
+                "checkpoints there belong to another target or drafter. Use another --workdir.")
+    elif shd.is_main_process():
+        write_json(run_json, fp)  # atomic: another process may be reading it now
+    shd.barrier("check_run")
+
+
+def fingerprint(target_path: str, target, drafter: dict) -> dict:
+    """What a run's checkpoints depend on: the target and the drafter it starts from."""
+    tc = target.config
+    return {"target": {"path": str(target_path), "vocab_size": tc.vocab_size, "hidden_size": tc.hidden_size,
+                       "num_layers": tc.num_layers}, "drafter": drafter}
+
+
+def initial_drafter(stage_dir: str, fp: dict, target, *, kind: str, init: str, overrides: dict, seed: int,
+                    param_dtype: str, workdir: str, folders=()):
+    """The step-0 drafter: read from `stage_dir/init` when it exists (resume), else built (a
+    fresh `kind` drafter, or loaded from `init`) and written there. Checks `fp` (`check_run`)."""
+    init_dir = os.path.join(stage_dir, "init")
+    # Every process decides before the barrier in check_run: after it, process 0 may already
+    # be writing init_dir, and a process that looked then would skip the barrier below.
+    resume = os.path.isfile(os.path.join(init_dir, "config.json"))
+    check_run(stage_dir, fp)
+    if resume:
+        drafter = registry.load_drafter(init_dir, target)  # refuses another target's vocabulary / sizes
+    else:
+        plugin = registry.get_kind(kind)
+        if init:
+            drafter = registry.load_drafter(resolve_path(init, workdir), target)
+            if drafter.kind != kind:
+                raise CheckpointError(f"{init} holds a {drafter.kind} drafter, but config.drafter.kind is {kind!r}")
+            logging.info("%s: fine-tuning %s (its frozen parts, e.g. a draft vocabulary, are kept)", stage_dir, init)
+        else:
+            extra = {"token_counts": response_token_counts(folders, target.config.vocab_size)} \
+                if plugin.uses_token_counts else {}
+            drafter = plugin.init(target, seed=int(seed), **extra, **dict(overrides))
+        if shd.is_main_process():  # every process built the same drafter (same data and seed)
+            tmp = init_dir + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            registry.export_drafter(drafter, tmp)
+            os.replace(tmp, init_dir)
+        shd.barrier("initial_drafter")
+        drafter = registry.load_drafter(init_dir, target)  # what every later resume sees, bit for bit
+    if drafter.kind != kind:
+        raise CheckpointError(f"{init_dir} holds a {drafter.kind} drafter but config.drafter.kind is {kind!r}; "
+                              "use another --workdir")
+    return drafter.with_param_dtype(param_dtype)
+
+
+def restore_state(manager, run):
+    """(state, data_state) of the latest checkpoint onto `run`'s shardings, or None; a clear
+    error if unreadable."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        return ckpt.restore(manager, run.abstract_state(), step)
+    except Exception as e:  # orbax raises many kinds (missing files, shape/dtype mismatch, bad metadata)
+        raise CheckpointError(
+            f"cannot restore step {step} from {manager.directory}: {type(e).__name__}: {e}. The checkpoint is corrupt "
+            "or was written for another drafter / target; move that step directory away to resume from an older "
+            "one, or use another --workdir.") from e
+
+
+def init_flops(path: str) -> int:
+    """Cumulative training FLOPs of an exported drafter (its export.json), else 0."""
+    meta = os.path.join(path, "export.json")
+    if not os.path.isfile(meta):
+        return 0
+    with open(meta) as f:
+        return int(json.load(f).get("flops", 0))
+
+
+def final_flops(stage_dir: str) -> float:
+    """The cumulative training FLOPs a finished run ended at (last row of its metrics.jsonl)."""
+    rows = [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl")) if r.get("flops") is not None]
+    if not rows:
+        raise FileNotFoundError(f"config.sft.match_flops: no finished run in {stage_dir} (no metrics.jsonl with "
+                                "FLOPs); run that stage first")
+    return float(rows[-1]["flops"])
+
+
+def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=None, param_dtype: str = ""):
+    """(drafter, info): `DIR/<source>/<kind>/init` with the trainable params of its latest (or
+    `step`) checkpoint, in `param_dtype` ("" = the init's); info = {"source", "step", "flops"}."""
+    stage_dir = os.path.join(workdir, source, kind)
+    init_dir = os.path.join(stage_dir, "init")
+    if not os.path.isfile(os.path.join(init_dir, "config.json")):
+        raise FileNotFoundError(f"no {source} {kind} run in {workdir}: {init_dir} is missing (run the `{source}` stage)")
+    drafter = registry.load_drafter(init_dir, target).with_param_dtype(param_dtype)
+    manager = ckpt.make_manager(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    # The optimizer and batch only shape the run; the restored state needs just its shapes.
+    run = run_mod.sft_run(drafter.spec, drafter.split()[1], target.config,
+                          mesh=run_mod.make_mesh(-1, 1, 1, jax.device_count(), "export"),
+                          optimizer=optim.make_optimizer(optim.OptimConfig()), loss_config=None, batch_size=jax.device_count(),
+                          seq_len=1)
+    if step is None:
+        state, data = restore_state(manager, run)
+    else:
+        state, data = ckpt.restore(manager, run.abstract_state(), step)
+    info = {"source": source, "step": int(state.step), "flops": int(data.get("counters", {}).get("flops", 0))}
+    return drafter.with_trainable(shd.to_host(state.params)), info
+
+
+def export_run(workdir: str, target, kind: str, source: str, param_dtype: str = "") -> str:
+    """Writes the latest checkpoint of run `source` to DIR/export/<source>_<kind>/ (HF layout +
+    export.json: source, step, cumulative FLOPs); a no-op when that step is already there."""
+    out = os.path.join(workdir, "export", f"{source}_{kind}")
+    meta = os.path.join(out, "export.json")
+    drafter, info = trained_drafter(workdir, target, kind, source, param_dtype=param_dtype)  # every process
+    done = False
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            done = json.load(f) == info
+    shd.barrier("export: checked")  # before process 0 writes
+    if done:
+        logging.info("export: %s step %d already in %s", source, info["step"], out)
+        return out
+    if not shd.is_main_process():
+        return out
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    registry.export_drafter(drafter, tmp)
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+        json.dump(info, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    logging.info("export: %s step %d -> %s", source, info["step"], out)
+    return out
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def probe_prompts(p) -> list:
+    """The fixed held-out probe prompts of a `probe` block: the *last* `num_prompts` of the
+    prompt set (AlpacaEval: its held-out split), so they are not the first-N prompts the eval
+    stage reports."""
+    if int(p.num_prompts) == 0:
+        return []
+    _, records = load_eval_records(str(p.prompt_set))
+    if int(p.num_prompts) > len(records):
+        raise ValueError(f"probe.num_prompts = {p.num_prompts} but {p.prompt_set!r} has {len(records)} prompts")
+    return [list(r["prompt_ids"]) if "prompt_ids" in r else r["turns"][0] for r in records[-int(p.num_prompts):]]
+
+
+def probe_tau(target, drafter, prompts, p, num_draft_tokens: int, seed: int = 0) -> dict:
+    """Speculative decoding of the probe prompts (a `probe` block) with K drafts at
+    `p.temperature` (fixed seed): {"probe_tau", "probe_acceptance"}."""
+    out = speculative_generate(target, drafter, prompts, max_new_tokens=int(p.max_new_tokens),
+                               num_draft_tokens=int(num_draft_tokens), temperature=float(p.temperature),
+                               batch_size=int(p.batch_size), seed=seed)
+    return {"probe_tau": float(out.stats["tau"]),
+            "probe_acceptance": np.asarray(out.stats["acceptance_by_offset"], np.float64)}

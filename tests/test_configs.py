@@ -1,0 +1,77 @@
+"""The one config schema (`opd.configs.default_config`): every field defined once with a
+comment, every experiment config built on it (no missing or unknown fields), dataclass
+defaults taken from their dataclasses, typos named with the nearest field."""
+
+import dataclasses
+import glob
+import inspect
+import os
+
+import pytest
+
+from opd import configs
+from opd.training.opd_loss import OPDLossConfig
+from opd.training.opd_step import OPDConfig
+from opd.training.optim import OptimConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {  # every experiment config with a few variants each
+    "regenerate_smollm2.py": ["", "tiny"],
+    "sft_smollm2.py": ["eagle3", "dflash,tiny"],
+    "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny"],
+    "quickstart.py": ["", "tiny"],
+    "main_table_smollm2.py": [""],
+    "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
+}
+
+
+def test_every_experiment_file_is_listed():
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))}
+    assert files - {"aot_compile.py"} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("name,variant", [(n, v) for n, vs in VARIANTS.items() for v in vs])
+def test_experiment_configs_have_exactly_the_schemas_fields(name, variant):
+    config = configs.load_config(os.path.join(REPO, "experiments", name) + ":" + variant)
+    configs.check_fields(config)
+    if name != "pod.py" or "from_sft" in variant or variant == "tiny":  # pod launches need --config.drafter.init
+        configs.validate(config)
+
+
+def test_every_schema_field_has_a_comment():
+    src = inspect.getsource(configs.default_config) + inspect.getsource(configs._probe) + inspect.getsource(configs._mesh)
+    bare = [line.strip() for line in src.splitlines()
+            if " = " in line and line.strip().startswith(("c.", "p.")) and "#" not in line]
+    assert not bare, bare
+
+
+def test_dataclass_defaults_are_defined_once():
+    c = configs.default_config()
+    assert dict(c.opd.loss) == dataclasses.asdict(OPDLossConfig())
+    assert {k: v for k, v in dataclasses.asdict(OptimConfig()).items() if k != "total_steps"} == dict(c.sft.optimizer)
+    o = OPDConfig()
+    assert (c.opd.num_rounds, c.opd.num_draft_tokens, c.opd.rollout_temperature) == (
+        o.num_rounds, o.num_draft_tokens, o.rollout_temperature)
+
+
+def test_unknown_and_missing_fields_are_named():
+    c = configs.default_config()
+    c.opd.num_draft = 4  # the old name
+    with pytest.raises(ValueError, match=r"unknown config field config\.opd\.num_draft; did you mean "
+                                         r"config\.opd\.num_draft_tokens\?"):
+        configs.validate(c)
+    c = configs.default_config()
+    del c.sft.probe
+    with pytest.raises(ValueError, match=r"no `sft\.probe` block"):
+        configs.check_fields(c)
+    c = configs.default_config()
+    c.drafter.overrides.anything = 1  # the drafter kind's own options are not the schema's
+    configs.check_fields(c)
+
+
+def test_probe_k_defaults_to_the_draft_opd_k():
+    c = configs.default_config()
+    c.opd.num_draft_tokens = 7
+    assert configs.probe_num_draft_tokens(c, "sft") == configs.probe_num_draft_tokens(c, "opd") == 7
+    c.sft.probe.num_draft_tokens = 3
+    assert configs.probe_num_draft_tokens(c, "sft") == 3
