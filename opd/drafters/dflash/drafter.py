@@ -33,7 +33,7 @@ SHARED_TARGET_PARAMS = ("embedding", "lm_head")
 
 @dataclasses.dataclass(frozen=True)
 class DFlashSpec(DrafterSpec):
-    """params = {"dflash": trainable tree (opd.models.dflash), "target": the target's
+    """params = {"dflash": trainable tree (opd.drafters.dflash.model), "target": the target's
     `embedding` (+ `lm_head` when untied): the same arrays, never trained}."""
 
     config: dfm.DFlashConfig = None

@@ -5,7 +5,7 @@ Layout (z-lab `DFlashDraftModel`, a Qwen3-style config):
     fields (hidden_size = the target's, num_hidden_layers = draft layers, ...), block_size,
     num_target_layers, and dflash_config {mask_token_id, target_layer_ids, block_size}.
     `target_layer_ids` are z-lab's = ours (0-based decoder-layer outputs; see
-    opd/models/dflash.py), stored unchanged.
+    opd/drafters/dflash/model.py), stored unchanged.
   model.safetensors: fc.weight [D, A*D], hidden_norm.weight, norm.weight (the drafter's
     final norm), layers.{i}.{input_layernorm, post_attention_layernorm}.weight,
     layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ .bias with attention_bias),

@@ -1,7 +1,7 @@
 """EAGLE-3 drafting on the engine's drafter interface (chain drafting, one draft per step).
 
 Parameters (`Drafter.params`):
-  {"eagle": trainable EAGLE-3 params (`opd.models.eagle3`),
+  {"eagle": trainable EAGLE-3 params (`opd.drafters.eagle3.model`),
    "vocab": {"d2t": int32 [W], "t2d": bool [V]}   (non-trainable, from the checkpoint),
    "embedding": the target's embedding [V, D]      (frozen, shared: the target's own array)}
 Only `params["eagle"]` is trained.
