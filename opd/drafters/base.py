@@ -54,6 +54,7 @@ class LossOut(NamedTuple):
     per_step_loss: jax.Array  # [S] unweighted loss per offset
     accuracy: jax.Array  # [S] top-1 accuracy per offset
     weights: jax.Array  # [S] offset weights
+    supervised: jax.Array  # scalar: supervised predictions (position, offset) in the batch
 
 
 class TargetFeatures(NamedTuple):

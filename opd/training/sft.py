@@ -108,7 +108,7 @@ def sft_loss(params, target_params, drafter_frozen, batch, key, *, spec: Drafter
 def train_step(state: TrainState, target_params, drafter_frozen, batch, *, spec: DrafterSpec,
                target_config: TransformerConfig, optimizer: optax.GradientTransformation, loss_config):
     """One SFT update. Returns (new state, metrics {loss, per_step_loss [S], accuracy [S],
-    grad_norm})."""
+    grad_norm, supervised (predictions with a loss term)})."""
     rng, key = jax.random.split(state.rng)
 
     def loss_fn(params):
@@ -120,5 +120,5 @@ def train_step(state: TrainState, target_params, drafter_frozen, batch, *, spec:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_step_loss": out.per_step_loss, "accuracy": out.accuracy,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.global_norm(grads), "supervised": out.supervised}
     return TrainState(state.step + 1, params, opt_state, rng), metrics

@@ -112,7 +112,7 @@ class ToySpec(DrafterSpec):
         n = jnp.maximum(mask.sum(), 1.0)
         acc = jnp.sum(mask * (jnp.argmax(logq, -1) == labels)) / n
         loss = jnp.sum(mask * ce) / n
-        return LossOut(loss, loss[None], acc[None], jnp.ones((1,)))
+        return LossOut(loss, loss[None], acc[None], jnp.ones((1,)), mask.sum())
 
     def sft_flops(self, target_config, batch, seq_len, loss_config):
         return 6 * (3 * self.hidden_size ** 2 + self.hidden_size * self.vocab_size) * batch * seq_len

@@ -50,6 +50,7 @@ def test_eagle3_step_weights_and_masks_by_hand():
     np.testing.assert_allclose(out.weights, [1.0, 0.8])
     np.testing.assert_allclose(out.loss, 2 / 3 * LOG(2) + 0.8 * 0.5 * LOG(2), rtol=1e-6)
     np.testing.assert_allclose(out.accuracy, [2 / 3, 1 / 2], rtol=1e-6)  # argmax 0 == target argmax 0
+    assert float(out.supervised) == 3 + 2  # trained predictions: step 1 at 3 positions, step 2 at 2
 
 
 def test_eagle3_soft_ce_renormalises_over_draft_vocab():
@@ -134,10 +135,12 @@ def test_dflash_weighting_and_masking_by_hand():
     np.testing.assert_allclose(out.loss, want, rtol=1e-5)
     np.testing.assert_allclose(out.accuracy, [0.5, 0.0])
     np.testing.assert_allclose(out.per_step_loss, [(LOG(4 / 3) + LOG(4)) / 2, LOG(2)], rtol=1e-5)
+    assert float(out.supervised) == 3  # anchor 0: offsets 1, 2; anchor 3: offset 1 (offset 2 is past the end)
     # A dropped anchor (keep = False) and a masked label (loss_mask[2] = 0) count nothing.
     out = dft.loss_from_logits(logits, tokens, jnp.array([[1, 1, 0, 0, 1]]), anchors,
-                                         jnp.array([[True, False]]), gamma=g)
+                               jnp.array([[True, False]]), gamma=g)
     np.testing.assert_allclose(out.loss, LOG(4 / 3), rtol=1e-5)
+    assert float(out.supervised) == 1
 
 
 def test_sample_anchors_respects_mask():

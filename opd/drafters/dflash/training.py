@@ -8,7 +8,7 @@ x_j is trained" (e.g. j inside an assistant turn).
 DFlash (SpecForge `OnlineDFlashModel`): per sequence `num_anchors` random anchor positions a
 with loss_mask[a] = 1 and a <= T - 2 (without replacement; rows with fewer eligible positions
 keep fewer anchors). Block [x_a, MASK x (Q-1)] at positions a..a+Q-1, context = target
-features of positions < a (`opd.models.dflash.logits_from_features` semantics, K/V of the
+features of positions < a (`opd.drafters.dflash.model.logits_from_features` semantics, K/V of the
 context computed once and shared by every anchor of the row). Offset k = 1..Q-1 predicts
 x_{a+k}: hard cross-entropy to the sequence token (what SpecForge does; on target-generated
 sequences that token is the target's own sample), weight w = loss_mask[a+k] *
@@ -81,7 +81,7 @@ def offset_weights(block_size: int, gamma: float = GAMMA) -> jax.Array:
 
 
 def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT,
-                        anchors_BA) -> jax.Array:
+                 anchors_BA) -> jax.Array:
     """Logits [B, A, Q-1, V] of the blocks anchored at `anchors_BA` (context: positions < anchor)."""
     B, T = tokens_BT.shape
     aux = as_aux(target_hidden, len(config.target_layer_ids), "DFlash")
@@ -97,7 +97,7 @@ def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, targe
 
 
 def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
-                            gamma: float = GAMMA) -> LossOut:
+                     gamma: float = GAMMA) -> LossOut:
     """Weighted block CE (module docstring); K = Q - 1 offsets."""
     B, A, Km1, V = logits_BAKV.shape
     T = tokens_BT.shape[1]
@@ -116,11 +116,11 @@ def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
     per_offset = jnp.sum(on * ce, axis=(0, 1)) / cnt_k
     hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     acc = jax.lax.stop_gradient(jnp.sum(on * hit, axis=(0, 1)) / cnt_k)
-    return LossOut(loss, per_offset, acc, w_k)
+    return LossOut(loss, per_offset, acc, w_k, jnp.sum(on))
 
 
 def loss(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT, loss_mask_BT,
-                anchors_BA, keep_BA, gamma: float = GAMMA) -> LossOut:
+         anchors_BA, keep_BA, gamma: float = GAMMA) -> LossOut:
     """DFlash SFT loss at given anchors (draw them with `sample_anchors`); differentiable in `params`.
 
     `target_params` holds the target's frozen `embedding` (+ untied `lm_head`)."""

@@ -87,7 +87,7 @@ def _e3_head(module, h_BTD):
 
 
 def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
-                      steps: int = TTT_STEPS, step_tokens=None, at_BA=None) -> jax.Array:
+               steps: int = TTT_STEPS, step_tokens=None, at_BA=None) -> jax.Array:
     """Draft-vocab logits of every TTT step (module docstring): float32 [S, B, T, W], or
     [S, B, A, W] at the positions `at_BA` only (the head runs on those A positions alone).
 
@@ -148,12 +148,12 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
 
 
 def ttt_loss_from_logits(logits_SBTW, d2t_W, t2d_V, target_logits_BTV, loss_mask_BT,
-                                decay: float = STEP_DECAY) -> LossOut:
+                         decay: float = STEP_DECAY) -> LossOut:
     """The TTT loss (module docstring) from the drafter's per-step logits.
 
     Args:
       logits_SBTW: drafter logits of steps 1..S ([S, B, T, W]).
-      d2t_W, t2d_V: the draft-vocab maps (`opd.models.eagle3`).
+      d2t_W, t2d_V: the draft-vocab maps (`opd.drafters.eagle3.model`).
       target_logits_BTV: target logits (or log-probs) p_t at every position.
       loss_mask_BT: 1 where the prediction of that token is trained.
     """
@@ -162,7 +162,7 @@ def ttt_loss_from_logits(logits_SBTW, d2t_W, t2d_V, target_logits_BTV, loss_mask
     tl = target_logits_BTV.astype(jnp.float32)
     logp_BTW = jax.nn.log_softmax(jnp.take(tl, e3.draft_target_ids(d2t_W), axis=-1), axis=-1)
     in_vocab_BT = jnp.take(t2d_V, jnp.argmax(tl, axis=-1), axis=0).astype(jnp.float32)
-    losses, accs = [], []
+    losses, accs, counts = [], [], []
     for i in range(S):
         step = i + 1
         logp_t = shift_left(logp_BTW, step)  # p_{t+step}
@@ -170,17 +170,18 @@ def ttt_loss_from_logits(logits_SBTW, d2t_W, t2d_V, target_logits_BTV, loss_mask
         pm = m * shift_left(in_vocab_BT, step)
         logq = jax.nn.log_softmax(logits_SBTW[i].astype(jnp.float32), axis=-1)
         ce_BT = -jnp.sum(jnp.exp(logp_t) * logq, axis=-1)
-        denom = jnp.maximum(jnp.sum(m), 1.0)
+        counts.append(jnp.sum(m))
+        denom = jnp.maximum(counts[-1], 1.0)
         losses.append(jnp.sum(pm * ce_BT) / denom)
         hit = (jnp.argmax(logq, -1) == jnp.argmax(logp_t, -1)).astype(jnp.float32)
         accs.append(jax.lax.stop_gradient(jnp.sum(pm * hit) / denom))
     weights = jnp.asarray([decay ** i for i in range(S)], jnp.float32)
     per_step = jnp.stack(losses)
-    return LossOut(jnp.sum(weights * per_step), per_step, jnp.stack(accs), weights)
+    return LossOut(jnp.sum(weights * per_step), per_step, jnp.stack(accs), weights, sum(counts))
 
 
 def ttt_loss(params, config: e3.Eagle3Config, embedding_VD, d2t_W, t2d_V, target_hidden, target_logits_BTV,
-                    tokens_BT, loss_mask_BT, steps: int = TTT_STEPS, decay: float = STEP_DECAY) -> LossOut:
+             tokens_BT, loss_mask_BT, steps: int = TTT_STEPS, decay: float = STEP_DECAY) -> LossOut:
     """EAGLE-3 training-time-test loss (module docstring); differentiable in `params`."""
     logits = ttt_logits(params, config, embedding_VD, tokens_BT, target_hidden, steps)
     return ttt_loss_from_logits(logits, d2t_W, t2d_V, target_logits_BTV, loss_mask_BT, decay)
