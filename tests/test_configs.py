@@ -16,7 +16,7 @@ from opd.training.optim import OptimConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # every experiment config with a few variants each
-    "regenerate_smollm2.py": ["", "tiny"],
+    "regenerate_smollm2.py": ["", "tiny", "scale"],
     "sft_smollm2.py": ["eagle3", "dflash,tiny"],
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny"],
     "quickstart.py": ["", "tiny"],
