@@ -75,3 +75,9 @@ def test_probe_k_defaults_to_the_draft_opd_k():
     assert configs.probe_num_draft_tokens(c, "sft") == configs.probe_num_draft_tokens(c, "opd") == 7
     c.sft.probe.num_draft_tokens = 3
     assert configs.probe_num_draft_tokens(c, "sft") == 3
+
+
+def test_the_schemas_stages_are_the_launchers():
+    from opd import pipeline
+
+    assert tuple(pipeline.STAGES) == configs.STAGES

@@ -57,7 +57,21 @@ def today(config):
     return config
 
 
-VARIANTS = {"today": today}  # name -> config -> the config of that variant's step
+def anchors(n: int):
+    """Today's step with `n` DFlash anchors per row (the context K/V is shared by a row's
+    blocks; SpecForge's example configs use 512). Other kinds: unchanged."""
+
+    def variant(config):
+        if config.drafter.kind == "dflash":
+            config.sft.loss.num_anchors = n
+        return config
+
+    return variant
+
+
+# name -> (config -> the config of that variant's step); "today" is the baseline of every ratio
+VARIANTS = {"today": today, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128)}
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "step variants to measure")
 
 
 def matmul_peak_gflops(repeats: int = 5) -> dict:
@@ -145,7 +159,9 @@ def main(argv):
     best = max(peak.values())
     rows = []
     for kind in _KINDS.value:
-        for variant in VARIANTS:
+        for variant in _VARIANTS.value:
+            if variant.startswith("dflash_") and kind != "dflash":
+                continue
             r = measure(target, kind, variant)
             r["fraction_of_matmul_peak"] = r["model_gflops_per_second"] / best
             print(r, flush=True)
