@@ -37,7 +37,6 @@ from opd.models import transformer as tfm
 from opd.target import load_target
 from opd.training import flops, optim
 from opd.training import run as run_mod
-from opd.training.sft import sft_batch_ndims
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -128,7 +127,7 @@ def measure(target, kind: str, variant: str) -> dict:
         batch["aux"] = np.asarray(jnp.stack(out.aux_hidden, axis=2))
         if drafter.spec.needs_final_hidden:
             batch["final"] = np.asarray(out.hidden_BTD)
-    assert set(batch) == set(sft_batch_ndims(drafter.spec, cached))
+    assert set(batch) == set(run.batch), (set(batch), set(run.batch))  # the step's own batch keys
     placed = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, run.shardings.batch)
     tp, fr = run.place_frozen(target.params, frozen)
     state = run.init_state(trainable)

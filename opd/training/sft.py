@@ -74,16 +74,6 @@ def make_shardings(mesh, spec: DrafterSpec, target_config: TransformerConfig, op
     return Shardings(state, target, frozen, batch)
 
 
-def sft_batch_ndims(spec: DrafterSpec, cached_features: bool) -> dict:
-    """Keys and ranks of an SFT batch (module docstring)."""
-    ndims = {"tokens": 2, "loss_mask": 2}
-    if cached_features:
-        ndims["aux"] = 4
-        if spec.needs_final_hidden:
-            ndims["final"] = 3
-    return ndims
-
-
 def initial_state(params, rng, *, optimizer) -> TrainState:
     """The step-0 state (pure; jitted by `opd.training.run`, shape-evaluated for restores)."""
     params = jax.tree.map(jnp.copy, params)  # the state owns its buffers (it is donated later)
