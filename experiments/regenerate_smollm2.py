@@ -4,10 +4,17 @@ stdlib code, Python docs; evaluation prompts removed) into trajectory shards.
   python -m opd.main --config=experiments/regenerate_smollm2.py --workdir=workdirs/smollm2
   python -m opd.main --config=experiments/regenerate_smollm2.py:tiny --workdir=/tmp/regen   # seconds
   python -m opd.main --config=experiments/regenerate_smollm2.py:scale --workdir=workdirs/smollm2_scale   # hours
+  python -m opd.main --config=experiments/regenerate_smollm2.py:text --workdir=workdirs/smollm2_text   # ~35 s
 
 `scale`: every training prompt of each source (AlpacaEval train split 652, stdlib code 9714,
 Python docs), answered by plain batched greedy decoding at batch 32 (on this CPU faster per
 token than n-gram speculative decoding at batch 4), resumable shard by shard.
+
+`text`: no generation (stage `text_corpus`, `opd.data.text_corpus`): every stdlib function's
+source and the Python docs' prose as assistant turns, tokenised with SmolLM2's tokenizer, max 256
+tokens per answer, into DIR/text_corpus/{stdlib_code,pydocs}/: 13,785 + 2,467 records, 1.42M + 0.50M
+answer tokens (Python 3.11; `python3.11-doc` for the docs). Train on them with
+`config.sft.data = ("workdir:text_corpus/stdlib_code", "workdir:text_corpus/pydocs")`.
 
 Every field and its default: `opd.configs.default_config`.
 """
@@ -18,7 +25,7 @@ from opd.configs import default_config, variant_parts
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("tiny", "scale"), "experiments/regenerate_smollm2.py")
+    parts = variant_parts(variant, ("tiny", "scale", "text"), "experiments/regenerate_smollm2.py")
     tiny = "tiny" in parts
     c = default_config()
     c.stages = ("fetch_assets", "regenerate")
@@ -37,6 +44,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.regenerate.batch_size = 32
         c.regenerate.shard_size = 64
         c.regenerate.drafter = "none"
+    if "text" in parts:
+        c.stages = ("fetch_assets", "text_corpus")  # tokenizer only: no model forward
+        c.text_corpus.sources = ("stdlib_code", "pydocs")
+        c.text_corpus.num_records = 1_000_000  # all of them
+        c.text_corpus.max_tokens = 256
     if tiny:
         c.assets = ("smollm2_gguf", "mtbench", "humaneval")
         c.target.scan_layers = True

@@ -5,7 +5,18 @@ then export and evaluation against the untrained drafter (same draft vocabulary)
   python -m opd.main --config=experiments/sft_smollm2.py:dflash --workdir=workdirs/smollm2
   python -m opd.main --config=experiments/sft_smollm2.py:eagle3,tiny --workdir=/tmp/sft   # ~2 min
 
-Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`) and `tiny`.
+Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`), `tiny`, and
+`scale`: the issue-15 data-scale run, in legs that each fit a session:
+
+  python -m opd.main --config=experiments/sft_smollm2.py:eagle3,scale --workdir=workdirs/smollm2_scale
+
+It trains on SmolLM2's own answers to the 652 AlpacaEval-train prompts (plain batched greedy
+decoding) and the offline-text corpus (stdlib code and Python docs as assistant turns, ~1.9M
+answer tokens; `regenerate_smollm2.py:text`), packed rows of 640 tokens with the target's features computed online (segment-masked;
+no cache to rebuild in a new session), at a constant learning rate after warm-up, with the
+held-out probe (64 AlpacaEval held-out prompts x 128 tokens) every 150 steps. A leg stops on
+SIGTERM or at `num_steps` with a checkpoint; a later session continues from the exported
+drafter (`config.drafter.init`, which also continues the FLOP count).
 Stages resume from DIR: trajectories in DIR/regenerate/ (shared by both drafters), the drafter
 in DIR/sft/<kind>/, the exported drafter in DIR/export/sft_<kind>/, evaluations in DIR/eval/.
 Every field and its default: `opd.configs.default_config`.
@@ -13,11 +24,11 @@ Every field and its default: `opd.configs.default_config`.
 
 import ml_collections
 
-from opd.configs import default_config, variant_parts
+from opd.configs import default_config, sibling_config, variant_parts
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("eagle3", "dflash", "tiny"), "experiments/sft_smollm2.py")
+    parts = variant_parts(variant, ("eagle3", "dflash", "tiny", "scale"), "experiments/sft_smollm2.py")
     if "eagle3" in parts and "dflash" in parts:
         raise ValueError(f"bad variant {variant!r} of experiments/sft_smollm2.py: eagle3 or dflash, not both")
     kind = "dflash" if "dflash" in parts else "eagle3"
@@ -61,6 +72,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.eval.runs.append(dict(name=f"{kind}_sft_{ps}", drafter=kind, drafter_path=f"workdir:export/sft_{kind}",
                                 prompt_set=ps))
 
+    if "scale" in parts:
+        # the data: regenerate_smollm2.py's `scale` answers (AlpacaEval train only) and `text` corpus
+        regen, text = (sibling_config(__file__, "regenerate_smollm2.py", v) for v in ("scale", "text"))
+        c.regenerate, c.text_corpus = regen.regenerate, text.text_corpus
+        c.regenerate.sources = ("alpacaeval",)
+        c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft", "export")
+        c.sft.data = ("workdir:regenerate/alpacaeval", "workdir:text_corpus/stdlib_code", "workdir:text_corpus/pydocs")
+        c.sft.name = "sft_scale"
+        c.sft.target_features = "online"
+        c.sft.packing = True
+        c.sft.seq_len, c.sft.batch_size = 640, 4  # 2560 tokens per step, as the padded rows above
+        c.sft.num_steps = 4000
+        c.sft.log_every, c.sft.save_every = 10, 50
+        c.sft.optimizer.update(learning_rate=5e-4, warmup_steps=50, end_lr_ratio=1.0)  # constant: legs chain
+        c.sft.probe.update(prompt_set="alpacaeval", num_prompts=64, max_new_tokens=128, every=150, batch_size=16,
+                           num_draft_tokens=c.eval.num_draft_tokens)
+        c.export.source = "sft_scale"
+        c.eval.runs = []
     if tiny:
         c.target.scan_layers = True  # faster compiles
         c.regenerate.sources = ("alpacaeval",)  # its train split; eval uses the held-out split
@@ -78,6 +107,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.eval.num_prompts = 2
         c.eval.max_new_tokens = 16
         c.eval.runs = [r for r in c.eval.runs if r["prompt_set"] == "alpacaeval"]
+        c.text_corpus.num_records = 8
+        c.text_corpus.max_tokens = 32
+        if "scale" in parts:
+            c.sft.probe.update(num_prompts=2, max_new_tokens=16, every=20, batch_size=2)
         if kind == "eagle3":
             c.drafter.overrides.draft_vocab_size = 2048
     return c

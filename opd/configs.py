@@ -7,7 +7,7 @@ what differs, so it reads top to bottom next to this file. `validate(config)` is
 place where values are checked (before any work starts), with errors naming the field;
 `validate_launch(config)` checks what needs the machine (paths, devices, meshes).
 
-Stages: fetch_assets, chat, regenerate, sft, opd, export (or "export:<run>"), eval, report.
+Stages: fetch_assets, chat, regenerate, text_corpus, sft, opd, export (or "export:<run>"), eval, report.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ml_collections
 
 from opd.data.assets import PROMPT_SETS
 from opd.data.regenerate import SOURCES as REGENERATE_SOURCES
+from opd.data.text_corpus import SOURCES as TEXT_CORPUS_SOURCES
 from opd.drafters import registry
 from opd.paths import path_exists
 from opd.models.presets import PRESETS
@@ -32,7 +33,7 @@ from opd.training.opd_step import OPDConfig
 from opd.training.optim import OptimConfig
 from opd.training.run import make_mesh
 
-STAGES = ("fetch_assets", "chat", "regenerate", "sft", "opd", "export", "eval", "report")
+STAGES = ("fetch_assets", "chat", "regenerate", "text_corpus", "sft", "opd", "export", "eval", "report")
 TARGET_FEATURES = ("online", "cache")  # SFT: the target runs in every step, or once to disk (feature_cache.py)
 OPD_PREFIXES = ("random", "prompt")
 EVAL_RUN_FIELDS = ("name", "drafter", "prompt_set", "drafter_path")  # besides the eval block's defaults
@@ -102,6 +103,12 @@ def default_config() -> CD:
     c.regenerate.drafter = "none"  # "none" (autoregressive) or "ngram" (speculative, same output)
     c.regenerate.num_draft_tokens = 4  # K of the n-gram drafter
 
+    c.text_corpus = CD()  # stage `text_corpus`: SFT data from offline text, tokenised only (`opd.data.text_corpus`)
+    c.text_corpus.sources = ("stdlib_code", "pydocs")  # TEXT_CORPUS_SOURCES; each to DIR/text_corpus/<source>/
+    c.text_corpus.num_records = 1_000_000  # per source, the first N in deterministic order (large = all)
+    c.text_corpus.max_tokens = 256  # per response (the text + its end-of-turn token, truncated)
+    c.text_corpus.shard_size = 512  # records per trajectory shard (the unit of resume)
+
     c.drafter = CD()  # the drafter the training stages build or load
     c.drafter.kind = "eagle3"  # a trainable kind of the registry (eagle3, dflash, ...)
     c.drafter.init = ""  # "" = a fresh drafter; else an HF-layout drafter to fine-tune (its vocabulary kept)
@@ -116,6 +123,7 @@ def default_config() -> CD:
     c.sft.feature_cache_dtype = "float16"  # "cache": float16 | float32 on disk
     c.sft.feature_cache_dir = ""  # "cache": reuse this cache ("" = DIR/<name>/<kind>/features)
     c.sft.seq_len = 320  # tokens per row (prompt + answer, padded / truncated)
+    c.sft.packing = False  # several sequences per row, each attending only within itself (target and drafter)
     c.sft.batch_size = 8  # rows per step (all processes)
     c.sft.num_steps = 200  # optimizer steps
     c.sft.match_flops = ""  # train to the cumulative FLOPs this run dir ended at (overrides num_steps)
@@ -376,6 +384,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.regenerate.drafter must be 'none' or 'ngram', got {g.drafter!r}")
         if not g.temperature >= 0:
             raise ValueError(f"config.regenerate.temperature must be >= 0, got {g.temperature}")
+    if "text_corpus" in stages:
+        t = config.text_corpus
+        unknown = [s for s in t.sources if s not in TEXT_CORPUS_SOURCES]
+        if unknown or isinstance(t.sources, str):
+            raise ValueError(f"config.text_corpus.sources must be a list of {TEXT_CORPUS_SOURCES}, got {t.sources!r}")
+        _positive(t, ("num_records", "shard_size"), "text_corpus")
+        _positive(t, ("max_tokens",), "text_corpus", minimum=2)
     if stages & {"sft", "opd", "export"}:
         _check_drafter(config)
     if "sft" in stages:

@@ -20,7 +20,9 @@ import ml_collections
 from opd import remote
 from opd.configs import eval_runs, validate, validate_launch
 from opd.data import regenerate as regen
+from opd.data import text_corpus
 from opd.data.assets import asset_path, load_prompt_set
+from opd.data.tokenizer import load_tokenizer
 from opd.decoding.generate import generate
 from opd.drafters import registry
 from opd.eval import report
@@ -194,6 +196,29 @@ def stage_regenerate(config, workdir: str) -> dict:
     return out
 
 
+def stage_text_corpus(config, workdir: str) -> dict:
+    """SFT data without generation: offline text (`config.text_corpus.sources`) as chat records,
+    tokenised with the target's tokenizer (no weights loaded) into trajectory shards
+    `DIR/text_corpus/<source>/`, resuming shard by shard; writes the per-source counts and the
+    wall time to `DIR/text_corpus/summary.json`. Process 0 writes everything (it is cheap); train
+    on it with `config.sft.data = ("workdir:text_corpus/<source>", ...)`."""
+    if not is_main_process():
+        return {}
+    c = config.text_corpus
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(resolve_path(config.target.path))
+    summary = {"max_tokens": int(c.max_tokens), "sources": {}}
+    for source in c.sources:
+        summary["sources"][source] = counts = text_corpus.build(
+            source, tokenizer, os.path.join(workdir, "text_corpus", source), target_name=str(config.target.path),
+            max_tokens=int(c.max_tokens), num_records=int(c.num_records), shard_size=int(c.shard_size))
+        logging.info("text_corpus: %s: %d records, %d response tokens (%d truncated)", source, counts["records"],
+                     counts["response_tokens"], counts["truncated"])
+    summary["seconds"] = time.perf_counter() - t0
+    write_json(os.path.join(workdir, "text_corpus", "summary.json"), summary)
+    return summary
+
+
 def stage_export(config, workdir: str) -> str:
     """Writes the latest checkpoint of run `config.export.source` to DIR/export/<source>_<kind>/."""
     return stage_common.export_run(workdir, load_target_from_config(config), config.drafter.kind,
@@ -204,6 +229,7 @@ STAGES: dict[str, Callable] = {
     "fetch_assets": stage_fetch_assets,
     "chat": stage_chat,
     "regenerate": stage_regenerate,
+    "text_corpus": stage_text_corpus,
     "sft": stage_sft,
     "opd": stage_opd,
     "export": stage_export,

@@ -16,8 +16,8 @@ from opd.training.optim import OptimConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # every experiment config with a few variants each
-    "regenerate_smollm2.py": ["", "tiny", "scale"],
-    "sft_smollm2.py": ["eagle3", "dflash,tiny"],
+    "regenerate_smollm2.py": ["", "tiny", "scale", "text"],
+    "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny"],
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny"],
     "quickstart.py": ["", "tiny"],
     "main_table_smollm2.py": [""],
@@ -81,3 +81,5 @@ def test_the_schemas_stages_are_the_launchers():
     from opd import pipeline
 
     assert tuple(pipeline.STAGES) == configs.STAGES
+
+

@@ -96,6 +96,21 @@ def test_regenerate_tiny_writes_trajectory_shards_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_sft_scale_tiny_trains_on_packed_rows_of_both_sources(tmp_path):
+    """sft_smollm2.py's `scale` leg at tiny sizes: regenerated answers + the offline-text corpus,
+    packed rows with the target's segment-masked online features, probe, export."""
+    out = _launch(tmp_path, "experiments/sft_smollm2.py:eagle3,scale,tiny")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "sft_scale" / "eagle3" / "metrics.jsonl")]
+    train = [r for r in rows if "loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in rows if "probe_tau" in r][:1] == [0]
+    assert (tmp_path / "export" / "sft_scale_eagle3" / "config.json").exists()
+    for source in ("stdlib_code", "pydocs"):
+        assert list((tmp_path / "text_corpus" / source).glob("shard-*.jsonl"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
 def test_sft_tiny_lowers_the_loss_and_raises_tau_on_heldout_prompts(tmp_path, kind):
     """regenerate -> sft -> export -> eval with SmolLM2: the trained drafter beats the untrained

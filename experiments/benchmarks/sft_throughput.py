@@ -6,8 +6,9 @@ float32 matmul GFLOP/s (the peak those are compared with).
 
 A supervised prediction is one (position, draft offset) pair with a loss term (`LossOut.supervised`:
 EAGLE-3's TTT steps, DFlash's anchored block offsets). Step variants (`VARIANTS`) are the SFT
-steps being compared; "today" is the step of `experiments/sft_smollm2.py` (cached target
-features, rows padded to seq_len, one sequence per row). Each variant is built by the run
+steps being compared; "today" is the step of `experiments/sft_smollm2.py` before the packed rows
+and the compact teacher (cached target features, rows padded to seq_len, one sequence per row).
+"Answer tokens" are the loss-masked positions of a step (what the data supplies per step). Each variant is built by the run
 builder the SFT stage uses (`opd.training.run.sft_run`); compile time is excluded, the step
 time is the median over `--steps` timed steps.
 
@@ -52,24 +53,52 @@ CONFIG = os.path.join(REPO, "experiments", "sft_smollm2.py")
 
 
 def today(config):
-    """The step of experiments/sft_smollm2.py as it is (the baseline)."""
+    """The step of experiments/sft_smollm2.py before this benchmark's changes (the baseline):
+    padded rows, EAGLE-3's teacher from all V columns of the target's logits."""
+    config.sft.packing = False
     return config
 
 
-def anchors(n: int):
+def compact(config):
+    """Today's rows; EAGLE-3's teacher from the draft vocabulary's LM-head columns and the
+    cached argmax (`opd.drafters.eagle3.training.compact_teacher`)."""
+    return config
+
+
+def anchors(n: int, packed: bool = False):
     """Today's step with `n` DFlash anchors per row (the context K/V is shared by a row's
-    blocks; SpecForge's example configs use 512). Other kinds: unchanged."""
+    blocks; SpecForge's example configs use 512), on packed rows with `packed`. Other kinds:
+    unchanged."""
 
     def variant(config):
         if config.drafter.kind == "dflash":
             config.sft.loss.num_anchors = n
+            config.sft.packing = packed
         return config
 
     return variant
 
 
+def packed(config):
+    """Several sequences per row with segment masks (`config.sft.packing`); EAGLE-3's teacher is
+    then the compact one (the draft vocabulary's LM-head columns + the cached argmax), which
+    every cached-feature step now uses."""
+    config.sft.packing = True
+    return config
+
+
+def packed_long(config):
+    """`packed` with rows of 640 tokens, 4 per batch (the same tokens per step): long rows leave
+    less padding when answers are a large part of seq_len."""
+    config.sft.packing = True
+    config.sft.seq_len, config.sft.batch_size = 2 * int(config.sft.seq_len), int(config.sft.batch_size) // 2
+    return config
+
+
 # name -> (config -> the config of that variant's step); "today" is the baseline of every ratio
-VARIANTS = {"today": today, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128)}
+VARIANTS = {"today": today, "compact_teacher": compact, "packed": packed, "packed_640": packed_long, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128),
+            "dflash_packed_anchors_32": anchors(32, True), "dflash_packed_anchors_64": anchors(64, True),
+            "dflash_packed_anchors_128": anchors(128, True)}
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "step variants to measure")
 
 
@@ -92,19 +121,56 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _rows(target, batch_size: int, seq_len: int, seed: int = 0) -> dict:
-    """tokens / loss_mask [B, T] (module docstring)."""
+def _sequences(target, n: int, seq_len: int, seed: int = 0) -> list:
+    """n (tokens, loss_mask) sequences (module docstring), each at most `seq_len` long."""
     rs = np.random.RandomState(seed)
-    prompts = batching.encode_prompts(target, [record_text(r) for r in training_prompts("alpacaeval", batch_size)])
-    tokens = np.zeros((batch_size, seq_len), np.int32)
-    mask = np.zeros((batch_size, seq_len), np.int32)
-    for b, p in enumerate(prompts):
-        p = p[: seq_len // 2]
-        n = min(seq_len - len(p), int(rs.randint(_MIN_ANSWER.value, _MAX_ANSWER.value + 1)))
-        tokens[b, : len(p)] = p
-        tokens[b, len(p): len(p) + n] = rs.randint(0, target.config.vocab_size, n)
-        mask[b, len(p): len(p) + n] = 1
-    return {"tokens": tokens, "loss_mask": mask}
+    prompts = batching.encode_prompts(target, [record_text(r) for r in training_prompts("alpacaeval", n)])
+    out = []
+    for p in prompts:
+        p = np.asarray(p[: seq_len // 2], np.int32)
+        a = min(seq_len - len(p), int(rs.randint(_MIN_ANSWER.value, _MAX_ANSWER.value + 1)))
+        out.append((np.r_[p, rs.randint(0, target.config.vocab_size, a)].astype(np.int32),
+                    np.r_[np.zeros(len(p)), np.ones(a)].astype(np.int32)))
+    return out
+
+
+def _rows(target, batch_size: int, seq_len: int, packed: bool) -> tuple[dict, list]:
+    """A batch {tokens, loss_mask (+ positions, segment_ids)} [B, T] and each row's sequences:
+    one padded sequence per row, or sequences packed first-fit (in order) into the B rows."""
+    seqs = _sequences(target, batch_size * (8 if packed else 1), seq_len)
+    B, T = batch_size, seq_len
+    batch = {k: np.zeros((B, T), np.int32) for k in ("tokens", "loss_mask", "positions", "segment_ids")}
+    fill, layout = [0] * B, [[] for _ in range(B)]
+    for tokens, mask in seqs:
+        row = next((b for b in range(B) if fill[b] + len(tokens) <= T), None)
+        if row is None:
+            continue
+        o, n = fill[row], len(tokens)
+        batch["tokens"][row, o : o + n], batch["loss_mask"][row, o : o + n] = tokens, mask
+        batch["positions"][row, o : o + n], batch["segment_ids"][row, o : o + n] = np.arange(n), len(layout[row]) + 1
+        layout[row].append((o, tokens))
+        fill[row] += n
+        if not packed and row == B - 1:
+            break
+    if not packed:
+        del batch["positions"], batch["segment_ids"]
+    return batch, layout
+
+
+def _cached_features(target, spec, layout, B: int, T: int) -> dict:
+    """What the feature cache holds for these rows: each sequence's target features computed on
+    the sequence alone, laid out where the row holds it."""
+    D, n = target.config.hidden_size, len(spec.target_hidden_layers)
+    aux, final, top = np.zeros((B, T, n, D), np.float32), np.zeros((B, T, D), np.float32), np.zeros((B, T), np.int32)
+    for b, row in enumerate(layout):
+        for o, tokens in row:
+            out = tfm.forward(target.params, target.config, jnp.asarray(tokens)[None],
+                              hidden_layers=spec.target_hidden_layers)
+            L = len(tokens)
+            aux[b, o : o + L] = np.asarray(jnp.stack(out.aux_hidden, axis=2))[0]
+            final[b, o : o + L] = np.asarray(out.hidden_BTD)[0]
+            top[b, o : o + L] = np.asarray(jnp.argmax(tfm.lm_head(target.params, target.config, out.hidden_BTD), -1))[0]
+    return {"aux": aux, "final": final, "top": top} if spec.needs_final_hidden else {"aux": aux}
 
 
 def measure(target, kind: str, variant: str) -> dict:
@@ -115,18 +181,17 @@ def measure(target, kind: str, variant: str) -> dict:
     drafter = plugin.init(target, seed=0, **dict(config.drafter.overrides))
     trainable, frozen = drafter.split()
     loss_cfg = plugin.loss_config(s.loss)
-    cached = s.target_features == "cache"
+    cached, packing, top = s.target_features == "cache", bool(s.packing), variant != "today"
     run = run_mod.sft_run(drafter.spec, frozen, target.config, mesh=run_mod.make_mesh(-1, 1, 1, B),
                           optimizer=optim.make_optimizer(optim.OptimConfig.from_config({"total_steps": 1000,
                                                                                         **dict(s.optimizer)})),
-                          loss_config=loss_cfg, batch_size=B, seq_len=T, cached_features=cached)
-    batch = _rows(target, B, T)
+                          loss_config=loss_cfg, batch_size=B, seq_len=T, cached_features=cached, packed=packing,
+                          cached_argmax=top)
+    batch, layout = _rows(target, B, T, packing)
     if cached:  # the feature cache's arrays (float32 here; the cache may store float16)
-        out = tfm.forward(target.params, target.config, jnp.asarray(batch["tokens"]),
-                          hidden_layers=drafter.spec.target_hidden_layers)
-        batch["aux"] = np.asarray(jnp.stack(out.aux_hidden, axis=2))
-        if drafter.spec.needs_final_hidden:
-            batch["final"] = np.asarray(out.hidden_BTD)
+        batch.update(_cached_features(target, drafter.spec, layout, B, T))
+        if not top:
+            batch.pop("top", None)
     assert set(batch) == set(run.batch), (set(batch), set(run.batch))  # the step's own batch keys
     placed = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, run.shardings.batch)
     tp, fr = run.place_frozen(target.params, frozen)
@@ -144,9 +209,12 @@ def measure(target, kind: str, variant: str) -> dict:
         supervised.append(float(m["supervised"]))
     step_s = float(np.median(times))
     step_flops = flops.sft_step_flops(drafter.spec, target.config, B, T, loss_cfg, cached_features=cached)
-    return {"drafter": kind, "variant": variant, "batch_size": B, "seq_len": T,
-            "answer_tokens_per_step": int(batch["loss_mask"].sum()), "supervised_per_step": float(np.mean(supervised)),
-            "step_seconds": step_s, "supervised_per_second": float(np.mean(supervised)) / step_s,
+    answers = int(batch["loss_mask"].sum())
+    return {"drafter": kind, "variant": variant, "batch_size": B, "seq_len": T, "packed": packing,
+            "sequences_per_step": sum(len(r) for r in layout), "answer_tokens_per_step": answers,
+            "supervised_per_step": float(np.mean(supervised)), "step_seconds": step_s,
+            "answer_tokens_per_second": answers / step_s,
+            "supervised_per_second": float(np.mean(supervised)) / step_s,
             "model_gflop_per_step": step_flops / 1e9, "model_gflops_per_second": step_flops / step_s / 1e9,
             "compile_seconds": compile_s, "loss": float(m["loss"])}
 
@@ -159,7 +227,7 @@ def main(argv):
     rows = []
     for kind in _KINDS.value:
         for variant in _VARIANTS.value:
-            if variant.startswith("dflash_") and kind != "dflash":
+            if (variant.startswith("dflash_") and kind != "dflash") or (variant == "compact_teacher" and kind != "eagle3"):
                 continue
             r = measure(target, kind, variant)
             r["fraction_of_matmul_peak"] = r["model_gflops_per_second"] / best
@@ -168,8 +236,10 @@ def main(argv):
     for r in rows:  # speed-up of each variant over today's step, per drafter
         base = next(x for x in rows if x["drafter"] == r["drafter"] and x["variant"] == "today")
         r["supervised_per_second_vs_today"] = r["supervised_per_second"] / base["supervised_per_second"]
-    cols = ("drafter", "variant", "batch_size", "seq_len", "answer_tokens_per_step", "supervised_per_step",
-            "step_seconds", "supervised_per_second", "supervised_per_second_vs_today", "model_gflop_per_step",
+        r["answer_tokens_per_second_vs_today"] = r["answer_tokens_per_second"] / base["answer_tokens_per_second"]
+    cols = ("drafter", "variant", "batch_size", "seq_len", "sequences_per_step", "answer_tokens_per_step", "supervised_per_step",
+            "step_seconds", "answer_tokens_per_second", "answer_tokens_per_second_vs_today", "supervised_per_second",
+            "supervised_per_second_vs_today", "model_gflop_per_step",
             "model_gflops_per_second", "fraction_of_matmul_peak", "compile_seconds")
     md = (markdown_table(rows, cols, "{:.3g}") + "\nCPU float32 matmul peak (GFLOP/s): "
           + ", ".join(f"{k}: {v:.1f}" for k, v in peak.items()) + "\n")

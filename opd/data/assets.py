@@ -292,14 +292,23 @@ def _load_humaneval() -> list[dict]:
     return [{"id": r["task_id"], "prompt": r["prompt"], "turns": [r["prompt"]]} for _, r in rows]
 
 
+def _alpacaeval_rows() -> list[dict]:
+    """The asset's records in file order; a record's id is its position (`str(i)`)."""
+    with open(asset_path("alpacaeval"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _load_alpacaeval() -> list[dict]:
-    path = asset_path("alpacaeval")
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
     return [
         {"id": str(i), "instruction": r["instruction"], "dataset": r["dataset"], "turns": [r["instruction"]]}
-        for i, r in enumerate(rows)
+        for i, r in enumerate(_alpacaeval_rows())
     ]
+
+
+def alpacaeval_outputs() -> dict[str, str]:
+    """AlpacaEval's reference answers (the asset's `output` field) by `load_prompt_set("alpacaeval")`
+    id. Train only on those of the train split (`opd.data.splits.training_records("alpacaeval")`)."""
+    return {str(i): r["output"] for i, r in enumerate(_alpacaeval_rows())}
 
 
 def _load_jsonl(path: str) -> list[dict]:

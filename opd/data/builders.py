@@ -98,10 +98,6 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 # ----------------------------------------------------------------------------- prompt sets
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
 def _alpacaeval_heldout() -> list[dict]:
     return splits.alpaca_split(assets.load_prompt_set("alpacaeval"), "heldout")
 
@@ -112,9 +108,9 @@ def _alpacaeval_train() -> list[dict]:
     AlpacaEval contains some MT-Bench questions verbatim (e.g. AlpacaEval 791 and 801 are MT-Bench
     130 and 81), and the hash split alone puts two of them on the train side.
     """
-    evaluation = {_normalise(t) for n in ("mtbench", "humaneval") for r in assets.load_prompt_set(n) for t in r["turns"]}
+    evaluation = splits.eval_prompt_texts()
     train = splits.alpaca_split(assets.load_prompt_set("alpacaeval"), "train")
-    kept = [r for r in train if not any(_normalise(t) in evaluation for t in r["turns"])]
+    kept = [r for r in train if not any(splits.normalise(t) in evaluation for t in r["turns"])]
     if len(kept) < len(train):
         logging.info("alpacaeval_train: dropped %d instruction(s) that are MT-Bench/HumanEval prompts",
                      len(train) - len(kept))
@@ -442,7 +438,7 @@ def check_no_eval_leak(training: Iterable[dict], evaluation: Iterable[dict]) -> 
     """Raises ValueError if any user turn of an evaluation record (normalised: whitespace collapsed,
     lower case) occurs as a user turn of a training record."""
 
-    seen = {_normalise(t) for r in training for t in r["turns"]}
-    leaked = [r["id"] for r in evaluation if any(_normalise(t) in seen for t in r["turns"])]
+    seen = {splits.normalise(t) for r in training for t in r["turns"]}
+    leaked = [r["id"] for r in evaluation if any(splits.normalise(t) in seen for t in r["turns"])]
     if leaked:
         raise ValueError(f"{len(leaked)} evaluation prompt(s) occur in the training data, e.g. ids {leaked[:5]}")

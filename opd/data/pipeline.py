@@ -27,6 +27,10 @@ each token inside its own sequence), `segment_ids` (1, 2, ... per packed sequenc
 padding; with padding every real token has segment 1). Padding has tokens = `pad_id`, loss_mask
 = 0, positions = 0, segment_ids = 0.
 
+With an `IndexedSource` the batches also say which record each token came from (to look up
+per-record data, `opd.training.feature_cache`): padded rows `record_index` int64 [B], packed rows
+`record_ids` int32 [B, T] (0 on padding; a row mixes records).
+
 Iterator state: `it = iter(make_dataset(...))`; `it.get_state()` returns a small JSON-able dict and
 `it.set_state(state)` on a fresh iterator of the same dataset continues exactly where the saved
 one was. Save it with the model (orbax: `grain.checkpoint.CheckpointSave(it)` /
@@ -172,19 +176,27 @@ def tokenize_trajectory(example: dict, tokenizer=None, template: str | None = No
 
 
 class TokenizeTrajectory(grain.transforms.Map):
-    """grain transform: trajectory -> tokens + loss mask, truncated to `seq_len`."""
+    """grain transform: trajectory -> tokens + loss mask, truncated to `seq_len`.
 
-    def __init__(self, seq_len: int, tokenizer=None, template: str | None = None, **template_kwargs):
+    An `IndexedSource` record keeps its index: as the scalar `record_index`, or with
+    `per_token_records` (for packing, which mixes records in a row) as `record_ids` int32 [L]."""
+
+    def __init__(self, seq_len: int, tokenizer=None, template: str | None = None, *,
+                 per_token_records: bool = False, **template_kwargs):
         self.seq_len = seq_len
         self.tokenizer = tokenizer
         self.template = template
+        self.per_token_records = per_token_records
         self.template_kwargs = template_kwargs
 
     def map(self, element):
         out = tokenize_trajectory(element, self.tokenizer, self.template, **self.template_kwargs)
         out = {k: v[: self.seq_len] for k, v in out.items()}
-        if "record_index" in element:  # `IndexedSource`: kept (padding only) to look up cached features
-            out["record_index"] = np.int64(element["record_index"])
+        if "record_index" in element:
+            if self.per_token_records:
+                out["record_ids"] = np.full(len(out["tokens"]), element["record_index"], np.int32)
+            else:
+                out["record_index"] = np.int64(element["record_index"])
         return out
 
 
@@ -220,19 +232,20 @@ class _PackedToRow(grain.transforms.Map):
     def map(self, element):
         seg = np.asarray(element["tokens_segment_ids"], np.int32)
         tokens = np.where(seg > 0, element["tokens"], self.pad_id).astype(np.int32)
-        return {
+        out = {
             "tokens": tokens,
             "loss_mask": np.asarray(element["loss_mask"], np.int32) * (seg > 0),
             "positions": np.asarray(element["tokens_positions"], np.int32),
             "segment_ids": seg,
         }
+        if "record_ids" in element:
+            out["record_ids"] = np.asarray(element["record_ids"], np.int32) * (seg > 0)
+        return out
 
 
 class IndexedSource:
-    """A random-access source whose records carry `record_index` (their index in `source`).
-
-    With `packing=False` the index reaches the batches as an int64 [B] array, e.g. to look up
-    per-record data computed once (`opd.training.feature_cache`)."""
+    """A random-access source whose records carry `record_index` (their index in `source`); it
+    reaches the batches as `record_index` [B] or, packed, `record_ids` [B, T] (module docstring)."""
 
     def __init__(self, source):
         self.source = source
@@ -291,13 +304,12 @@ def make_dataset(
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
-    ds = ds.map(TokenizeTrajectory(T, tokenizer, template, **template_kwargs))
+    ds = ds.map(TokenizeTrajectory(T, tokenizer, template, per_token_records=config.packing, **template_kwargs))
     if config.packing:
-        if isinstance(source, IndexedSource):
-            raise ValueError("record indices (IndexedSource) need packing=False: a packed row mixes records")
+        features = _FEATURES + (("record_ids",) if isinstance(source, IndexedSource) else ())
         ds = grain.experimental.FirstFitPackIterDataset(
             ds.to_iter_dataset(),
-            length_struct={k: T for k in _FEATURES},
+            length_struct={k: T for k in features},
             num_packing_bins=config.num_packing_bins or B,
             seed=config.seed,
             shuffle_bins=config.shuffle,

@@ -55,6 +55,24 @@ def shard_path(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, f"shard-{index:05d}.jsonl")
 
 
+def write_shard(path: str, rows: Sequence[dict]) -> None:
+    """Writes trajectory records (one JSON object a line) atomically: to `path + ".tmp"`, synced,
+    then renamed, so a shard that exists is complete (how a resumed run knows what to skip)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """A trajectory's `prompt_ids`: one user turn in the target's chat template, generation
+    header included (the prompt the target answers)."""
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+
+
 def regenerate(
     target,
     records: Sequence[dict],
@@ -91,24 +109,17 @@ def regenerate(
     for i in bar:
         t0 = time.perf_counter()
         part = records[i * shard_size : (i + 1) * shard_size]
-        prompt_ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}])) for r in part]
+        prompt_ids = [chat_prompt_ids(tok, r["turns"][0]) for r in part]
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i, batch_size=batch_size)
         if drafter is None:
             out = generate(target, prompt_ids, **kw)
         else:
             out = speculative_generate(target, drafter, prompt_ids, num_draft_tokens=num_draft_tokens, **kw)
-        tmp = shard_path(out_dir, i) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r, ids, resp in zip(part, prompt_ids, out.tokens):
-                # Outputs are cut before EOS; a row that stopped early ended with the primary EOS.
-                stopped = len(resp) < max_new_tokens and eos
-                f.write(json.dumps({
-                    "prompt_id": str(r["id"]), "prompt_set": prompt_set, "target": target_name,
-                    "prompt_ids": ids, "response_ids": list(resp) + ([eos[0]] if stopped else []),
-                }) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, shard_path(out_dir, i))
+        # Outputs are cut before EOS; a row that stopped early ended with the primary EOS.
+        write_shard(shard_path(out_dir, i), [
+            {"prompt_id": str(r["id"]), "prompt_set": prompt_set, "target": target_name, "prompt_ids": ids,
+             "response_ids": list(resp) + ([eos[0]] if len(resp) < max_new_tokens and eos else [])}
+            for r, ids, resp in zip(part, prompt_ids, out.tokens)])
         seconds = time.perf_counter() - t0
         tokens = int(out.stats["generated_tokens"])
         bar.set_postfix(tok_s=f"{tokens / seconds:.1f}")

@@ -23,7 +23,8 @@ EVAL_ONLY_SETS = ("mtbench", "humaneval")
 _SALT = "draft-opd/alpacaeval-split/v1"  # changing it reshuffles the split: never do it silently
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """What prompt texts are compared on: whitespace collapsed, lower case."""
     return " ".join(text.split()).lower()
 
 
@@ -38,7 +39,7 @@ def record_text(record: dict) -> str:
 
 def split_of(text: str) -> str:
     """"train" or "heldout" for one instruction text (deterministic, platform-independent)."""
-    digest = hashlib.sha256(f"{_SALT}\0{_normalise(text)}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{_SALT}\0{normalise(text)}".encode("utf-8")).digest()
     return "heldout" if int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE else "train"
 
 
@@ -70,18 +71,25 @@ def training_records(prompt_set: str) -> list[dict]:
 
 def eval_prompt_texts() -> set:
     """Normalised texts of every user turn of the evaluation-only sets."""
-    return {_normalise(t) for name in EVAL_ONLY_SETS for r in assets.load_prompt_set(name) for t in r["turns"]}
+    return {normalise(t) for name in EVAL_ONLY_SETS for r in assets.load_prompt_set(name) for t in r["turns"]}
+
+
+def all_eval_prompt_texts() -> set:
+    """Normalised texts of every evaluation prompt: the evaluation-only sets' user turns and
+    AlpacaEval's held-out instructions."""
+    heldout = alpaca_split(assets.load_prompt_set("alpacaeval"), "heldout")
+    return eval_prompt_texts() | {normalise(record_text(r)) for r in heldout}
 
 
 def drop_eval_prompts(records: Sequence[dict]) -> list[dict]:
     """`records` without any whose text equals an evaluation prompt (MT-Bench / HumanEval)."""
     banned = eval_prompt_texts()
-    return [r for r in records if _normalise(record_text(r)) not in banned]
+    return [r for r in records if normalise(record_text(r)) not in banned]
 
 
 def check_disjoint(train: Iterable[dict], heldout: Iterable[dict]) -> None:
     """Raises ValueError if any held-out instruction text also occurs in `train`."""
-    seen = {_normalise(record_text(r)) for r in train}
-    leaked = [r.get("id") for r in heldout if _normalise(record_text(r)) in seen]
+    seen = {normalise(record_text(r)) for r in train}
+    leaked = [r.get("id") for r in heldout if normalise(record_text(r)) in seen]
     if leaked:
         raise ValueError(f"{len(leaked)} evaluation prompt(s) also occur in the training data, e.g. ids {leaked[:5]}")

@@ -1,20 +1,26 @@
-"""Training prompts made from real offline text: the Python stdlib sources and the Python docs.
+"""Real offline text: the Python stdlib sources and the Python docs, as training prompts.
 
-Two sources, both deterministic (sorted files, source order inside a file) with stable ids:
+The walkers (shared with `opd.data.text_corpus`, which uses the same text as answers) are
+deterministic (sorted files, source order inside a file) and give stable ids:
 
-* `stdlib_code_prompts()`: every function and method (found with `ast`) in the `*.py` files of
-  the running interpreter's stdlib (`sysconfig.get_paths()["stdlib"]`; always present), minus
-  `test/`, `idlelib/`, `lib2to3/` and `site-packages/`. Each function becomes one prompt of one
-  kind, picked by a hash of its id: "explain" (explain what the function does), "docstring"
-  (write a docstring; the function's own docstring is removed from the shown code) or "tests"
-  (write unit tests). Id: `stdlib:<relative path>:<qualname>` (+ `#k` for the k-th repeat of a
-  qualname in one file). Ids are stable for a given Python version; the text follows the stdlib.
-* `pydocs_prompts()`: prose paragraphs of the Python documentation's reST sources
-  (`/usr/share/doc/python3.11/html/_sources/**/*.rst.txt`, Debian package `python3.11-doc`).
-  Directives, code blocks, tables and headings are dropped, inline roles are reduced to their
-  text, and each kept paragraph becomes a "summarize" or "explain" prompt (hash-picked).
-  Id: `pydocs:<relative path>:<k>` (k-th kept paragraph of that file). When the folder is
-  absent a warning is logged and no prompts are returned.
+* `stdlib_functions()`: every function and method (found with `ast`) in the `*.py` files of the
+  running interpreter's stdlib (`sysconfig.get_paths()["stdlib"]`; always present), minus
+  `test/`, `idlelib/`, `lib2to3/` and `site-packages/`. Id: `stdlib:<relative path>:<qualname>`
+  (+ `#k` for the k-th repeat of a qualname in one file). Ids are stable for a given Python
+  version; the text follows the stdlib.
+* `pydocs_paragraphs()`: prose paragraphs of the Python documentation's reST sources
+  (`/usr/share/doc/python3.11/html/_sources/**/*.rst.txt`, Debian package `python3.11-doc`), with
+  the section heading above each. Directives, code blocks, tables and headings are dropped,
+  inline roles are reduced to their text. When the folder is absent a warning is logged and
+  there are none.
+
+Prompt sources built on them:
+
+* `stdlib_code_prompts()`: each function becomes one prompt of one kind, picked by a hash of its
+  id: "explain" (explain what the function does), "docstring" (write a docstring; the function's
+  own docstring is removed from the shown code) or "tests" (write unit tests).
+* `pydocs_prompts()`: each kept paragraph becomes a "summarize" or "explain" prompt (hash-picked).
+  Id: `pydocs:<relative path>:<k>` (k-th kept paragraph of that file).
 
 Records have the shape of `opd.data.assets.load_prompt_set` records: `id` (str), `turns`
 (one user turn), plus `source`, `path`, `kind` and (stdlib) `qualname`.
@@ -28,7 +34,7 @@ import os
 import re
 import sysconfig
 import textwrap
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from absl import logging
 
@@ -89,7 +95,9 @@ def _functions(tree: ast.AST) -> Iterator[tuple[str, ast.AST]]:
     yield from visit(tree, "")
 
 
-def _function_source(lines: list[str], node, strip_docstring: bool) -> str | None:
+def function_source(lines: list[str], node, strip_docstring: bool = False) -> str | None:
+    """The dedented source of a function node (decorators included) from its file's lines;
+    with `strip_docstring`, without its docstring (None when nothing else would be left)."""
     start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
     end = node.end_lineno
     body = node.body
@@ -105,6 +113,44 @@ def _function_source(lines: list[str], node, strip_docstring: bool) -> str | Non
         drop = set(range(doc.lineno - 1, doc.end_lineno))
         keep = [i for i in keep if i not in drop]
     return textwrap.dedent("".join(lines[i] for i in keep)).rstrip()
+
+
+class StdlibFunction(NamedTuple):
+    """One function of `stdlib_functions`: its id, file, qualified name, the file's lines and the
+    `ast` node (its source: `function_source(lines, node)`)."""
+
+    id: str
+    path: str
+    qualname: str
+    lines: list
+    node: ast.AST
+
+
+def stdlib_functions(root: str | None = None, *, max_files: int | None = None) -> Iterator[StdlibFunction]:
+    """Every function of the stdlib `*.py` files in deterministic order (see the module docstring).
+
+    Args:
+      root: folder of `*.py` files; default the running interpreter's stdlib.
+      max_files: read at most this many files (in sorted order).
+    """
+    root = root or stdlib_root()
+    files = _sorted_files(root, ".py", STDLIB_EXCLUDED_DIRS)
+    for rel in files if max_files is None else files[:max_files]:
+        path = os.path.join(root, rel)
+        try:
+            if os.path.getsize(path) > _MAX_FILE_BYTES:
+                continue
+            with open(path, encoding="utf-8") as f:
+                src = f.read()
+            tree = ast.parse(src, filename=rel)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue  # a few stdlib files are templates or in other encodings
+        lines = src.splitlines(keepends=True)
+        seen: dict[str, int] = {}
+        for qual, node in _functions(tree):
+            seen[qual] = seen.get(qual, 0) + 1
+            uid = f"stdlib:{rel}:{qual}" + (f"#{seen[qual]}" if seen[qual] > 1 else "")
+            yield StdlibFunction(uid, rel, qual, lines, node)
 
 
 def stdlib_code_prompts(
@@ -124,43 +170,25 @@ def stdlib_code_prompts(
       max_files: read at most this many files (in sorted order).
       min_lines, max_lines, max_chars: size limits on the shown function source.
     """
-    root = root or stdlib_root()
-    files = _sorted_files(root, ".py", STDLIB_EXCLUDED_DIRS)
-    if max_files is not None:
-        files = files[:max_files]
     records: list[dict] = []
-    for rel in files:
-        path = os.path.join(root, rel)
-        try:
-            if os.path.getsize(path) > _MAX_FILE_BYTES:
-                continue
-            with open(path, encoding="utf-8") as f:
-                src = f.read()
-            tree = ast.parse(src, filename=rel)
-        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-            continue  # a few stdlib files are templates or in other encodings
-        lines = src.splitlines(keepends=True)
-        seen: dict[str, int] = {}
-        for qual, node in _functions(tree):
-            seen[qual] = seen.get(qual, 0) + 1
-            uid = f"stdlib:{rel}:{qual}" + (f"#{seen[qual]}" if seen[qual] > 1 else "")
-            kind = _pick(uid, CODE_TEMPLATES)
-            code = _function_source(lines, node, strip_docstring=kind == "docstring")
-            if code is None:
-                continue
-            n_lines = code.count("\n") + 1
-            if not (min_lines <= n_lines <= max_lines) or len(code) > max_chars:
-                continue
-            records.append({
-                "id": uid,
-                "turns": [CODE_TEMPLATES[kind].format(code=code)],
-                "source": "stdlib_code",
-                "path": rel,
-                "qualname": qual,
-                "kind": kind,
-            })
-            if max_prompts is not None and len(records) >= max_prompts:
-                return records
+    for fn in stdlib_functions(root, max_files=max_files):
+        kind = _pick(fn.id, CODE_TEMPLATES)
+        code = function_source(fn.lines, fn.node, strip_docstring=kind == "docstring")
+        if code is None:
+            continue
+        n_lines = code.count("\n") + 1
+        if not (min_lines <= n_lines <= max_lines) or len(code) > max_chars:
+            continue
+        records.append({
+            "id": fn.id,
+            "turns": [CODE_TEMPLATES[kind].format(code=code)],
+            "source": "stdlib_code",
+            "path": fn.path,
+            "qualname": fn.qualname,
+            "kind": kind,
+        })
+        if max_prompts is not None and len(records) >= max_prompts:
+            return records
     return records
 
 
@@ -182,26 +210,64 @@ def _clean_inline(text: str) -> str:
     return " ".join(text.split())
 
 
-def _prose_paragraphs(rst: str) -> Iterator[str]:
-    """Prose paragraphs of one reST file: unindented blocks that are not markup."""
+def _prose_paragraphs(rst: str) -> Iterator[tuple[str, str]]:
+    """(section, paragraph) of one reST file's prose paragraphs (unindented blocks that are not
+    markup); section: the text of the latest heading above it ("" before the first)."""
     block: list[str] = []
+    section = ""
     for line in rst.splitlines() + [""]:
         if line.strip():
             block.append(line)
             continue
         if block:
             first = block[0]
-            is_prose = (
+            if any(_HEADING.match(l) for l in block):
+                title = _clean_inline(" ".join(l.strip() for l in block if not _HEADING.match(l)))
+                section = title or section  # a bare line of punctuation is a transition, not a heading
+            elif (
                 not first[:1].isspace()
                 and not first.startswith((".. ", "..\t", "|", "+-", "=="))
-                and not any(_HEADING.match(l) for l in block)
                 and not any(l[:1].isspace() for l in block)  # definition lists, code, options
                 and not _BULLET.match(first)
                 and not block[-1].rstrip().endswith("::")  # introduces a code block
-            )
-            if is_prose:
-                yield _clean_inline(" ".join(l.strip() for l in block))
+            ):
+                yield section, _clean_inline(" ".join(l.strip() for l in block))
             block = []
+
+
+class DocParagraph(NamedTuple):
+    """One prose paragraph of `pydocs_paragraphs`: its file, index among that file's prose
+    paragraphs, section heading and text."""
+
+    path: str
+    index: int
+    section: str
+    text: str
+
+
+def pydocs_paragraphs(root: str | None = None, what: str = "pydocs prompts") -> Iterator[DocParagraph]:
+    """Every prose paragraph of the Python docs' reST sources, in deterministic order.
+
+    Args:
+      root: the `_sources` folder of an HTML build of the Python docs (`*.rst.txt` files);
+        default `DEFAULT_PYDOCS_ROOT`.
+      what: what is skipped when `root` does not exist (for the logged warning).
+    """
+    root = root or DEFAULT_PYDOCS_ROOT
+    if not os.path.isdir(root):
+        logging.warning(
+            "Python docs reST sources not found at %s: %s skipped (install them with `apt-get install "
+            "python3.11-doc`)", root, what,
+        )
+        return
+    for rel in _sorted_files(root, ".rst.txt"):
+        try:
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                rst = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for i, (section, para) in enumerate(_prose_paragraphs(rst)):
+            yield DocParagraph(rel, i, section, para)
 
 
 def pydocs_prompts(
@@ -222,34 +288,22 @@ def pydocs_prompts(
     Returns:
       The prompt records; `[]` (with a logged warning) when `root` does not exist.
     """
-    root = root or DEFAULT_PYDOCS_ROOT
-    if not os.path.isdir(root):
-        logging.warning(
-            "Python docs reST sources not found at %s: pydocs prompts skipped "
-            "(install them with `apt-get install python3.11-doc`)", root,
-        )
-        return []
     records: list[dict] = []
-    for rel in _sorted_files(root, ".rst.txt"):
-        try:
-            with open(os.path.join(root, rel), encoding="utf-8") as f:
-                rst = f.read()
-        except (OSError, UnicodeDecodeError):
+    kept: dict[str, int] = {}  # file -> paragraphs kept so far
+    for p in pydocs_paragraphs(root):
+        if not min_chars <= len(p.text) <= max_chars:
             continue
-        k = 0
-        for para in _prose_paragraphs(rst):
-            if not min_chars <= len(para) <= max_chars:
-                continue
-            uid = f"pydocs:{rel}:{k}"
-            k += 1
-            kind = _pick(uid, DOC_TEMPLATES)
-            records.append({
-                "id": uid,
-                "turns": [DOC_TEMPLATES[kind].format(text=para)],
-                "source": "pydocs",
-                "path": rel,
-                "kind": kind,
-            })
-            if max_prompts is not None and len(records) >= max_prompts:
-                return records
+        k = kept.get(p.path, 0)
+        kept[p.path] = k + 1
+        uid = f"pydocs:{p.path}:{k}"
+        kind = _pick(uid, DOC_TEMPLATES)
+        records.append({
+            "id": uid,
+            "turns": [DOC_TEMPLATES[kind].format(text=p.text)],
+            "source": "pydocs",
+            "path": p.path,
+            "kind": kind,
+        })
+        if max_prompts is not None and len(records) >= max_prompts:
+            return records
     return records

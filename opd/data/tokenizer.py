@@ -298,3 +298,12 @@ class Tokenizer:
             chat_template=meta.get("tokenizer.chat_template"),
             vocab_size=len(tokens),  # a duplicated token string keeps its first id only
         )
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a target checkpoint without its weights (what `opd.load_target` reads):
+    a `.gguf` file's metadata, or an HF directory's tokenizer.json and config files."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_hf_dir(path)

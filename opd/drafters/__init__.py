@@ -3,7 +3,7 @@ and the built-in kinds, each a plug-in in its own module: n-gram prompt lookup, 
 independent small LM, EAGLE-3 and DFlash."""
 
 from opd.drafters import registry
-from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, TargetFeatures
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, Segments, TargetFeatures
 from opd.drafters.dflash import DFlashKind
 from opd.drafters.eagle3 import Eagle3Kind
 from opd.drafters.lm import LMKind
@@ -13,5 +13,5 @@ from opd.drafters.registry import DrafterKind, export_drafter, get_kind, init_dr
 for _kind in (NGramKind(), LMKind(), Eagle3Kind(), DFlashKind()):
     register(_kind)
 
-__all__ = ["DraftContext", "Drafter", "DrafterKind", "DrafterSpec", "LossOut", "TargetFeatures", "export_drafter",
+__all__ = ["DraftContext", "Drafter", "DrafterKind", "DrafterSpec", "LossOut", "Segments", "TargetFeatures", "export_drafter",
            "get_kind", "init_drafter", "load_drafter", "register", "registry"]

@@ -62,6 +62,16 @@ class TargetFeatures(NamedTuple):
 
     aux: Any  # the `target_hidden_layers` outputs: n arrays [B, T, D] (or one [B, T, n, D])
     final_BTD: Optional[jax.Array] = None  # final-normed last hidden (when `needs_final_hidden`)
+    # int32 [B, T]: the target's argmax over its whole vocabulary at each position (the feature
+    # cache stores it, so a loss over a draft vocabulary needs only those LM-head columns)
+    top_BT: Optional[jax.Array] = None
+
+
+class Segments(NamedTuple):
+    """Packed training rows: several sequences per row. A sequence sees only its own tokens."""
+
+    positions_BT: jax.Array  # int32: index of each token inside its own sequence (its RoPE position)
+    ids_BT: jax.Array  # int32: 1, 2, ... per sequence in the row, 0 on padding
 
 
 def _not_trainable(spec, what: str):
@@ -77,6 +87,9 @@ class DrafterSpec(abc.ABC):
     kind = "base"
     target_hidden_layers: tuple = ()  # target layers whose outputs the drafter consumes
     needs_final_hidden = False  # the SFT loss reads the target's final hidden state (its logits)
+    packed_sft = False  # the SFT loss takes packed rows (`segments`)
+    # target LM-head columns the SFT loss computes from cached features (None: all V)
+    teacher_columns = None
 
     # ------------------------------------------------------------------ inference
 
@@ -134,8 +147,9 @@ class DrafterSpec(abc.ABC):
         raise _not_trainable(self, "with_param_dtype")
 
     def sft_loss(self, trainable, frozen, target_params, target_config, features: TargetFeatures, tokens_BT,
-                 loss_mask_BT, key, loss_config) -> LossOut:
-        """The SFT loss of one batch (differentiable in `trainable`; inputs are frozen)."""
+                 loss_mask_BT, key, loss_config, segments: Optional[Segments] = None) -> LossOut:
+        """The SFT loss of one batch (differentiable in `trainable`; inputs are frozen). Kinds
+        with `packed_sft` take `segments` (packed rows); others are only called without it."""
         raise _not_trainable(self, "sft_loss")
 
     def sft_flops(self, target_config, batch: int, seq_len: int, loss_config) -> int:

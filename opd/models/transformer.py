@@ -160,8 +160,9 @@ class Attention(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, cache_kv, layer_idx):
-        """cache_kv: None (whole-sequence causal) or (k [L,B,S,K,H], v, lengths [B])."""
+    def __call__(self, x_BTD, positions_BT, cache_kv, layer_idx, segment_ids_BT=None):
+        """cache_kv: None (whole-sequence causal; with `segment_ids_BT`, causal inside each packed
+        sequence) or (k [L,B,S,K,H], v, lengths [B])."""
         c = self.config
         D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         dt = jnp.dtype(c.dtype)
@@ -210,6 +211,8 @@ class Attention(nn.Module):
             new_cache = (k_all, v_all)
 
         mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
+        if segment_ids_BT is not None:  # packed rows (uncached): positions restart per sequence
+            mask_BTS = mask_BTS & (segment_ids_BT[:, None, :] == segment_ids_BT[:, :, None])
         out = grouped_attention(q, keys, values, mask_BTS, dt)
         out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
         return out, new_cache
@@ -237,16 +240,17 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer_idx):
-        x, positions, cache_kv, aux, aux_ids = carry
+        x, positions, cache_kv, aux, aux_ids, segment_ids = carry
         c = self.config
-        h, new_kv = Attention(c, name="attn")(RMSNorm(c, c.hidden_size, name="attn_norm")(x), positions, cache_kv, layer_idx)
+        h, new_kv = Attention(c, name="attn")(RMSNorm(c, c.hidden_size, name="attn_norm")(x), positions, cache_kv, layer_idx,
+                                              segment_ids)
         x = x + h
         x = x + MLP(c, name="mlp")(RMSNorm(c, c.hidden_size, name="mlp_norm")(x))
         if new_kv is not None:
             cache_kv = (new_kv[0], new_kv[1], cache_kv[2])
         # Keep the requested layer outputs without stacking all L of them.
         aux = jnp.where((aux_ids == layer_idx)[:, None, None, None], x[None].astype(aux.dtype), aux)
-        return (x, positions, cache_kv, aux, aux_ids), None
+        return (x, positions, cache_kv, aux, aux_ids, segment_ids), None
 
 
 class Transformer(nn.Module):
@@ -280,10 +284,20 @@ class Transformer(nn.Module):
             return jnp.einsum("...d,vd->...v", hidden_BTD.astype(dt), self.embedding.astype(dt), preferred_element_type=jnp.float32)
         return jnp.einsum("...d,dv->...v", hidden_BTD.astype(dt), self.lm_head_kernel.astype(dt), preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, hidden_layers: Sequence[int] = ()):
-        return self.body(self.embed(tokens_BT), positions_BT, cache, hidden_layers)
+    def lm_head_columns(self, hidden_BTD, ids_W):
+        """The logits of the vocabulary ids `ids_W` only (the same numbers as `lm_head`'s columns)."""
+        dt = jnp.dtype(self.config.dtype)
+        if self.config.tie_word_embeddings:
+            rows_WD = jnp.take(self.embedding, ids_W, axis=0)
+        else:
+            rows_WD = jnp.take(self.lm_head_kernel, ids_W, axis=1).T
+        return jnp.einsum("...d,wd->...w", hidden_BTD.astype(dt), rows_WD.astype(dt), preferred_element_type=jnp.float32)
 
-    def body(self, x_BTD, positions_BT, cache, hidden_layers):
+    def __call__(self, tokens_BT, positions_BT, cache: Optional[KVCache] = None, hidden_layers: Sequence[int] = (),
+                 segment_ids_BT=None):
+        return self.body(self.embed(tokens_BT), positions_BT, cache, hidden_layers, segment_ids_BT)
+
+    def body(self, x_BTD, positions_BT, cache, hidden_layers, segment_ids_BT=None):
         c = self.config
         hidden_layers = tuple(int(i) for i in hidden_layers)
         for i in hidden_layers:
@@ -293,13 +307,15 @@ class Transformer(nn.Module):
         aux = jnp.zeros((len(hidden_layers), B, T, D), x_BTD.dtype)
         aux_ids = jnp.asarray(hidden_layers, jnp.int32)
         cache_kv = None if cache is None else (cache.k, cache.v, cache.lengths)
-        carry = (x_BTD, positions_BT, cache_kv, aux, aux_ids)
+        if segment_ids_BT is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are only supported without a KV cache")
+        carry = (x_BTD, positions_BT, cache_kv, aux, aux_ids, segment_ids_BT)
         if c.scan_layers:
             carry, _ = self.layers(carry, jnp.arange(c.num_layers))
         else:
             for i, layer in enumerate(self.layers):
                 carry, _ = layer(carry, i)
-        x, _, cache_kv, aux, _ = carry
+        x, _, cache_kv, aux, _, _ = carry
         new_cache = None
         if cache is not None:
             new_cache = KVCache(cache_kv[0], cache_kv[1], cache.lengths + T)
@@ -334,19 +350,27 @@ def forward(
     positions_BT: Optional[jax.Array] = None,
     cache: Optional[KVCache] = None,
     hidden_layers: Sequence[int] = (),
+    segment_ids_BT: Optional[jax.Array] = None,
 ) -> ForwardOut:
-    """Runs the decoder. Without a cache: causal over `tokens_BT`. With a cache: the T new
-    tokens of row b go to positions `cache.lengths[b] + [0, T)`."""
+    """Runs the decoder. Without a cache: causal over `tokens_BT` (with `segment_ids_BT`, packed
+    rows: causal inside each sequence, `positions_BT` restarting per sequence). With a cache: the
+    T new tokens of row b go to positions `cache.lengths[b] + [0, T)`."""
     if positions_BT is None:
         T = tokens_BT.shape[1]
         base = jnp.zeros((tokens_BT.shape[0],), jnp.int32) if cache is None else cache.lengths
         positions_BT = base[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    return model_for(config).apply({"params": params}, tokens_BT, positions_BT, cache, tuple(hidden_layers))
+    return model_for(config).apply({"params": params}, tokens_BT, positions_BT, cache, tuple(hidden_layers),
+                                   segment_ids_BT)
 
 
 def lm_head(params: Params, config: TransformerConfig, hidden_BTD: jax.Array) -> jax.Array:
     """Final-normed hidden states -> float32 logits."""
     return model_for(config).apply({"params": params}, hidden_BTD, method=Transformer.lm_head)
+
+
+def lm_head_columns(params: Params, config: TransformerConfig, hidden_BTD: jax.Array, ids_W: jax.Array) -> jax.Array:
+    """Float32 logits [..., W] of the vocabulary ids `ids_W` (a draft vocabulary's columns)."""
+    return model_for(config).apply({"params": params}, hidden_BTD, ids_W, method=Transformer.lm_head_columns)
 
 
 def embed(params: Params, config: TransformerConfig, tokens_BT: jax.Array) -> jax.Array:

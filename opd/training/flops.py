@@ -49,10 +49,12 @@ def sft_step_flops(spec, target_config: TransformerConfig, batch: int, seq_len: 
                    cached_features: bool = False) -> int:
     """Total training FLOPs of one SFT step (module docstring). With `cached_features` the
     target forward was paid once when the cache was built (counted then); the step pays only
-    the target LM head over the cached last hidden state (2 * D * V per token) when the
-    drafter's loss reads the target's logits (`spec.needs_final_hidden`)."""
+    the target LM head's columns it reads over the cached last hidden state (2 * D * W per
+    token, W = `spec.teacher_columns` or V) when the drafter's loss reads the target's logits
+    (`spec.needs_final_hidden`)."""
     if cached_features:
-        f = 2 * target_config.hidden_size * target_config.vocab_size * batch * seq_len if spec.needs_final_hidden else 0
+        cols = spec.teacher_columns or target_config.vocab_size
+        f = 2 * target_config.hidden_size * cols * batch * seq_len if spec.needs_final_hidden else 0
     else:
         f = target_forward_flops(target_config, batch, seq_len)
     return f + spec.sft_flops(target_config, batch, seq_len, loss_config)

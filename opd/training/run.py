@@ -96,15 +96,25 @@ def _build(step_fn, *, mesh, spec, target_config, optimizer, drafter_frozen, bat
 
 def sft_run(spec: DrafterSpec, drafter_frozen, target_config: TransformerConfig, *, mesh,
             optimizer: optax.GradientTransformation, loss_config, batch_size: int, seq_len: int,
-            cached_features: bool = False) -> TrainRun:
+            cached_features: bool = False, packed: bool = False, cached_argmax: bool = True) -> TrainRun:
     """The SFT step (`opd.training.sft.train_step`) for global batches of `batch_size` rows of
-    `seq_len` tokens (with the target's cached features when `cached_features`)."""
+    `seq_len` tokens (with the target's cached features when `cached_features`; several
+    sequences per row with `packed`, for a `spec.packed_sft` kind).
+    `cached_argmax=False` leaves the target's argmax ("top") out of a cached batch, so a loss
+    that distils the target's logits computes all V columns (the step before the compact
+    teacher; the throughput benchmark's baseline)."""
     B, T, D = int(batch_size), int(seq_len), target_config.hidden_size
+    if packed and not spec.packed_sft:
+        raise ValueError(f"{spec.kind} drafters do not support packed SFT rows")
     shapes = {"tokens": ((B, T), jnp.int32), "loss_mask": ((B, T), jnp.int32)}
+    if packed:
+        shapes["positions"] = shapes["segment_ids"] = ((B, T), jnp.int32)
     if cached_features:
         shapes["aux"] = ((B, T, len(spec.target_hidden_layers), D), jnp.float32)
         if spec.needs_final_hidden:
             shapes["final"] = ((B, T, D), jnp.float32)
+            if cached_argmax:
+                shapes["top"] = ((B, T), jnp.int32)
     fn = functools.partial(sft.train_step, spec=spec, target_config=target_config, optimizer=optimizer,
                            loss_config=loss_config)
     return _build(fn, mesh=mesh, spec=spec, target_config=target_config, optimizer=optimizer,

@@ -18,7 +18,8 @@ Frozen inputs are never donated nor returned, so they stay bit-identical.
 
 Batches: {"tokens": int32 [B, T], "loss_mask": [B, T]} (loss_mask[b, j] = 1: the prediction
 of token j is trained), sharded over ("data", "fsdp") on B; with cached features also "aux"
-[B, T, n, D] and, when the loss reads the target's logits, "final" [B, T, D].
+[B, T, n, D] and, when the loss reads the target's logits, "final" [B, T, D] and "top" int32
+[B, T] (the target's argmax); packed rows add "positions" and "segment_ids" [B, T] (`Segments`).
 
 Axis letters: B batch, T positions, S loss offsets (TTT steps / block offsets).
 """
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from opd import sharding as shd
-from opd.drafters.base import DrafterSpec, TargetFeatures
+from opd.drafters.base import DrafterSpec, Segments, TargetFeatures
 from opd.models import transformer as tfm
 from opd.models.config import TransformerConfig
 
@@ -85,14 +86,20 @@ def sft_loss(params, target_params, drafter_frozen, batch, key, *, spec: Drafter
     """The drafter's SFT loss on one batch; the target runs here, without gradient, unless the
     batch carries its cached hidden states ("aux" [B, T, n, D], maybe "final" [B, T, D])."""
     tokens = batch["tokens"].astype(jnp.int32)
+    segments = None
+    if "segment_ids" in batch:  # packed rows
+        segments = Segments(batch["positions"].astype(jnp.int32), batch["segment_ids"].astype(jnp.int32))
     if "aux" in batch:
-        features = TargetFeatures(batch["aux"], batch.get("final"))
+        features = TargetFeatures(batch["aux"], batch.get("final"), batch.get("top"))
     else:
-        out = tfm.forward(target_params, target_config, tokens, hidden_layers=spec.target_hidden_layers)
+        out = tfm.forward(target_params, target_config, tokens, hidden_layers=spec.target_hidden_layers,
+                          **({} if segments is None else dict(positions_BT=segments.positions_BT,
+                                                              segment_ids_BT=segments.ids_BT)))
         features = TargetFeatures(out.aux_hidden, out.hidden_BTD if spec.needs_final_hidden else None)
     features = jax.lax.stop_gradient(features)
+    packed = {} if segments is None else {"segments": segments}
     return spec.sft_loss(params, drafter_frozen, jax.lax.stop_gradient(target_params), target_config, features,
-                         tokens, batch["loss_mask"], key, loss_config)
+                         tokens, batch["loss_mask"], key, loss_config, **packed)
 
 
 def train_step(state: TrainState, target_params, drafter_frozen, batch, *, spec: DrafterSpec,

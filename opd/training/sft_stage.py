@@ -18,8 +18,9 @@ continued SFT from a warm-up; every piece is written once, then only read back):
 untrained drafter) and `workdir:export/sft_<kind>`.
 
 Data: every trajectory folder under `DIR/regenerate/` (or `config.sft.data`), read as TFDS
-array_record sources through the grain pipeline (padded rows: the train step has no
-segment masking, so packing would let sequences attend to each other).
+array_record sources through the grain pipeline: one padded sequence per row, or with
+`config.sft.packing` several per row (segment masks keep each sequence to itself, in the
+target's online forward and in the drafter; cached features are looked up per token).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def build_run(config: ml_collections.ConfigDict, spec, drafter_frozen, target_co
                            optimizer=optim.make_optimizer(ocfg),
                            loss_config=registry.get_kind(config.drafter.kind).loss_config(s.loss),
                            batch_size=int(s.batch_size), seq_len=int(s.seq_len),
-                           cached_features=s.target_features == "cache")
+                           cached_features=s.target_features == "cache", packed=bool(s.packing))
 
 
 def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -124,14 +125,14 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     num_steps = int(s.num_steps)
     if s.match_flops:  # a baseline trained to the cumulative FLOPs another run ended at
         # this run's own cache is part of its budget, whether built now or before a restart
-        own_cache = flops.target_forward_flops(target.config, len(source), T) if cached and not s.feature_cache_dir else 0
+        own_cache = info["build_flops"] if cached and not s.feature_cache_dir else 0
         num_steps = matched_steps(resolve_path(s.match_flops, workdir), start_flops + own_cache, step_flops)
     ocfg = optim_config(s, num_steps)
     trainable, frozen = drafter.split()
     run = build_run(config, spec, frozen, target.config, num_steps)
 
-    pcfg = dp.PipelineConfig(seq_len=T, batch_size=B // jax.process_count(), packing=False, seed=int(config.seed),
-                             pad_id=0)
+    pcfg = dp.PipelineConfig(seq_len=T, batch_size=B // jax.process_count(), packing=bool(s.packing),
+                             seed=int(config.seed), pad_id=0)
     dataset = dp.make_dataset(source, pcfg, shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
     if cached:
         dataset = dataset.map(feature_cache.AttachFeatures(cache_dir))

@@ -143,6 +143,35 @@ def test_batches_are_correct(packing):
         assert seqs == [(want["tokens"].tolist(), want["loss_mask"].tolist())]
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_indexed_source_names_each_tokens_record(packing):
+    """Packed rows carry per-token `record_ids` (with `positions`: the token's place in its
+    record), padded rows a per-row `record_index`; both lead back to the record's own tokens."""
+    data = trajectories()
+    cfg = pipeline.PipelineConfig(seq_len=16, batch_size=4, packing=packing, num_epochs=1, seed=3,
+                                  drop_remainder=False)
+    covered = {}
+    for batch in pipeline.make_dataset(pipeline.IndexedSource(data), cfg):
+        B, T = batch["tokens"].shape
+        if packing:
+            assert "record_index" not in batch
+            rec = batch["record_ids"]
+            assert rec.shape == (B, T) and rec.dtype == np.int32
+        else:
+            assert "record_ids" not in batch
+            rec = np.broadcast_to(batch["record_index"][:, None], (B, T))
+        seg, pos = batch["segment_ids"], batch["positions"]
+        if packing:
+            assert np.all(rec[seg == 0] == 0)
+        for b, t in zip(*np.nonzero(seg)):
+            want = pipeline.tokenize_trajectory(data[rec[b, t]])
+            assert batch["tokens"][b, t] == want["tokens"][pos[b, t]]
+            assert batch["loss_mask"][b, t] == want["loss_mask"][pos[b, t]]
+            covered.setdefault(int(rec[b, t]), []).append(int(pos[b, t]))
+    for i, x in enumerate(data):  # one epoch: every token of every record exactly once
+        assert sorted(covered[i]) == list(range(len(pipeline.tokenize_trajectory(x)["tokens"])))
+
+
 def test_packing_fills_rows():
     cfg = pipeline.PipelineConfig(seq_len=32, batch_size=2, packing=True, seed=0)
     batch = next(iter(pipeline.make_dataset(trajectories(), cfg)))
@@ -186,9 +215,9 @@ def test_sharding_splits_records():
         pipeline.shard(grain.MapDataset.source(data[:2]), grain.sharding.ShardOptions(0, 3, drop_remainder=True))
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_iterator_state_round_trip(packing):
-    data = trajectories()
+@pytest.mark.parametrize("packing,indexed", [(True, False), (False, False), (True, True), (False, True)])
+def test_iterator_state_round_trip(packing, indexed):
+    data = pipeline.IndexedSource(trajectories()) if indexed else trajectories()
     cfg = pipeline.PipelineConfig(seq_len=16, batch_size=3, packing=packing, seed=7)
     it = pipeline.make_iterator(data, cfg)
     take(it, 5)

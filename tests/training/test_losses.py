@@ -42,7 +42,7 @@ def test_eagle3_step_weights_and_masks_by_hand():
     tl[0, 2] = [0.0, 0.0, 3.0]
     loss_mask = jnp.array([[0, 0, 1, 1, 1]])
     logits = jnp.zeros((2, 1, 5, 2))
-    out = e3t.ttt_loss_from_logits(logits, d2t, t2d, jnp.asarray(tl), loss_mask, decay=0.8)
+    out = e3t.ttt_loss_from_logits(logits, e3t.teacher_from_logits(jnp.asarray(tl), d2t, t2d), loss_mask, decay=0.8)
     # step 1: mask[t] = loss_mask[t+2] = [1,1,1,0,0]; in-vocab argmax of p_{t+1} = [1,0,1,1,0]
     #   -> 2 counted positions over 3; step 2: mask = loss_mask[t+3] = [1,1,0,0,0], in-vocab of
     #   p_{t+2} = [0,1,1,0,0] -> 1 over 2.
@@ -59,7 +59,7 @@ def test_eagle3_soft_ce_renormalises_over_draft_vocab():
     d2t, t2d = jnp.array([0, 0], jnp.int32), jnp.array([True, True, False])
     tl = jnp.asarray(np.log(np.array([[[1, 1, 1], [1, 3, 0.5], [1, 1, 1]]], np.float32)))
     logits = jnp.asarray(np.log(np.array([[[[3, 1], [1, 1], [1, 1]]]], np.float32)))
-    out = e3t.ttt_loss_from_logits(logits, d2t, t2d, tl, jnp.array([[0, 0, 1]]))
+    out = e3t.ttt_loss_from_logits(logits, e3t.teacher_from_logits(tl, d2t, t2d), jnp.array([[0, 0, 1]]))
     want = -(0.25 * LOG(0.75) + 0.75 * LOG(0.25))
     np.testing.assert_allclose(out.loss, want, rtol=1e-6)
     np.testing.assert_allclose(out.accuracy, [0.0])
@@ -103,8 +103,8 @@ def test_ttt_loss_gradient_reaches_all_steps(target):
     mask = jnp.ones((2, 8))
 
     def f(q, last_step_only):
-        out = e3t.ttt_loss(q, c, p["embedding"], p["vocab"]["d2t"], p["vocab"]["t2d"], aux, tl, tokens,
-                                     mask, steps=2)
+        teacher = e3t.teacher_from_logits(tl, p["vocab"]["d2t"], p["vocab"]["t2d"])
+        out = e3t.ttt_loss(q, c, p["embedding"], teacher, aux, tokens, mask, steps=2)
         return out.per_step_loss[1] if last_step_only else out.loss
 
     g = jax.jit(jax.grad(f), static_argnums=1)(p["eagle"], True)

@@ -241,8 +241,11 @@ def test_flop_formulas(target):
     n_drafter = sum(math.prod(x.shape) for x in jax.tree.leaves(d.params["eagle"]))
     ttt7 = registry.get_kind("eagle3").loss_config(dict(ttt_steps=7))
     assert flops.sft_step_flops(d.spec, c, 2, 8, ttt7) == 2 * n_target * 16 + 6 * n_drafter * 16 * 7
-    # cached features: the step pays only the target LM head over the cached last hidden state
-    assert flops.sft_step_flops(d.spec, c, 2, 8, ttt7, cached_features=True) == 2 * D * V * 16 + 6 * n_drafter * 16 * 7
+    # cached features: the step pays only the draft vocabulary's W target LM-head columns over the
+    # cached last hidden state (the compact teacher)
+    W = d.spec.config.draft_vocab_size
+    assert W < V
+    assert flops.sft_step_flops(d.spec, c, 2, 8, ttt7, cached_features=True) == 2 * D * W * 16 + 6 * n_drafter * 16 * 7
 
 
 # ----------------------------------------------------------------------------- checkpoint / resume

@@ -269,13 +269,16 @@ def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp
     sft_stage.stage_sft(cached, str(tmp_path / "cached"))
     features = tmp_path / "cached" / "sft" / kind / "features"
     aux = np.load(features / "aux.npy", mmap_mode="r")
-    assert aux.shape[:2] == (12, 24) and aux.dtype == np.float32
+    offsets = np.load(features / "offsets.npy")  # ragged: each record's own tokens (15 to 20 here)
+    assert np.diff(offsets).tolist() == [15 + i % 3 + i % 4 for i in range(12)]
+    assert aux.shape[0] == offsets[-1] and aux.dtype == np.float32
     assert (features / "final.npy").exists() == (kind == "eagle3")
     rows = {name: [r for r in read_jsonl(str(tmp_path / name / "sft" / kind / "metrics.jsonl")) if "loss" in r]
             for name in ("online", "cached")}
     np.testing.assert_allclose([r["loss"] for r in rows["cached"]], [r["loss"] for r in rows["online"]], rtol=2e-4)
-    # FLOPs: the cache's one target pass over all 12 records is counted up front; then the steps
-    # are cheaper than online ones (no target forward).
+    # FLOPs: the cache's one target pass over all 12 records (each run in a row of T = 24, the
+    # one build shape here) is counted up front; then the steps are cheaper than online ones (no
+    # target forward).
     from opd.training.flops import target_forward_flops
     tconfig = load_target_from_config(online).config
     up_front = target_forward_flops(tconfig, 12, 24)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from opd.decoding.sampling import process_logits
-from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, TargetFeatures
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, Segments, TargetFeatures
 from opd.drafters.dflash import model as dfm
 from opd.drafters.dflash import training as tr
 from opd.models.config import TransformerConfig
@@ -40,6 +40,7 @@ class DFlashSpec(DrafterSpec):
     target_config: TransformerConfig = None
 
     kind = "dflash"
+    packed_sft = True
 
     def __post_init__(self):
         if self.config is None or self.target_config is None:
@@ -99,11 +100,12 @@ class DFlashSpec(DrafterSpec):
         return dataclasses.replace(self, config=self.config.replace(param_dtype=dtype))
 
     def sft_loss(self, trainable, frozen, target_params, target_config, features: TargetFeatures, tokens_BT,
-                 loss_mask_BT, key, loss_config: tr.DFlashSFTLoss) -> LossOut:
+                 loss_mask_BT, key, loss_config: tr.DFlashSFTLoss, segments: Segments | None = None) -> LossOut:
         shared = jax.lax.stop_gradient(self.join_params(trainable, frozen, target_params)["target"])
-        anchors, keep = tr.sample_anchors(key, loss_mask_BT, loss_config.num_anchors)
+        anchors, keep = tr.sample_anchors(key, loss_mask_BT, loss_config.num_anchors,
+                                          None if segments is None else segments.ids_BT)
         return tr.loss(trainable, shared, self.config, target_config, features.aux, tokens_BT, loss_mask_BT, anchors,
-                       keep, gamma=loss_config.gamma)
+                       keep, gamma=loss_config.gamma, segments=segments)
 
     def sft_flops(self, target_config, batch: int, seq_len: int, loss_config: tr.DFlashSFTLoss) -> int:
         return tr.sft_flops(self.config, target_config, batch, seq_len, loss_config.num_anchors)

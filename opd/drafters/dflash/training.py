@@ -15,6 +15,9 @@ sequences that token is the target's own sample), weight w = loss_mask[a+k] *
 [a + k < T] * exp(-(k-1)/gamma), gamma = 7. Loss = sum w * CE / sum w. Accuracy of offset k
 = argmax == token over positions with w > 0.
 
+Packed rows (`segments`): the context is the anchor's own sequence before it, RoPE positions
+restart per sequence, and offsets past the sequence's end have no loss.
+
 Draft-OPD replay (`replay_logits`): the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over
 the target context of positions < n - 1 (`block_logits`) - exactly `DFlashSpec.propose`.
 Error anchors run R more blocks, anchored at each round's error position.
@@ -32,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd.drafters.base import LossOut
+from opd.drafters.base import LossOut, Segments
 from opd.drafters.dflash import model as dfm
-from opd.training.losses import as_aux
+from opd.training.losses import as_aux, shift_left
 from opd.training.flops import count_params
 
 GAMMA = 7.0
@@ -56,8 +59,9 @@ class DFlashSFTLoss:
 # ----------------------------------------------------------------------------- SFT loss
 
 
-def sample_anchors(key, loss_mask_BT, num_anchors: int):
-    """Random anchor positions without replacement among {a : loss_mask[a] = 1, a <= T - 2}.
+def sample_anchors(key, loss_mask_BT, num_anchors: int, segment_ids_BT=None):
+    """Random anchor positions without replacement among {a : loss_mask[a] = 1, a <= T - 2}
+    (packed rows: also x_{a+1} in the sequence of x_a, so every anchor has a target).
 
     Returns (anchors int32 [B, A], keep bool [B, A]); rows with fewer than A eligible
     positions have keep = False on the extra slots (their anchor is arbitrary)."""
@@ -67,6 +71,8 @@ def sample_anchors(key, loss_mask_BT, num_anchors: int):
     if num_anchors > T:
         raise ValueError(f"num_anchors ({num_anchors}) exceeds the sequence length ({T})")
     eligible = (loss_mask_BT > 0) & (jnp.arange(T)[None] <= T - 2)
+    if segment_ids_BT is not None:
+        eligible &= shift_left(segment_ids_BT, 1, fill=-1) == segment_ids_BT
     u = jnp.where(eligible, jax.random.uniform(key, (B, T)), 2.0)
     anchors = jnp.argsort(u, axis=1)[:, :num_anchors].astype(jnp.int32)
     return anchors, jnp.take_along_axis(eligible, anchors, axis=1)
@@ -81,24 +87,29 @@ def offset_weights(block_size: int, gamma: float = GAMMA) -> jax.Array:
 
 
 def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT,
-                 anchors_BA) -> jax.Array:
-    """Logits [B, A, Q-1, V] of the blocks anchored at `anchors_BA` (context: positions < anchor)."""
+                 anchors_BA, segments: Segments | None = None) -> jax.Array:
+    """Logits [B, A, Q-1, V] of the blocks anchored at `anchors_BA` (context: positions < anchor,
+    in the anchor's own sequence with packed `segments`, whose positions are the RoPE positions)."""
     B, T = tokens_BT.shape
     aux = as_aux(target_hidden, len(config.target_layer_ids), "DFlash")
-    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    pos_BT = idx_BT if segments is None else segments.positions_BT.astype(jnp.int32)
+    ids_BT = jnp.zeros((B, T), jnp.int32) if segments is None else segments.ids_BT
     ctx_k, ctx_v = dfm.context_kv(params, config, dfm.context_features(params, config, aux), pos_BT)
-    anchor_tok_BA = jnp.take_along_axis(tokens_BT, anchors_BA, axis=1)
+    take = lambda x: jnp.take_along_axis(x, anchors_BA, axis=1)
 
-    def one(anchor_B, start_B):
-        return dfm.block_logits(params, target_params, config, tconfig, anchor_B, start_B, ctx_k, ctx_v,
-                                pos_BT < start_B[:, None])
+    def one(anchor_tok_B, anchor_B, start_B, seg_B):
+        visible = (idx_BT < anchor_B[:, None]) & (ids_BT == seg_B[:, None])
+        return dfm.block_logits(params, target_params, config, tconfig, anchor_tok_B, start_B, ctx_k, ctx_v, visible)
 
-    return jnp.swapaxes(jax.vmap(one, in_axes=(1, 1))(anchor_tok_BA, anchors_BA), 0, 1)
+    out = jax.vmap(one, in_axes=(1, 1, 1, 1))(take(tokens_BT), anchors_BA, take(pos_BT), take(ids_BT))
+    return jnp.swapaxes(out, 0, 1)
 
 
 def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
-                     gamma: float = GAMMA) -> LossOut:
-    """Weighted block CE (module docstring); K = Q - 1 offsets."""
+                     gamma: float = GAMMA, segment_ids_BT=None) -> LossOut:
+    """Weighted block CE (module docstring); K = Q - 1 offsets (packed rows: only those inside
+    the anchor's sequence)."""
     B, A, Km1, V = logits_BAKV.shape
     T = tokens_BT.shape[1]
     w_k = offset_weights(Km1 + 1, gamma)
@@ -108,6 +119,9 @@ def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
     labels = jnp.take_along_axis(tokens_BT, safe, axis=1).reshape(B, A, Km1)
     lm = jnp.take_along_axis(loss_mask_BT.astype(jnp.float32), safe, axis=1).reshape(B, A, Km1)
     on = keep_BA[..., None].astype(jnp.float32) * in_seq.astype(jnp.float32) * lm  # [B, A, K]
+    if segment_ids_BT is not None:
+        seg = lambda idx: jnp.take_along_axis(segment_ids_BT, idx, axis=1)
+        on = on * (seg(safe).reshape(B, A, Km1) == seg(anchors_BA)[..., None])
     w = on * w_k[None, None]
     logits = logits_BAKV.astype(jnp.float32)
     ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
@@ -120,12 +134,13 @@ def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
 
 
 def loss(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT, loss_mask_BT,
-         anchors_BA, keep_BA, gamma: float = GAMMA) -> LossOut:
+         anchors_BA, keep_BA, gamma: float = GAMMA, segments: Segments | None = None) -> LossOut:
     """DFlash SFT loss at given anchors (draw them with `sample_anchors`); differentiable in `params`.
 
     `target_params` holds the target's frozen `embedding` (+ untied `lm_head`)."""
-    logits = block_logits(params, target_params, config, tconfig, target_hidden, tokens_BT, anchors_BA)
-    return loss_from_logits(logits, tokens_BT, loss_mask_BT, anchors_BA, keep_BA, gamma)
+    logits = block_logits(params, target_params, config, tconfig, target_hidden, tokens_BT, anchors_BA, segments)
+    return loss_from_logits(logits, tokens_BT, loss_mask_BT, anchors_BA, keep_BA, gamma,
+                            None if segments is None else segments.ids_BT)
 
 
 

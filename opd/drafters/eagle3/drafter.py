@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, TargetFeatures
+from opd.drafters.base import DraftContext, Drafter, DrafterSpec, LossOut, Segments, TargetFeatures
 from opd.drafters.eagle3 import model as e3
 from opd.drafters.eagle3 import training as tr
 from opd.models import transformer as tfm
@@ -55,6 +55,11 @@ class Eagle3Spec(DrafterSpec):
 
     kind = "eagle3"
     needs_final_hidden = True  # the TTT loss distils the target's distribution
+    packed_sft = True
+
+    @property
+    def teacher_columns(self) -> int:  # the compact teacher: the draft vocabulary's columns
+        return self.config.draft_vocab_size
 
     def __post_init__(self):
         if self.config is None:
@@ -138,12 +143,13 @@ class Eagle3Spec(DrafterSpec):
         return dataclasses.replace(self, config=dataclasses.replace(self.config, param_dtype=dtype))
 
     def sft_loss(self, trainable, frozen, target_params, target_config, features: TargetFeatures, tokens_BT,
-                 loss_mask_BT, key, loss_config: tr.Eagle3SFTLoss) -> LossOut:
-        target_logits = jax.lax.stop_gradient(tfm.lm_head(target_params, target_config, features.final_BTD))
+                 loss_mask_BT, key, loss_config: tr.Eagle3SFTLoss, segments: Segments | None = None) -> LossOut:
         vocab = frozen["vocab"]
-        return tr.ttt_loss(trainable, self.config, jax.lax.stop_gradient(target_params["embedding"]), vocab["d2t"],
-                           vocab["t2d"], features.aux, target_logits, tokens_BT, loss_mask_BT,
-                           steps=loss_config.ttt_steps, decay=loss_config.step_decay)
+        teacher = jax.lax.stop_gradient(tr.teacher_from_features(target_params, target_config, features, vocab["d2t"],
+                                                                 vocab["t2d"]))
+        return tr.ttt_loss(trainable, self.config, jax.lax.stop_gradient(target_params["embedding"]), teacher,
+                           features.aux, tokens_BT, loss_mask_BT, steps=loss_config.ttt_steps,
+                           decay=loss_config.step_decay, segments=segments)
 
     def sft_flops(self, target_config, batch: int, seq_len: int, loss_config: tr.Eagle3SFTLoss) -> int:
         return tr.sft_flops(self.config, batch, seq_len, loss_config.ttt_steps)

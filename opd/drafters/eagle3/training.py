@@ -26,6 +26,11 @@ indices t at once.
   decay^(k-1) * loss_k, decay = 0.8. Accuracy of step k: argmax q == argmax p_W at the same
   positions, over sum mask_k (out-of-draft-vocab targets count as misses).
 
+Packed rows (`segments`): RoPE positions restart per sequence, attention and the loss stay
+inside each sequence; otherwise the same loss. The teacher (`Teacher`) needs only the draft
+vocabulary's columns of the target's logits plus whether its argmax is among them; the feature
+cache stores the argmax, so the step computes W of the V LM-head columns (`compact_teacher`).
+
 Draft-OPD replay (`replay_logits`): the training-time-test unroll with the drafter's own drafts
 as the step inputs at the anchor indices t = n - 2 (`ttt_logits(step_tokens=...)`, its head
 applied at those indices only): step 1 is the pair (f_{n-2}, s_{n-1}) over the drafter's
@@ -41,12 +46,13 @@ R rollout rounds, A anchors.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd.drafters.base import LossOut
+from opd.drafters.base import LossOut, Segments, TargetFeatures
 from opd.drafters.eagle3 import model as e3
 from opd.models import transformer as tfm
 from opd.training.losses import as_aux, shift_left
@@ -87,7 +93,7 @@ def _e3_head(module, h_BTD):
 
 
 def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
-               steps: int = TTT_STEPS, step_tokens=None, at_BA=None) -> jax.Array:
+               steps: int = TTT_STEPS, step_tokens=None, at_BA=None, segments: Segments | None = None) -> jax.Array:
     """Draft-vocab logits of every TTT step (module docstring): float32 [S, B, T, W], or
     [S, B, A, W] at the positions `at_BA` only (the head runs on those A positions alone).
 
@@ -100,6 +106,7 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
       step_tokens: optional `steps` arrays [B, T]: the input token of step k at index t
         (default x_{t+k}, i.e. `shift_left(tokens_BT, k)`). Draft-OPD's replay passes the
         drafter's own drafts here, as its chain fed them at inference.
+      segments: packed rows: RoPE positions restart per sequence and attention stays inside it.
     """
     if steps < 1:
         raise ValueError(f"TTT steps must be >= 1, got {steps}")
@@ -116,6 +123,13 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
     inv_freq = tfm.rope_inv_freq(c)
     scale = 1.0 / np.sqrt(H)
     causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    if segments is None:
+        base_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+        visible = causal_TT[None, None, None]  # [1, 1, 1, T, T]
+    else:  # causal inside each packed sequence
+        base_BT = segments.positions_BT.astype(jnp.int32)
+        ids = segments.ids_BT
+        visible = (causal_TT[None] & (ids[:, :, None] == ids[:, None, :]))[:, None, None]  # [B, 1, 1, T, T]
 
     feat = e3.fuse(params, c, as_aux(target_hidden, 3, "EAGLE-3 TTT")).astype(dt)
     k1 = v1 = None
@@ -124,7 +138,7 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
         toks = shift_left(tokens_BT, step) if step_tokens is None else step_tokens[step - 1]  # x_{t+step}
         emb = jnp.take(embedding_VD, toks, axis=0).astype(dt)
         x = model.apply(variables, emb, feat, method=_e3_inputs).astype(dt)
-        pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None] + (step - 1), (B, T))
+        pos_BT = base_BT + (step - 1)
         q = tfm.apply_rope(jnp.einsum("bte,enh->btnh", x, wq), pos_BT, inv_freq).reshape(B, T, K, G, H)
         k = tfm.apply_rope(jnp.einsum("bte,ekh->btkh", x, wk), pos_BT, inv_freq)
         v = jnp.einsum("bte,ekh->btkh", x, wv)
@@ -134,7 +148,7 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
             diag_k.append(k)
             diag_v.append(v)
         s1 = jnp.einsum("btkgh,bskh->bkgts", q, k1, preferred_element_type=jnp.float32) * scale
-        s1 = jnp.where(causal_TT[None, None, None], s1, _NEG_INF)
+        s1 = jnp.where(visible, s1, _NEG_INF)
         sd = [jnp.einsum("btkgh,btkh->bkgt", q, kj, preferred_element_type=jnp.float32)[..., None] * scale for kj in diag_k]
         probs = jax.nn.softmax(jnp.concatenate([s1] + sd, axis=-1), axis=-1).astype(dt)
         o = jnp.einsum("bkgts,bskh->btkgh", probs[..., :T], v1)
@@ -147,27 +161,54 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
     return jnp.stack(out)
 
 
-def ttt_loss_from_logits(logits_SBTW, d2t_W, t2d_V, target_logits_BTV, loss_mask_BT,
-                         decay: float = STEP_DECAY) -> LossOut:
+class Teacher(NamedTuple):
+    """The target's distribution as the TTT loss reads it."""
+
+    logp_BTW: jax.Array  # float32: log-softmax of the target's logits over the draft vocabulary's columns
+    in_vocab_BT: jax.Array  # float32: 1 where the target's argmax (whole vocabulary) is in the draft vocabulary
+
+
+def teacher_from_logits(target_logits_BTV, d2t_W, t2d_V) -> Teacher:
+    """The teacher from the target's full logits (or log-probs) p_t at every position."""
+    tl = target_logits_BTV.astype(jnp.float32)
+    logp = jax.nn.log_softmax(jnp.take(tl, e3.draft_target_ids(d2t_W), axis=-1), axis=-1)
+    return Teacher(logp, jnp.take(t2d_V, jnp.argmax(tl, axis=-1), axis=0).astype(jnp.float32))
+
+
+def compact_teacher(target_params, target_config, final_BTD, top_BT, d2t_W, t2d_V) -> Teacher:
+    """The same teacher from the target's last hidden state and its argmax (the feature cache):
+    only the draft vocabulary's W LM-head columns are computed (2*D*W FLOPs per token, not 2*D*V)."""
+    logits = tfm.lm_head_columns(target_params, target_config, final_BTD, e3.draft_target_ids(d2t_W))
+    return Teacher(jax.nn.log_softmax(logits, axis=-1), jnp.take(t2d_V, top_BT, axis=0).astype(jnp.float32))
+
+
+def teacher_from_features(target_params, target_config, features: TargetFeatures, d2t_W, t2d_V) -> Teacher:
+    """`compact_teacher` when the features carry the target's argmax, else from full logits."""
+    if features.top_BT is not None:
+        return compact_teacher(target_params, target_config, features.final_BTD, features.top_BT, d2t_W, t2d_V)
+    return teacher_from_logits(tfm.lm_head(target_params, target_config, features.final_BTD), d2t_W, t2d_V)
+
+
+def ttt_loss_from_logits(logits_SBTW, teacher: Teacher, loss_mask_BT, decay: float = STEP_DECAY,
+                         segment_ids_BT=None) -> LossOut:
     """The TTT loss (module docstring) from the drafter's per-step logits.
 
     Args:
       logits_SBTW: drafter logits of steps 1..S ([S, B, T, W]).
-      d2t_W, t2d_V: the draft-vocab maps (`opd.drafters.eagle3.model`).
-      target_logits_BTV: target logits (or log-probs) p_t at every position.
+      teacher: the target's distribution at every position (`teacher_from_logits`).
       loss_mask_BT: 1 where the prediction of that token is trained.
+      segment_ids_BT: packed rows: a prediction is trained only inside its own sequence.
     """
-    S, B, T, W = logits_SBTW.shape
+    S = logits_SBTW.shape[0]
     mask_BT = loss_mask_BT.astype(jnp.float32)
-    tl = target_logits_BTV.astype(jnp.float32)
-    logp_BTW = jax.nn.log_softmax(jnp.take(tl, e3.draft_target_ids(d2t_W), axis=-1), axis=-1)
-    in_vocab_BT = jnp.take(t2d_V, jnp.argmax(tl, axis=-1), axis=0).astype(jnp.float32)
     losses, accs, counts = [], [], []
     for i in range(S):
         step = i + 1
-        logp_t = shift_left(logp_BTW, step)  # p_{t+step}
+        logp_t = shift_left(teacher.logp_BTW, step)  # p_{t+step}
         m = shift_left(mask_BT, step + 1)  # loss_mask[t + step + 1]
-        pm = m * shift_left(in_vocab_BT, step)
+        if segment_ids_BT is not None:  # x_{t+step+1} in the sequence of x_t (sequences are contiguous)
+            m = m * (shift_left(segment_ids_BT, step + 1, fill=-1) == segment_ids_BT)
+        pm = m * shift_left(teacher.in_vocab_BT, step)
         logq = jax.nn.log_softmax(logits_SBTW[i].astype(jnp.float32), axis=-1)
         ce_BT = -jnp.sum(jnp.exp(logp_t) * logq, axis=-1)
         counts.append(jnp.sum(m))
@@ -180,13 +221,11 @@ def ttt_loss_from_logits(logits_SBTW, d2t_W, t2d_V, target_logits_BTV, loss_mask
     return LossOut(jnp.sum(weights * per_step), per_step, jnp.stack(accs), weights, sum(counts))
 
 
-def ttt_loss(params, config: e3.Eagle3Config, embedding_VD, d2t_W, t2d_V, target_hidden, target_logits_BTV,
-             tokens_BT, loss_mask_BT, steps: int = TTT_STEPS, decay: float = STEP_DECAY) -> LossOut:
+def ttt_loss(params, config: e3.Eagle3Config, embedding_VD, teacher: Teacher, target_hidden, tokens_BT, loss_mask_BT,
+             steps: int = TTT_STEPS, decay: float = STEP_DECAY, segments: Segments | None = None) -> LossOut:
     """EAGLE-3 training-time-test loss (module docstring); differentiable in `params`."""
-    logits = ttt_logits(params, config, embedding_VD, tokens_BT, target_hidden, steps)
-    return ttt_loss_from_logits(logits, d2t_W, t2d_V, target_logits_BTV, loss_mask_BT, decay)
-
-
+    logits = ttt_logits(params, config, embedding_VD, tokens_BT, target_hidden, steps, segments=segments)
+    return ttt_loss_from_logits(logits, teacher, loss_mask_BT, decay, None if segments is None else segments.ids_BT)
 
 
 # ----------------------------------------------------------------------------- Draft-OPD replay
