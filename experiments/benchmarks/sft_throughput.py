@@ -164,12 +164,14 @@ def _cached_features(target, spec, layout, B: int, T: int) -> dict:
     aux, final, top = np.zeros((B, T, n, D), np.float32), np.zeros((B, T, D), np.float32), np.zeros((B, T), np.int32)
     for b, row in enumerate(layout):
         for o, tokens in row:
-            out = tfm.forward(target.params, target.config, jnp.asarray(tokens)[None],
-                              hidden_layers=spec.target_hidden_layers)
             L = len(tokens)
-            aux[b, o : o + L] = np.asarray(jnp.stack(out.aux_hidden, axis=2))[0]
-            final[b, o : o + L] = np.asarray(out.hidden_BTD)[0]
-            top[b, o : o + L] = np.asarray(jnp.argmax(tfm.lm_head(target.params, target.config, out.hidden_BTD), -1))[0]
+            padded = np.zeros(-(-L // 64) * 64, np.int32)  # few shapes; causal: padding after does not matter
+            padded[:L] = tokens
+            out = tfm.forward(target.params, target.config, jnp.asarray(padded)[None],
+                              hidden_layers=spec.target_hidden_layers)
+            aux[b, o : o + L] = np.asarray(jnp.stack(out.aux_hidden, axis=2))[0, :L]
+            final[b, o : o + L] = np.asarray(out.hidden_BTD)[0, :L]
+            top[b, o : o + L] = np.asarray(jnp.argmax(tfm.lm_head(target.params, target.config, out.hidden_BTD), -1))[0, :L]
     return {"aux": aux, "final": final, "top": top} if spec.needs_final_hidden else {"aux": aux}
 
 
@@ -209,6 +211,9 @@ def measure(target, kind: str, variant: str) -> dict:
         supervised.append(float(m["supervised"]))
     step_s = float(np.median(times))
     step_flops = flops.sft_step_flops(drafter.spec, target.config, B, T, loss_cfg, cached_features=cached)
+    if cached and not top and drafter.spec.needs_final_hidden and drafter.spec.teacher_columns:
+        # no cached argmax: the teacher computes all V LM-head columns, not the draft vocabulary's
+        step_flops += 2 * target.config.hidden_size * (target.config.vocab_size - drafter.spec.teacher_columns) * B * T
     answers = int(batch["loss_mask"].sum())
     return {"drafter": kind, "variant": variant, "batch_size": B, "seq_len": T, "packed": packing,
             "sequences_per_step": sum(len(r) for r in layout), "answer_tokens_per_step": answers,
