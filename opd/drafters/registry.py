@@ -18,6 +18,11 @@ import json
 import os
 from typing import Optional
 
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+from safetensors import safe_open
+
 from opd.checkpoints.errors import CheckpointError
 from opd.drafters.base import Drafter
 
@@ -118,6 +123,36 @@ def load_drafter(path: str, target) -> Drafter:
     raise CheckpointError(f"{cfg_path}: architectures {archs} is not a supported drafter; supported: {supported}")
 
 
-def export_drafter(drafter: Drafter, path: str) -> None:
-    """Writes a drafter in its kind's HF layout (config.json + model.safetensors)."""
-    get_kind(drafter.kind).export(drafter, os.fspath(path))
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def export_drafter(drafter: Drafter, path: str, dtype: str = "float32") -> None:
+    """Writes a drafter in its kind's HF layout (config.json + model.safetensors), its floating
+    tensors stored in `dtype` (e.g. float16 to ship it: half the bytes; loaders cast back)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    path = os.fspath(path)
+    get_kind(drafter.kind).export(drafter, path)
+    if dtype != "float32":
+        _cast_export(path, dtype)
+
+
+def _cast_export(path: str, dtype: str) -> None:
+    """Rewrites an exported directory's float32 tensors in `dtype` and records it in config.json."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    for name in files:
+        fpath = os.path.join(path, name)
+        with safe_open(fpath, framework="numpy") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        cast = {k: (v.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype) if v.dtype == np.float32 else v)
+                for k, v in tensors.items()}
+        save_file(cast, fpath + ".tmp", metadata=meta)
+        os.replace(fpath + ".tmp", fpath)
+    cfg = os.path.join(path, "config.json")
+    with open(cfg, encoding="utf-8") as f:
+        hf = json.load(f)
+    hf["torch_dtype"] = dtype
+    with open(cfg + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    os.replace(cfg + ".tmp", cfg)

@@ -10,7 +10,8 @@ continued SFT from a warm-up; every piece is written once, then only read back):
                   training tokens; a fine-tuned one keeps its own). Every resume and export
                   starts from this directory;
   checkpoints/    orbax steps: train state + data-iterator position + cumulative counters;
-  metrics.jsonl, tb/   training metrics (JSONL, TensorBoard); with `config.sft.probe` also the
+  metrics.jsonl, tb/   training metrics (JSONL, TensorBoard; `tokens`, `tokens_per_s`: answer
+                  tokens, i.e. loss-masked, trained on); with `config.sft.probe` also the
                   OPD stage's held-out `probe_tau` (same prompts and settings), so baselines
                   and Draft-OPD share one curve.
 `export` writes the latest checkpoint's drafter to `DIR/export/sft_<kind>/` (HF layout) with
@@ -170,6 +171,7 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         state = train_loop(
             run, state, (target_params, frozen_dev), batches, num_steps=num_steps, manager=manager,
             place_batch=place, step_flops=lambda batch: step_flops, counters=counters,
+            step_tokens=lambda batch, _: int(np.asarray(batch["loss_mask"]).sum()),  # answer tokens trained on
             data_state=lambda: {"iterator": batches.get_state()}, writer=writer,
             lr_fn=optim.learning_rate_schedule(ocfg), log_every=int(s.log_every), save_every=int(s.save_every),
             hooks=hooks, desc=f"sft {spec.kind}")
