@@ -88,6 +88,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.sft.optimizer.update(learning_rate=5e-4, warmup_steps=50, end_lr_ratio=1.0)  # constant: legs chain
         c.sft.probe.update(prompt_set="alpacaeval", num_prompts=64, max_new_tokens=128, every=150, batch_size=16,
                            num_draft_tokens=c.eval.num_draft_tokens)
+        if kind == "eagle3":  # ~71 % of a packed row's positions are answer tokens: the draft head runs there only
+            c.sft.loss.head_capacity = 0.75
         c.export.source = "sft_scale"
         c.eval.runs = []
     if tiny:

@@ -95,8 +95,17 @@ def packed_long(config):
     return config
 
 
+def head_at_trained(config):
+    """`packed_640` with EAGLE-3's draft head + loss only at the trained positions (at most 75 %
+    of B*T per TTT step, else the full head: the same loss). Other kinds: `packed_640`."""
+    config = packed_long(config)
+    if config.drafter.kind == "eagle3":
+        config.sft.loss.head_capacity = 0.75
+    return config
+
+
 # name -> (config -> the config of that variant's step); "today" is the baseline of every ratio
-VARIANTS = {"today": today, "compact_teacher": compact, "packed": packed, "packed_640": packed_long, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128),
+VARIANTS = {"today": today, "compact_teacher": compact, "packed": packed, "packed_640": packed_long, "packed_640_head": head_at_trained, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128),
             "dflash_packed_anchors_32": anchors(32, True), "dflash_packed_anchors_64": anchors(64, True),
             "dflash_packed_anchors_128": anchors(128, True)}
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "step variants to measure")
@@ -232,7 +241,7 @@ def main(argv):
     rows = []
     for kind in _KINDS.value:
         for variant in _VARIANTS.value:
-            if (variant.startswith("dflash_") and kind != "dflash") or (variant == "compact_teacher" and kind != "eagle3"):
+            if (variant.startswith("dflash_") and kind != "dflash") or (variant in ("compact_teacher", "packed_640_head") and kind != "eagle3"):
                 continue
             r = measure(target, kind, variant)
             r["fraction_of_matmul_peak"] = r["model_gflops_per_second"] / best

@@ -192,3 +192,26 @@ def test_packing_is_refused_for_kinds_without_it(target):
     with pytest.raises(ValueError, match="do not support packed SFT rows"):
         run_mod.sft_run(spec, frozen, target.config, mesh=run_mod.make_mesh(1, 1, 1, 2),
                         optimizer=optax.sgd(0.1), loss_config=None, batch_size=2, seq_len=8, packed=True)
+
+
+@pytest.mark.parametrize("capacity", [0.7, 0.3])  # room for every trained position; too little (full fallback)
+def test_eagle3_head_at_trained_positions_only_is_the_same_loss(target, capacity):
+    drafter = opd.init_drafter("eagle3", target, seed=1)
+    c, p = drafter.spec.config, drafter.params
+    seqs, masks = _sequences(c.vocab_size)
+    tok_p, mask_p, seg, starts = _packed(seqs, masks)
+    aux = _features(target, _separate(seqs, masks)[0], c.target_layers, list(zip(LENGTHS, starts)))
+    teacher = e3t.teacher_from_logits(target.logits(tok_p), p["vocab"]["d2t"], p["vocab"]["t2d"])
+
+    def loss(q, cap):
+        out = e3t.ttt_loss(q, c, p["embedding"], teacher, aux, tok_p, mask_p, steps=3, segments=seg, head_capacity=cap)
+        return out.loss, out
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (full, full_out), g_full = fn(p["eagle"], 1.0)
+    (got, got_out), g_got = fn(p["eagle"], capacity)
+    assert float(jnp.sum(mask_p)) / T < 0.7  # the gathered branch has room at 0.7
+    np.testing.assert_allclose(got, full, rtol=1e-5)
+    np.testing.assert_allclose(got_out.accuracy, full_out.accuracy, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -149,10 +149,10 @@ class Eagle3Spec(DrafterSpec):
                                                                  vocab["t2d"]))
         return tr.ttt_loss(trainable, self.config, jax.lax.stop_gradient(target_params["embedding"]), teacher,
                            features.aux, tokens_BT, loss_mask_BT, steps=loss_config.ttt_steps,
-                           decay=loss_config.step_decay, segments=segments)
+                           decay=loss_config.step_decay, segments=segments, head_capacity=loss_config.head_capacity)
 
     def sft_flops(self, target_config, batch: int, seq_len: int, loss_config: tr.Eagle3SFTLoss) -> int:
-        return tr.sft_flops(self.config, batch, seq_len, loss_config.ttt_steps)
+        return tr.sft_flops(self.config, batch, seq_len, loss_config.ttt_steps, loss_config.head_capacity)
 
     def support_ids(self, params) -> jax.Array:
         return e3.draft_target_ids(params["vocab"]["d2t"])

@@ -69,12 +69,15 @@ class Eagle3SFTLoss:
 
     ttt_steps: int = TTT_STEPS  # unrolled training-time-test steps
     step_decay: float = STEP_DECAY  # weight of step k: step_decay^(k-1)
+    head_capacity: float = 1.0  # < 1: head + loss only at trained positions when at most this share of B*T
 
     def __post_init__(self):
         if isinstance(self.ttt_steps, bool) or not isinstance(self.ttt_steps, int) or self.ttt_steps < 1:
             raise ValueError(f"ttt_steps must be a positive integer, got {self.ttt_steps!r}")
         if not (isinstance(self.step_decay, (int, float)) and 0.0 < self.step_decay <= 1.0):
             raise ValueError(f"step_decay must be in (0, 1], got {self.step_decay!r}")
+        if not (isinstance(self.head_capacity, (int, float)) and 0.0 < self.head_capacity <= 1.0):
+            raise ValueError(f"head_capacity must be in (0, 1], got {self.head_capacity!r}")
 
 # ----------------------------------------------------------------------------- SFT loss
 
@@ -92,10 +95,10 @@ def _e3_head(module, h_BTD):
     return module.head(h_BTD)
 
 
-def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
-               steps: int = TTT_STEPS, step_tokens=None, at_BA=None, segments: Segments | None = None) -> jax.Array:
-    """Draft-vocab logits of every TTT step (module docstring): float32 [S, B, T, W], or
-    [S, B, A, W] at the positions `at_BA` only (the head runs on those A positions alone).
+def ttt_hidden(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
+               steps: int = TTT_STEPS, step_tokens=None, segments: Segments | None = None) -> jax.Array:
+    """The drafter's output hidden state of every TTT step (module docstring), [S, B, T, D]
+    (the draft head, `draft_head`, turns them into logits).
 
     Args:
       params: trainable EAGLE-3 params (`drafter.params["eagle"]`).
@@ -156,9 +159,25 @@ def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
             o = o + jnp.einsum("bkgt,btkh->btkgh", probs[..., T + j], vj)
         attn = jnp.einsum("btnh,nhd->btd", o.reshape(B, T, K * G, H), wo)
         feat = model.apply(variables, feat, attn, method=_e3_post)
-        h = feat if at_BA is None else jnp.take_along_axis(feat, at_BA[..., None], axis=1)
-        out.append(model.apply(variables, h, method=_e3_head))
+        out.append(feat)
     return jnp.stack(out)
+
+
+def draft_head(params, config: e3.Eagle3Config, h_ND) -> jax.Array:
+    """Draft-vocab logits [..., W] of drafter hidden states [..., D]."""
+    return e3.model_for(config).apply({"params": params}, h_ND, method=_e3_head)
+
+
+def ttt_logits(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
+               steps: int = TTT_STEPS, step_tokens=None, at_BA=None, segments: Segments | None = None) -> jax.Array:
+    """Draft-vocab logits of every TTT step: float32 [S, B, T, W], or [S, B, A, W] at the
+    positions `at_BA` only (the head runs on those A positions alone). Arguments as `ttt_hidden`."""
+    h_SBTD = ttt_hidden(params, config, embedding_VD, tokens_BT, target_hidden, steps, step_tokens, segments)
+    if at_BA is not None:
+        h_SBTD = jnp.take_along_axis(h_SBTD, at_BA[None, ..., None], axis=2)
+    return draft_head(params, config, h_SBTD)
+
+
 
 
 class Teacher(NamedTuple):
@@ -189,17 +208,27 @@ def teacher_from_features(target_params, target_config, features: TargetFeatures
     return teacher_from_logits(tfm.lm_head(target_params, target_config, features.final_BTD), d2t_W, t2d_V)
 
 
-def ttt_loss_from_logits(logits_SBTW, teacher: Teacher, loss_mask_BT, decay: float = STEP_DECAY,
-                         segment_ids_BT=None) -> LossOut:
-    """The TTT loss (module docstring) from the drafter's per-step logits.
+def _step_terms(logits_NW, logp_NW, pm_N):
+    """sum pm * CE(p, q) and sum pm * [argmax q == argmax p] over N positions."""
+    logq = jax.nn.log_softmax(logits_NW.astype(jnp.float32), axis=-1)
+    ce = -jnp.sum(jnp.exp(logp_NW) * logq, axis=-1)
+    hit = (jnp.argmax(logq, -1) == jnp.argmax(logp_NW, -1)).astype(jnp.float32)
+    return jnp.sum(pm_N * ce), jax.lax.stop_gradient(jnp.sum(pm_N * hit))
 
-    Args:
-      logits_SBTW: drafter logits of steps 1..S ([S, B, T, W]).
-      teacher: the target's distribution at every position (`teacher_from_logits`).
-      loss_mask_BT: 1 where the prediction of that token is trained.
-      segment_ids_BT: packed rows: a prediction is trained only inside its own sequence.
+
+def ttt_loss_from_hidden(out_SBTX, head, teacher: Teacher, loss_mask_BT, decay: float = STEP_DECAY,
+                         segment_ids_BT=None, head_capacity: float = 1.0) -> LossOut:
+    """The TTT loss (module docstring) from each step's drafter output: `head` maps out [N, X] to
+    draft logits [N, W] (the draft head on hidden states, or the identity on logits).
+
+    With `head_capacity` < 1 the head and the loss of a step run only on the trained positions
+    (the up to C = ceil(head_capacity * B * T) positions with a loss term, gathered), whenever a
+    step has at most C of them; a step with more runs on every position (`lax.cond`: the same
+    loss either way, only one branch executes).
     """
-    S = logits_SBTW.shape[0]
+    S, B, T = out_SBTX.shape[:3]
+    N = B * T
+    C = min(N, int(np.ceil(head_capacity * N)))
     mask_BT = loss_mask_BT.astype(jnp.float32)
     losses, accs, counts = [], [], []
     for i in range(S):
@@ -209,23 +238,44 @@ def ttt_loss_from_logits(logits_SBTW, teacher: Teacher, loss_mask_BT, decay: flo
         if segment_ids_BT is not None:  # x_{t+step+1} in the sequence of x_t (sequences are contiguous)
             m = m * (shift_left(segment_ids_BT, step + 1, fill=-1) == segment_ids_BT)
         pm = m * shift_left(teacher.in_vocab_BT, step)
-        logq = jax.nn.log_softmax(logits_SBTW[i].astype(jnp.float32), axis=-1)
-        ce_BT = -jnp.sum(jnp.exp(logp_t) * logq, axis=-1)
+        x_N, logp_N, pm_N = out_SBTX[i].reshape(N, -1), logp_t.reshape(N, -1), pm.reshape(N)
+        if C < N:
+            def gathered(x, lp, w):
+                idx = jnp.argsort(w <= 0, stable=True)[:C]  # trained positions first
+                return _step_terms(head(x[idx]), lp[idx], w[idx])
+
+            loss_sum, hits = jax.lax.cond(jnp.sum(pm_N > 0) <= C, gathered,
+                                          lambda x, lp, w: _step_terms(head(x), lp, w), x_N, logp_N, pm_N)
+        else:
+            loss_sum, hits = _step_terms(head(x_N), logp_N, pm_N)
         counts.append(jnp.sum(m))
         denom = jnp.maximum(counts[-1], 1.0)
-        losses.append(jnp.sum(pm * ce_BT) / denom)
-        hit = (jnp.argmax(logq, -1) == jnp.argmax(logp_t, -1)).astype(jnp.float32)
-        accs.append(jax.lax.stop_gradient(jnp.sum(pm * hit) / denom))
+        losses.append(loss_sum / denom)
+        accs.append(hits / denom)
     weights = jnp.asarray([decay ** i for i in range(S)], jnp.float32)
     per_step = jnp.stack(losses)
     return LossOut(jnp.sum(weights * per_step), per_step, jnp.stack(accs), weights, sum(counts))
 
 
+def ttt_loss_from_logits(logits_SBTW, teacher: Teacher, loss_mask_BT, decay: float = STEP_DECAY,
+                         segment_ids_BT=None) -> LossOut:
+    """The TTT loss (module docstring) from the drafter's per-step logits [S, B, T, W].
+
+    Args:
+      teacher: the target's distribution at every position (`teacher_from_logits`).
+      loss_mask_BT: 1 where the prediction of that token is trained.
+      segment_ids_BT: packed rows: a prediction is trained only inside its own sequence.
+    """
+    return ttt_loss_from_hidden(logits_SBTW, lambda x: x, teacher, loss_mask_BT, decay, segment_ids_BT)
+
+
 def ttt_loss(params, config: e3.Eagle3Config, embedding_VD, teacher: Teacher, target_hidden, tokens_BT, loss_mask_BT,
-             steps: int = TTT_STEPS, decay: float = STEP_DECAY, segments: Segments | None = None) -> LossOut:
+             steps: int = TTT_STEPS, decay: float = STEP_DECAY, segments: Segments | None = None,
+             head_capacity: float = 1.0) -> LossOut:
     """EAGLE-3 training-time-test loss (module docstring); differentiable in `params`."""
-    logits = ttt_logits(params, config, embedding_VD, tokens_BT, target_hidden, steps, segments=segments)
-    return ttt_loss_from_logits(logits, teacher, loss_mask_BT, decay, None if segments is None else segments.ids_BT)
+    h = ttt_hidden(params, config, embedding_VD, tokens_BT, target_hidden, steps, segments=segments)
+    return ttt_loss_from_hidden(h, lambda x: draft_head(params, config, x), teacher, loss_mask_BT, decay,
+                                None if segments is None else segments.ids_BT, head_capacity)
 
 
 # ----------------------------------------------------------------------------- Draft-OPD replay
@@ -257,10 +307,13 @@ def replay_logits(trainable, params, config: e3.Eagle3Config, rec, aux, error_an
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def sft_flops(config: e3.Eagle3Config, batch: int, seq_len: int, steps: int) -> int:
+def sft_flops(config: e3.Eagle3Config, batch: int, seq_len: int, steps: int, head_capacity: float = 1.0) -> int:
     """Training-time test: 6 * N_drafter * B * T * steps (N_drafter: fc, the decoder layer and
-    the draft LM head)."""
-    return 6 * count_params(e3.abstract_params(config)) * batch * seq_len * steps
+    the draft LM head), the head's share at the C = ceil(head_capacity * B * T) gathered positions."""
+    n_d = count_params(e3.abstract_params(config))
+    n_head = config.hidden_size * config.draft_vocab_size
+    N = batch * seq_len
+    return 6 * ((n_d - n_head) * N + n_head * min(N, int(np.ceil(head_capacity * N)))) * steps
 
 
 def opd_flops(config: e3.Eagle3Config, batch: int, prompt_len: int, num_rounds: int, num_draft_tokens: int,
