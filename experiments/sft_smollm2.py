@@ -11,10 +11,11 @@ Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`), `
   python -m opd.main --config=experiments/sft_smollm2.py:eagle3,scale --workdir=workdirs/smollm2_scale
 
 It trains on SmolLM2's own answers to the 652 AlpacaEval-train prompts (plain batched greedy
-decoding) and the offline-text corpus (stdlib code and Python docs as assistant turns, ~1.9M
-answer tokens; `regenerate_smollm2.py:text`), packed rows of 640 tokens with the target's features computed online (segment-masked;
+decoding, ~150k tokens, read 4x per epoch) and the offline-text corpus (stdlib code and Python docs
+as assistant turns, ~1.9M answer tokens, `regenerate_smollm2.py:text`; AlpacaEval's reference answers
+to the same train prompts, 47k tokens, read 2x), packed rows of 640 tokens with the target's features computed online (segment-masked;
 no cache to rebuild in a new session), at a constant learning rate after warm-up, with the
-held-out probe (64 AlpacaEval held-out prompts x 128 tokens) every 150 steps. A leg stops on
+held-out probe (64 AlpacaEval held-out prompts x 128 tokens) every 75 steps. A leg stops on
 SIGTERM or at `num_steps` with a checkpoint; a later session continues from the exported
 drafter (`config.drafter.init`, which also continues the FLOP count).
 Stages resume from DIR: trajectories in DIR/regenerate/ (shared by both drafters), the drafter
@@ -77,16 +78,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         regen, text = (sibling_config(__file__, "regenerate_smollm2.py", v) for v in ("scale", "text"))
         c.regenerate, c.text_corpus = regen.regenerate, text.text_corpus
         c.regenerate.sources = ("alpacaeval",)
+        c.text_corpus.sources = ("stdlib_code", "pydocs", "alpacaeval_outputs")
         c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft", "export")
-        c.sft.data = ("workdir:regenerate/alpacaeval", "workdir:text_corpus/stdlib_code", "workdir:text_corpus/pydocs")
+        c.sft.data = ("workdir:regenerate/alpacaeval", "workdir:text_corpus/alpacaeval_outputs",
+                      "workdir:text_corpus/stdlib_code", "workdir:text_corpus/pydocs")
+        # the chat sources are ~10 % of the tokens: read 4x / 2x per epoch (and counted so in the
+        # draft vocabulary), so chat is ~1/3 of what is trained on
+        c.sft.data_repeats = (4, 2, 1, 1)
         c.sft.name = "sft_scale"
         c.sft.target_features = "online"
         c.sft.packing = True
         c.sft.seq_len, c.sft.batch_size = 640, 4  # 2560 tokens per step, as the padded rows above
         c.sft.num_steps = 4000
         c.sft.log_every, c.sft.save_every = 10, 50
-        c.sft.optimizer.update(learning_rate=5e-4, warmup_steps=50, end_lr_ratio=1.0)  # constant: legs chain
-        c.sft.probe.update(prompt_set="alpacaeval", num_prompts=64, max_new_tokens=128, every=150, batch_size=16,
+        c.sft.optimizer.update(learning_rate=1e-3, warmup_steps=30, end_lr_ratio=1.0)  # constant: legs chain
+        c.sft.probe.update(prompt_set="alpacaeval", num_prompts=64, max_new_tokens=128, every=75, batch_size=16,
                            num_draft_tokens=c.eval.num_draft_tokens)
         if kind == "eagle3":  # ~71 % of a packed row's positions are answer tokens: the draft head runs there only
             c.sft.loss.head_capacity = 0.75

@@ -119,6 +119,8 @@ def default_config() -> CD:
     c.sft = CD()  # stage `sft`: supervised fine-tuning on trajectories
     c.sft.name = "sft"  # DIR/<name>/<kind>/ (other branches, e.g. continued SFT, get their own)
     c.sft.data = ()  # trajectory folders; () = every DIR/regenerate/<source>/
+    c.sft.data_repeats = ()  # times each `data` folder is read per epoch, e.g. (4, 1): upweights a small
+    # on-policy source in the mix and in a fresh EAGLE-3 draft vocabulary's token counts; () = once each
     c.sft.target_features = "online"  # TARGET_FEATURES
     c.sft.feature_cache_dtype = "float16"  # "cache": float16 | float32 on disk
     c.sft.feature_cache_dir = ""  # "cache": reuse this cache ("" = DIR/<name>/<kind>/features)
@@ -268,6 +270,15 @@ def _check_sft(config) -> None:
     _check_name(s.name, "sft.name")
     if s.target_features not in TARGET_FEATURES:
         raise ValueError(f"config.sft.target_features must be one of {TARGET_FEATURES}, got {s.target_features!r}")
+    if s.data_repeats:
+        if len(s.data_repeats) != len(s.data):
+            raise ValueError(f"config.sft.data_repeats needs one count per config.sft.data folder "
+                             f"({len(s.data)}), got {tuple(s.data_repeats)}")
+        if not all(isinstance(r, int) and r >= 1 for r in s.data_repeats):
+            raise ValueError(f"config.sft.data_repeats must be integers >= 1, got {tuple(s.data_repeats)}")
+        if s.target_features == "cache":
+            raise ValueError("config.sft.data_repeats needs config.sft.target_features = 'online' (a feature "
+                             "cache stores each record once)")
     if s.feature_cache_dtype not in FEATURE_CACHE_DTYPES:
         raise ValueError(f"config.sft.feature_cache_dtype must be one of {FEATURE_CACHE_DTYPES}, "
                          f"got {s.feature_cache_dtype!r}")

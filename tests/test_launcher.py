@@ -106,7 +106,7 @@ def test_sft_scale_tiny_trains_on_packed_rows_of_both_sources(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]
     assert [r["step"] for r in rows if "probe_tau" in r][:1] == [0]
     assert (tmp_path / "export" / "sft_scale_eagle3" / "config.json").exists()
-    for source in ("stdlib_code", "pydocs"):
+    for source in ("stdlib_code", "pydocs", "alpacaeval_outputs"):
         assert list((tmp_path / "text_corpus" / source).glob("shard-*.jsonl"))
 
 

@@ -64,9 +64,11 @@ class _Concat:
         return self.sources[j][i - int(self.offsets[j])]
 
 
-def training_source(folders, workdir: str):
+def training_source(folders, workdir: str, repeats=()):
+    """Every folder's trajectories, one after another, folder i `repeats[i]` times (() = once)."""
     data_dir = os.path.join(workdir, "tfds")
-    return _Concat([builders.load_source(f"trajectories:{os.path.abspath(f)}", data_dir) for f in folders])
+    sources = [builders.load_source(f"trajectories:{os.path.abspath(f)}", data_dir) for f in folders]
+    return _Concat([src for src, times in zip(sources, repeats or [1] * len(sources)) for _ in range(int(times))])
 
 
 def matched_steps(run_dir: str, start_flops: int, flops_per_step: int) -> int:
@@ -103,14 +105,15 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         return os.path.join(stage_dir, "checkpoints")
     folders = common.trajectory_folders(s.data, workdir, "sft")
     drafter = common.initial_drafter(stage_dir, fp, target, kind=d.kind, init=d.init, overrides=dict(d.overrides),
-                                     seed=int(config.seed), param_dtype=d.param_dtype, workdir=workdir, folders=folders)
+                                     seed=int(config.seed), param_dtype=d.param_dtype, workdir=workdir, folders=folders,
+                                     repeats=tuple(s.data_repeats))
     spec = drafter.spec
     loss_cfg = registry.get_kind(d.kind).loss_config(s.loss)
     cached = s.target_features == "cache"
     B, T = int(s.batch_size), int(s.seq_len)
     step_flops = flops.sft_step_flops(spec, target.config, B, T, loss_cfg, cached_features=cached)
 
-    source = training_source(folders, workdir)
+    source = training_source(folders, workdir, tuple(s.data_repeats))
     cache_flops = 0
     if cached:
         # a shared cache (e.g. the warm-up's, `workdir:sft/<kind>/features`) is reused when it

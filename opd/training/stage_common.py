@@ -48,16 +48,17 @@ def trajectory_folders(data, workdir: str, what: str = "sft") -> list[str]:
     return folders
 
 
-def response_token_counts(folders, vocab_size: int) -> np.ndarray:
-    """Frequencies of the trained (response) tokens (e.g. what an EAGLE-3 draft vocabulary keeps)."""
+def response_token_counts(folders, vocab_size: int, repeats=()) -> np.ndarray:
+    """Frequencies of the trained (response) tokens (e.g. what an EAGLE-3 draft vocabulary keeps),
+    each folder's counted `repeats[i]` times (as often as an epoch reads it; () = once)."""
     counts = np.zeros(vocab_size, np.int64)
-    for f in folders:
+    for f, times in zip(folders, repeats or [1] * len(folders)):
         for r in read_trajectory_shards(f):
             ids = np.asarray(r["response_ids"], np.int64)
             if ids.size and ids.max() >= vocab_size:
                 raise ValueError(f"{f}: token id {ids.max()} >= the target's vocabulary size {vocab_size} "
                                  "(trajectories of another target?)")
-            counts += np.bincount(ids, minlength=vocab_size)
+            counts += int(times) * np.bincount(ids, minlength=vocab_size)
     return counts
 
 
@@ -88,7 +89,7 @@ def fingerprint(target_path: str, target, drafter: dict) -> dict:
 
 
 def initial_drafter(stage_dir: str, fp: dict, target, *, kind: str, init: str, overrides: dict, seed: int,
-                    param_dtype: str, workdir: str, folders=()):
+                    param_dtype: str, workdir: str, folders=(), repeats=()):
     """The step-0 drafter: read from `stage_dir/init` when it exists (resume), else built (a
     fresh `kind` drafter, or loaded from `init`) and written there. Checks `fp` (`check_run`)."""
     init_dir = os.path.join(stage_dir, "init")
@@ -106,7 +107,7 @@ def initial_drafter(stage_dir: str, fp: dict, target, *, kind: str, init: str, o
                 raise CheckpointError(f"{init} holds a {drafter.kind} drafter, but config.drafter.kind is {kind!r}")
             logging.info("%s: fine-tuning %s (its frozen parts, e.g. a draft vocabulary, are kept)", stage_dir, init)
         else:
-            extra = {"token_counts": response_token_counts(folders, target.config.vocab_size)} \
+            extra = {"token_counts": response_token_counts(folders, target.config.vocab_size, repeats)} \
                 if plugin.uses_token_counts else {}
             drafter = plugin.init(target, seed=int(seed), **extra, **dict(overrides))
         if shd.is_main_process():  # every process built the same drafter (same data and seed)

@@ -189,6 +189,23 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(target_dir, data_dir, tmp
         sft_stage.stage_sft(more, str(tmp_path))
 
 
+def test_data_repeats_weight_the_mix_and_the_token_counts(data_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    other = write_pattern_trajectories(other, np.random.RandomState(1))
+    once = sft_stage.training_source([data_dir, other], str(tmp_path))
+    mixed = sft_stage.training_source([data_dir, other], str(tmp_path), (3, 1))
+    assert len(mixed) == len(once) + 2 * 12  # 12 trajectories per folder
+    assert [mixed[i]["prompt_id"] for i in (0, 12, 24)] == [b"p0"] * 3
+    np.testing.assert_array_equal(mixed[36]["prompt_ids"], once[12]["prompt_ids"])
+    a, b = (stage_common.response_token_counts([f], V) for f in (data_dir, other))
+    np.testing.assert_array_equal(stage_common.response_token_counts([data_dir, other], V, (3, 1)), 3 * a + b)
+    c = _config(str(tmp_path), data_dir, target_features="cache")
+    c.sft.data, c.sft.data_repeats = (data_dir, other), (3, 1)
+    with pytest.raises(ValueError, match="data_repeats needs config.sft.target_features = 'online'"):
+        configs.validate(c)
+
+
 def test_fine_tuning_keeps_the_draft_vocabulary(target_dir, data_dir, tmp_path):
     from opd.drafters import export_drafter, load_drafter
     config = _config(target_dir, data_dir, num_steps=2)
@@ -223,6 +240,8 @@ def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
         ("sft.optimizer.learning_rate", -1.0, "learning_rate must be > 0"),
         ("sft.loss.ttt_steps", 0, "ttt_steps must be a positive integer"),
         ("drafter.param_dtype", "float16", "config.drafter.param_dtype must be"),
+        ("sft.data_repeats", (2, 1), "one count per config.sft.data folder"),
+        ("sft.data_repeats", (0,), "integers >= 1"),
     ]:
         c = _config(target_dir, data_dir)
         section, key = field.rsplit(".", 1)
