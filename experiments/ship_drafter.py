@@ -25,6 +25,7 @@ _EXPORT = flags.DEFINE_string("export", None, "an exported drafter (DIR/export/<
 _RUN = flags.DEFINE_string("run", None, "its training run dir (metrics.jsonl, sft_config.json)")
 _NAME = flags.DEFINE_string("name", None, "experiments/drafters/<name>/")
 _TARGET = flags.DEFINE_string("target", "asset:smollm2_gguf", "the drafter's target (asset:<name> or a path)")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "where <name>/ goes (default experiments/drafters, `shipped:<name>`)")
 flags.mark_flags_as_required(["export", "run", "name"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def main(argv):
     spec = _TARGET.value
     target = load_target(asset_path(spec.split(":", 1)[1]) if spec.startswith("asset:") else spec)
     drafter = registry.load_drafter(_EXPORT.value, target)
-    out = os.path.join(REPO, "experiments", "drafters", _NAME.value)
+    out = os.path.join(_OUT_DIR.value or os.path.join(REPO, "experiments", "drafters"), _NAME.value)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     registry.export_drafter(drafter, tmp, dtype="float16")
@@ -51,11 +52,14 @@ def main(argv):
     probes = [r for r in rows if "probe_tau" in r]
     with open(os.path.join(_EXPORT.value, "export.json")) as f:
         exported = json.load(f)
+    shutil.copy(os.path.join(_EXPORT.value, "export.json"), tmp)  # its training and cumulative FLOPs (a later
+    # leg's `config.drafter.init` continues them; eval reports them)
     write_json(os.path.join(tmp, "provenance.json"), {
         "target": spec, "kind": drafter.kind, "export": exported,
         "training_config": json.load(open(os.path.join(_RUN.value, "sft_config.json"))),
         "last_probe": probes[-1] if probes else None,
         "flops": max((r.get("flops", 0) for r in rows), default=0),
+        "answer_tokens": max((r.get("tokens", 0) for r in rows), default=0),  # trained on in this run
     })
     with open(os.path.join(tmp, "SHA256SUMS"), "w") as f:
         for name in sorted(os.listdir(tmp)):

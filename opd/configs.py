@@ -25,7 +25,7 @@ from opd.data.assets import PROMPT_SETS
 from opd.data.regenerate import SOURCES as REGENERATE_SOURCES
 from opd.data.text_corpus import SOURCES as TEXT_CORPUS_SOURCES
 from opd.drafters import registry
-from opd.paths import path_exists
+from opd.paths import path_exists, resolve_path
 from opd.models.presets import PRESETS
 from opd.training.feature_cache import DTYPES as FEATURE_CACHE_DTYPES
 from opd.training.opd_loss import OPDLossConfig
@@ -337,6 +337,8 @@ def eval_runs(config: ml_collections.ConfigDict) -> list[dict]:
             raise ValueError(f"{where}: drafter must be one of {kinds}, got {r['drafter']!r}")
         if r["drafter"] != "none" and registry.get_kind(r["drafter"]).trainable and not r.get("drafter_path"):
             raise ValueError(f"{where}: a {r['drafter']} drafter needs drafter_path (e.g. 'workdir:export/drafter')")
+        if str(r.get("drafter_path", "")).startswith("shipped:") and not path_exists(r["drafter_path"]):
+            resolve_path(r["drafter_path"])  # raises, naming the shipped drafters there are
         ps = str(r["prompt_set"])
         if ps not in PROMPT_SETS and not (ps.endswith((".jsonl", ".jsonl.gz")) and os.path.isfile(os.path.expanduser(ps))):
             raise ValueError(f"{where}: prompt_set must be one of {list(PROMPT_SETS)} or an existing .jsonl file, got {ps!r}")

@@ -3,6 +3,7 @@
 Path specs in configs:
   `asset:<name>`    a cached offline asset (`opd.data.assets`), fetched on first use;
   `workdir:<rel>`   `<workdir>/<rel>`, written by an earlier stage;
+  `shipped:<name>`  a drafter shipped in the repo, `experiments/drafters/<name>/`;
   a URL (gs://...)  a local copy, downloaded once per version (`opd.remote`);
   anything else     a local path (`~` expanded).
 """
@@ -16,6 +17,19 @@ from opd import remote
 from opd.data.assets import asset_path
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "drafters")
+
+
+def shipped_drafter(name: str) -> str:
+    """`experiments/drafters/<name>/` of this checkout (a drafter trained and shipped in the repo)."""
+    path = os.path.join(SHIPPED_DIR, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        have = sorted(d for d in os.listdir(SHIPPED_DIR) if not d.startswith(".")) if os.path.isdir(SHIPPED_DIR) else []
+        raise FileNotFoundError(f"no shipped drafter {name!r} in {SHIPPED_DIR} (shipped: {have or 'none'}; "
+                                "shipped drafters come with a git checkout of the repo, not a wheel)")
+    return path
+
+
 def resolve_path(spec: str, workdir: str = "") -> str:
     """The local path a config path spec names (module docstring)."""
     spec = str(spec)
@@ -25,6 +39,8 @@ def resolve_path(spec: str, workdir: str = "") -> str:
         return os.path.join(workdir, spec[len("workdir:"):])
     if spec.startswith("asset:"):
         return asset_path(spec[len("asset:"):])
+    if spec.startswith("shipped:"):
+        return shipped_drafter(spec[len("shipped:"):])
     if remote.is_url(spec):
         return remote.fetch(spec)
     return os.path.expanduser(spec)
@@ -36,6 +52,8 @@ def path_exists(spec: str) -> bool:
     spec = str(spec)
     if spec.startswith(("asset:", "workdir:")):
         return True
+    if spec.startswith("shipped:"):
+        return os.path.isfile(os.path.join(SHIPPED_DIR, spec[len("shipped:"):], "config.json"))
     return remote.exists(spec) if remote.is_url(spec) else os.path.exists(os.path.expanduser(spec))
 
 

@@ -84,3 +84,10 @@ def test_the_schemas_stages_are_the_launchers():
     assert tuple(pipeline.STAGES) == configs.STAGES
 
 
+
+
+def test_a_missing_shipped_drafter_is_named_at_config_time():
+    c = configs.load_config(os.path.join(REPO, "experiments", "quickstart.py:tiny"))
+    c.eval.runs.append(dict(name="shipped_nope", drafter="eagle3", drafter_path="shipped:nope", prompt_set="mtbench"))
+    with pytest.raises(FileNotFoundError, match=r"no shipped drafter 'nope' in .*experiments/drafters"):
+        configs.validate(c)
