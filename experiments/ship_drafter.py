@@ -1,6 +1,6 @@
 """Ship an exported drafter in the repo: its public HF layout in float16 (half the bytes; loaders
 cast back), a SHA256SUMS file, and where it came from (the run, its step, cumulative training
-FLOPs and unique training tokens, its last held-out probe tau).
+FLOPs and answer tokens, its last held-out probe tau) with the training metrics of every leg.
 
   python experiments/ship_drafter.py --export=workdirs/smollm2_scale/export/sft_scale_eagle3 \\
       --run=workdirs/smollm2_scale/sft_scale/eagle3 --name=smollm2_eagle3_scale
@@ -25,6 +25,8 @@ _EXPORT = flags.DEFINE_string("export", None, "an exported drafter (DIR/export/<
 _RUN = flags.DEFINE_string("run", None, "its training run dir (metrics.jsonl, sft_config.json)")
 _NAME = flags.DEFINE_string("name", None, "experiments/drafters/<name>/")
 _TARGET = flags.DEFINE_string("target", "asset:smollm2_gguf", "the drafter's target (asset:<name> or a path)")
+_PREVIOUS = flags.DEFINE_string("previous", None, "the shipped drafter this run continued from (`drafter.init`): "
+                                "its metrics.jsonl legs go first in the new one's")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "where <name>/ goes (default experiments/drafters, `shipped:<name>`)")
 flags.mark_flags_as_required(["export", "run", "name"])
 
@@ -49,6 +51,12 @@ def main(argv):
     shutil.rmtree(tmp, ignore_errors=True)
     registry.export_drafter(drafter, tmp, dtype="float16")
     rows = read_jsonl(os.path.join(_RUN.value, "metrics.jsonl"))
+    # metrics.jsonl: every leg's rows, each tagged with its leg (sft_scale_curves.py reads them)
+    legs = read_jsonl(os.path.join(_PREVIOUS.value, "metrics.jsonl")) if _PREVIOUS.value else []
+    leg = max((r["leg"] for r in legs), default=-1) + 1
+    with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
+        for r in legs + [{**r, "leg": leg} for r in rows]:
+            f.write(json.dumps(r) + "\n")
     probes = [r for r in rows if "probe_tau" in r]
     with open(os.path.join(_EXPORT.value, "export.json")) as f:
         exported = json.load(f)

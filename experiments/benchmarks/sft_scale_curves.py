@@ -21,18 +21,25 @@ from opd.paths import read_jsonl
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_RUNS = flags.DEFINE_list("runs", None, "run dirs (legs, in order) holding metrics.jsonl")
+_RUNS = flags.DEFINE_list("runs", None, "run dirs (legs, in order) holding metrics.jsonl, or a shipped drafter "
+                                       "(experiments/drafters/<name>: its earlier legs)")
 _NAME = flags.DEFINE_string("name", None, "experiments/results/<name>/")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "default experiments/results/<name>/")
 flags.mark_flags_as_required(["runs", "name"])
 
 
 def load_legs(runs) -> tuple[list, list]:
     """(training rows, probe rows) of every leg, tokens made cumulative over the legs."""
-    train, probe, offset = [], [], 0.0
-    for leg, run in enumerate(runs):
+    legs = []
+    for run in runs:
         rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
         if not rows:
             raise FileNotFoundError(f"no metrics in {run}/metrics.jsonl")
+        # a shipped drafter's metrics.jsonl holds every earlier leg, tagged (ship_drafter.py)
+        tags = sorted({r["leg"] for r in rows if "leg" in r})
+        legs += [[r for r in rows if r.get("leg") == t] for t in tags] if tags else [rows]
+    train, probe, offset = [], [], 0.0
+    for leg, rows in enumerate(legs):
         mine = [{"leg": leg, "step": r["step"], "tokens": offset + float(r.get("tokens", 0.0)), "flops": r["flops"],
                  "loss": r["loss"], "accuracy_1": r.get("accuracy/1")} for r in rows if "loss" in r]
         for r in rows:
@@ -85,7 +92,7 @@ def main(argv):
     last = train[-1] if train else {}
     md += f"\nLast training row: {last}\n"
     out = write_results(_NAME.value, {"runs": [os.path.abspath(r) for r in _RUNS.value], "probe": probe,
-                                      "train": train, "plateau": flat}, md)
+                                      "train": train, "plateau": flat}, md, out_dir=_OUT_DIR.value)
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)
     print(md)
 
