@@ -8,6 +8,14 @@ Needs the drafters of `experiments/opd_smollm2.py` in the same DIR: for EAGLE-3 
 Draft-OPD run (`export/opd_<kind>`) and continued SFT to the same cumulative training FLOPs
 (`export/sft_cont_<kind>`), both from one SFT warm-up. The "no drafter" rows are the
 autoregressive throughput measured inside the same runs (each run times both, side by side).
+
+`shipped`: the drafters shipped in the repo (`experiments/drafters/`, issue 15's plateau runs)
+against n-gram, on every prompt of each set (MT-Bench 80, HumanEval 164; AlpacaEval: the 87 held-out prompts the
+training probes do not use)
+at 128 new tokens (hours on this CPU); `shipped,quick`: the first 16 prompts of each set at T = 0.
+
+  python -m opd.main --config=experiments/main_table_smollm2.py:shipped --workdir=workdirs/main_shipped
+
 Every field and its default: `opd.configs.default_config`.
 """
 
@@ -16,6 +24,12 @@ import ml_collections
 from opd.configs import default_config, variant_parts
 
 PROMPT_SETS = ("mtbench", "humaneval", "alpacaeval")
+# every prompt; AlpacaEval: the first 87 of its 151 held-out prompts (the training probes use the last 64)
+SET_SIZES = {"mtbench": 80, "humaneval": 164, "alpacaeval": 87}
+SHIPPED = (  # (drafter, shipped name, K)
+    ("ngram", "", 4),
+    ("eagle3", "smollm2_eagle3", 4),
+)
 DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
     ("ngram", "", 4),
     ("eagle3", "sft_cont", 4),
@@ -26,7 +40,9 @@ DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    variant_parts(variant, (), "experiments/main_table_smollm2.py")  # it has none
+    parts = variant_parts(variant, ("shipped", "quick"), "experiments/main_table_smollm2.py")
+    if "quick" in parts and "shipped" not in parts:
+        raise ValueError("experiments/main_table_smollm2.py: `quick` is a size of the `shipped` table")
     c = default_config()
     c.stages = ("fetch_assets", "eval", "report")
     c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")
@@ -35,16 +51,26 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Budget (2 CPU cores): 60 runs of 4 prompts x 64 new tokens, autoregressive + speculative each.
     c.eval.num_prompts = 4  # the first prompts of each set (AlpacaEval: of its held-out split)
     c.eval.max_new_tokens = 64
-    for temperature in (0.0, 1.0):
-        for batch in (1, 4):
-            for drafter, run, K in DRAFTERS:
+    drafters, temperatures, batches = DRAFTERS, (0.0, 1.0), (1, 4)
+    if "shipped" in parts:
+        c.eval.max_new_tokens = 128
+        drafters = SHIPPED
+        if "quick" in parts:
+            temperatures = (0.0,)
+    for temperature in temperatures:
+        for batch in batches:
+            for drafter, run, K in drafters:
                 for ps in PROMPT_SETS:
                     r = dict(name=f"main_{drafter}{'_' + run if run else ''}_{ps}_t{temperature:g}_b{batch}",
                              drafter=drafter, prompt_set=ps, temperature=temperature, batch_size=batch,
                              num_draft_tokens=K)
                     if run:
-                        r["drafter_path"] = f"workdir:export/{run}_{drafter}"
+                        r["drafter_path"] = f"shipped:{run}" if "shipped" in parts else f"workdir:export/{run}_{drafter}"
+                    if "shipped" in parts:
+                        r["num_prompts"] = 16 if "quick" in parts else SET_SIZES[ps]
                     c.eval.runs.append(r)
 
     c.report.results_name = "main_table"  # (the curves are experiments/benchmarks/opd_curves.py's figure)
+    if "shipped" in parts:
+        c.report.results_name = "main_table_shipped" + ("_quick" if "quick" in parts else "")
     return c

@@ -79,6 +79,22 @@ def anchors(n: int, packed: bool = False):
     return variant
 
 
+def draft_vocab(learned_mask: bool = False):
+    """`dflash_packed_anchors_32` with a DFlash draft vocabulary of 8192 tokens (the block logits
+    over those LM-head columns only; the answers' random tokens are drawn from it), with
+    `learned_mask` also the learned MASK embedding. Other kinds: unchanged."""
+
+    def variant(config):
+        config = anchors(32, True)(config)
+        if config.drafter.kind == "dflash":
+            config.drafter.overrides.draft_vocab_size = 8192
+            if learned_mask:
+                config.drafter.overrides.mask_embedding = "learned"
+        return config
+
+    return variant
+
+
 def packed(config):
     """Several sequences per row with segment masks (`config.sft.packing`); EAGLE-3's teacher is
     then the compact one (the draft vocabulary's LM-head columns + the cached argmax), which
@@ -107,7 +123,8 @@ def head_at_trained(config):
 # name -> (config -> the config of that variant's step); "today" is the baseline of every ratio
 VARIANTS = {"today": today, "compact_teacher": compact, "packed": packed, "packed_640": packed_long, "packed_640_head": head_at_trained, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128),
             "dflash_packed_anchors_32": anchors(32, True), "dflash_packed_anchors_64": anchors(64, True),
-            "dflash_packed_anchors_128": anchors(128, True)}
+            "dflash_packed_anchors_128": anchors(128, True), "dflash_packed_anchors_32_vocab_8192": draft_vocab(),
+            "dflash_packed_anchors_32_vocab_8192_learned_mask": draft_vocab(learned_mask=True)}
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "step variants to measure")
 
 
@@ -130,23 +147,24 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _sequences(target, n: int, seq_len: int, seed: int = 0) -> list:
-    """n (tokens, loss_mask) sequences (module docstring), each at most `seq_len` long."""
+def _sequences(target, n: int, seq_len: int, seed: int = 0, answer_vocab: int = 0) -> list:
+    """n (tokens, loss_mask) sequences (module docstring), each at most `seq_len` long; answer
+    tokens in [0, answer_vocab) when given (a draft vocabulary of the lowest ids), else [0, V)."""
     rs = np.random.RandomState(seed)
     prompts = batching.encode_prompts(target, [record_text(r) for r in training_prompts("alpacaeval", n)])
     out = []
     for p in prompts:
         p = np.asarray(p[: seq_len // 2], np.int32)
         a = min(seq_len - len(p), int(rs.randint(_MIN_ANSWER.value, _MAX_ANSWER.value + 1)))
-        out.append((np.r_[p, rs.randint(0, target.config.vocab_size, a)].astype(np.int32),
+        out.append((np.r_[p, rs.randint(0, answer_vocab or target.config.vocab_size, a)].astype(np.int32),
                     np.r_[np.zeros(len(p)), np.ones(a)].astype(np.int32)))
     return out
 
 
-def _rows(target, batch_size: int, seq_len: int, packed: bool) -> tuple[dict, list]:
+def _rows(target, batch_size: int, seq_len: int, packed: bool, answer_vocab: int = 0) -> tuple[dict, list]:
     """A batch {tokens, loss_mask (+ positions, segment_ids)} [B, T] and each row's sequences:
     one padded sequence per row, or sequences packed first-fit (in order) into the B rows."""
-    seqs = _sequences(target, batch_size * (8 if packed else 1), seq_len)
+    seqs = _sequences(target, batch_size * (8 if packed else 1), seq_len, answer_vocab=answer_vocab)
     B, T = batch_size, seq_len
     batch = {k: np.zeros((B, T), np.int32) for k in ("tokens", "loss_mask", "positions", "segment_ids")}
     fill, layout = [0] * B, [[] for _ in range(B)]
@@ -189,7 +207,10 @@ def measure(target, kind: str, variant: str) -> dict:
     s = config.sft
     B, T = int(s.batch_size), int(s.seq_len)
     plugin = registry.get_kind(kind)
-    drafter = plugin.init(target, seed=0, **dict(config.drafter.overrides))
+    # a DFlash draft vocabulary: the lowest W ids (as EAGLE-3's here, built without counts), the answers drawn from it
+    W = int(config.drafter.overrides.get("draft_vocab_size", 0)) if kind == "dflash" else 0
+    counts = {"token_counts": (np.arange(target.config.vocab_size) < W).astype(np.int64)} if W else {}
+    drafter = plugin.init(target, seed=0, **counts, **dict(config.drafter.overrides))
     trainable, frozen = drafter.split()
     loss_cfg = plugin.loss_config(s.loss)
     cached, packing, top = s.target_features == "cache", bool(s.packing), variant != "today"
@@ -198,7 +219,7 @@ def measure(target, kind: str, variant: str) -> dict:
                                                                                         **dict(s.optimizer)})),
                           loss_config=loss_cfg, batch_size=B, seq_len=T, cached_features=cached, packed=packing,
                           cached_argmax=top)
-    batch, layout = _rows(target, B, T, packing)
+    batch, layout = _rows(target, B, T, packing, answer_vocab=W)
     if cached:  # the feature cache's arrays (float32 here; the cache may store float16)
         batch.update(_cached_features(target, drafter.spec, layout, B, T))
         if not top:

@@ -100,8 +100,11 @@ def abstract_drafter(config: ml_collections.ConfigDict, tconfig: TransformerConf
     target = Target(tconfig, nn.unbox(tfm.abstract_params(tconfig)))
     built = {}
 
+    # a kind that picks a draft vocabulary from the data gets placeholder counts (same shapes)
+    counts = {"token_counts": np.zeros(tconfig.vocab_size)} if kind.uses_token_counts else {}
+
     def init():
-        drafter = kind.init(target, seed=0, **overrides).with_param_dtype(config.drafter.param_dtype)
+        drafter = kind.init(target, seed=0, **counts, **overrides).with_param_dtype(config.drafter.param_dtype)
         built["spec"] = drafter.spec  # static: read back after tracing
         return drafter.split()
 

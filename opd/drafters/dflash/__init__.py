@@ -16,10 +16,11 @@ class DFlashKind(DrafterKind):
     name = "dflash"
     trainable = True
     architectures = (hf.ARCHITECTURE,)
+    uses_token_counts = True  # a draft vocabulary (draft_vocab_size > 0) is chosen from them
     sft_loss_config = DFlashSFTLoss
 
-    def init(self, target, seed: int = 0, **overrides):
-        return init_dflash(target, seed=seed, **overrides)
+    def init(self, target, seed: int = 0, token_counts=None, **overrides):
+        return init_dflash(target, seed=seed, token_counts=token_counts, **overrides)
 
     def load(self, path, target):
         return hf.load_dflash_hf(path, target)

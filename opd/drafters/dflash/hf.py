@@ -12,6 +12,12 @@ Layout (z-lab `DFlashDraftModel`, a Qwen3-style config):
     layers.{i}.self_attn.{q,k}_norm.weight, layers.{i}.mlp.{gate,up,down}_proj.weight.
     No embed_tokens / lm_head: the drafter shares the target's.
 
+Two options of ours outside z-lab's layout (written only when used; z-lab / SGLang / vLLM do
+not know them): a draft vocabulary, dflash_config.draft_vocab_size = W with EAGLE-3's d2t
+(int64 [W]) and t2d (bool [V]) tensors (a checkpoint without them has the full vocabulary),
+and a learned MASK embedding, dflash_config.mask_embedding = "learned" with the tensor
+`mask_embedding` [D].
+
 Every problem is a CheckpointError naming it (including a drafter that does not fit the
 target: hidden size, vocabulary, target layers).
 """
@@ -23,12 +29,14 @@ import os
 
 import jax
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from opd.checkpoints.errors import CheckpointError
 from opd.checkpoints.hf import _read_file, _shard_files, read_config_json
 from opd.drafters.dflash import model as dfm
 from opd.drafters.dflash.drafter import make_drafter
+from opd.drafters.eagle3.hf import _vocab_maps  # EAGLE-3's d2t / t2d checks, shared
 from opd.models.config import ConfigError, TransformerConfig
 
 ARCHITECTURE = "DFlashDraftModel"
@@ -67,7 +75,10 @@ def _hf_config(c: dfm.DFlashConfig) -> dict:
         "block_size": c.block_size,
         "num_target_layers": c.num_target_layers,
         "dflash_config": {"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids),
-                          "block_size": c.block_size},
+                          "block_size": c.block_size,
+                          # our options, only when not z-lab's defaults (module docstring)
+                          **({"draft_vocab_size": c.draft_vocab_size} if c.draft_vocab_size else {}),
+                          **({"mask_embedding": c.mask_embedding} if c.mask_embedding != "token" else {})},
         "torch_dtype": "float32",
     }
 
@@ -75,6 +86,8 @@ def _hf_config(c: dfm.DFlashConfig) -> dict:
 def _tensor_shapes(c: dfm.DFlashConfig) -> dict:
     D, N, K, H, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     shapes = {"fc.weight": (D, len(c.target_layer_ids) * D), "hidden_norm.weight": (D,), "norm.weight": (D,)}
+    if c.mask_embedding == "learned":
+        shapes["mask_embedding"] = (D,)
     for i in range(c.num_layers):
         p = f"layers.{i}."
         shapes.update({
@@ -95,6 +108,8 @@ def state_dict_from_params(c: dfm.DFlashConfig, params) -> dict:
     p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     sd = {"fc.weight": p["fc"].T, "hidden_norm.weight": p["hidden_norm"]["scale"], "norm.weight": p["final_norm"]["scale"]}
+    if c.mask_embedding == "learned":
+        sd["mask_embedding"] = p["mask_embedding"]
     for i in range(c.num_layers):
         l, pre = p[f"layers_{i}"], f"layers.{i}."
         a = l["attn"]
@@ -122,6 +137,8 @@ def params_from_state_dict(c: dfm.DFlashConfig, sd: dict):
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     params = {"fc": sd["fc.weight"].T, "hidden_norm": {"scale": sd["hidden_norm.weight"]},
               "final_norm": {"scale": sd["norm.weight"]}}
+    if c.mask_embedding == "learned":
+        params["mask_embedding"] = sd["mask_embedding"]
     for i in range(c.num_layers):
         pre = f"layers.{i}."
         attn = {
@@ -153,8 +170,11 @@ def export_dflash_hf(drafter, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(_hf_config(c), f, indent=2)
-    save_file(state_dict_from_params(c, drafter.params["dflash"]), os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    sd = state_dict_from_params(c, drafter.params["dflash"])
+    if c.draft_vocab_size:  # as the EAGLE-3 exporter stores them
+        sd["d2t"] = np.asarray(drafter.params["vocab"]["d2t"], np.int64)
+        sd["t2d"] = np.asarray(drafter.params["vocab"]["t2d"], bool)
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 def _dflash_value(hf: dict, name: str, default=None):
@@ -221,21 +241,26 @@ def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig
             target_layer_ids=ids, num_target_layers=n_target, mask_token_id=int(mask),
             num_layers=base.num_layers, block_size=int(value("block_size", dfm.DFlashConfig.block_size)), rms_norm_eps=base.rms_norm_eps,
             rope_theta=base.rope_theta, rope_scaling=base.rope_scaling, attention_bias=bool(hf.get("attention_bias", False)),
+            draft_vocab_size=int(value("draft_vocab_size", 0)), mask_embedding=str(value("mask_embedding", "token")),
             dtype=tconfig.dtype, param_dtype=tconfig.param_dtype,
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from e
 
 
+VOCAB_TENSORS = ("d2t", "t2d")  # integer / bool: read as stored, not as float32
+
+
 def read_dflash_hf(path: str, tconfig: TransformerConfig):
-    """(DFlashConfig, trainable params) from a z-lab layout directory, checked against `tconfig`."""
+    """(DFlashConfig, trainable params, draft-vocabulary maps {"d2t", "t2d"} or None) from a
+    z-lab layout directory, checked against `tconfig`."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"DFlash checkpoint directory not found: {path}")
     c = _config_from_json(path, tconfig)
     sd = {}
     for fname, names in _shard_files(path).items():
-        for name, arr in _read_file(os.path.join(path, fname), names, np.float32).items():
+        for name, arr in _read_shard(os.path.join(path, fname), names).items():
             if name in sd:
                 raise CheckpointError(f"tensor {name!r} appears in more than one safetensors file ({fname})")
             sd[name] = arr
@@ -243,7 +268,8 @@ def read_dflash_hf(path: str, tconfig: TransformerConfig):
     missing = [k for k in expected if k not in sd]
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]]})")
-    unexpected = sorted(k for k in sd if k not in expected)
+    vocab_names = VOCAB_TENSORS if c.draft_vocab_size else ()
+    unexpected = sorted(k for k in sd if k not in expected and k not in vocab_names)
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} with shape {tuple(sd[unexpected[0]].shape)} "
                               "for a DFlash drafter with this config")
@@ -252,10 +278,36 @@ def read_dflash_hf(path: str, tconfig: TransformerConfig):
             raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {shape} from the config")
         if not np.isfinite(sd[k]).all():
             raise CheckpointError(f"{path}: tensor {k!r} contains NaN or infinite values")
-    return c, params_from_state_dict(c, sd)
+    vocab = None
+    if c.draft_vocab_size:
+        d2t, t2d = _vocab_maps(sd, c.vocab_size, c.draft_vocab_size, path)
+        vocab = {"d2t": d2t, "t2d": t2d}
+    return c, params_from_state_dict(c, sd), vocab
+
+
+def _read_shard(fpath: str, names) -> dict:
+    """One safetensors file's tensors (`names`, None = all), floating-point ones as float32. The
+    checked reader `_read_file` takes floating-point tensors only: a file holding the
+    draft-vocabulary maps is read with safetensors' own reader, the maps in their stored dtype."""
+    try:
+        with safe_open(fpath, framework="numpy") as f:
+            keys = set(f.keys())
+    except Exception:  # unreadable: `_read_file` names the problem
+        keys = set()
+    if not keys & set(VOCAB_TENSORS):
+        return _read_file(fpath, names, np.float32)
+    out = {}
+    try:
+        with safe_open(fpath, framework="numpy") as f:
+            for k in sorted(keys) if names is None else names:
+                v = f.get_tensor(k)
+                out[k] = v if k in VOCAB_TENSORS else v.astype(np.float32)
+    except Exception as e:  # SafetensorError / OSError / a listed name that is absent
+        raise CheckpointError(f"cannot read safetensors file {fpath}: {type(e).__name__}: {e}") from e
+    return out
 
 
 def load_dflash_hf(path: str, target):
     """A DFlash `opd.Drafter` for `target` from a z-lab layout directory."""
-    c, params = read_dflash_hf(path, target.config)
-    return make_drafter(target, c, jax.tree.map(jax.numpy.asarray, params))
+    c, params, vocab = read_dflash_hf(path, target.config)
+    return make_drafter(target, c, jax.tree.map(jax.numpy.asarray, params), vocab)

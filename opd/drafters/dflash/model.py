@@ -4,13 +4,16 @@ One forward drafts a whole block. Inputs:
   * context: the target's hidden states of the layers `config.target_layer_ids` for the
     committed tokens x_1..x_{n-1}, concatenated and fused by `fc` [A*D, D] + RMSNorm;
   * the block [x_n, MASK x (Q-1)] (x_n = the last committed token), embedded with the
-    target's (frozen, shared) embedding.
+    target's (frozen, shared) embedding; a MASK position holds the embedding row of
+    `mask_token_id` (z-lab) or, with `mask_embedding="learned"`, a trainable vector.
 Every draft layer is a pre-norm decoder layer whose attention is NON-causal over
 [context K/V, projected from the fused context by that layer's own k/v projections (no
 input norm; k_norm applies)] U [the block's own K/V]. Queries come from the block only.
 RoPE: context at its absolute positions 0..n-2, the block continuing at n-1..n-2+Q. After
 the layers the drafter's own final norm (`norm.weight` in z-lab, *not* the target's final
-norm) and the target's LM head (frozen, shared) give q_1..q_{Q-1} at block positions 1..Q-1.
+norm) and the target's LM head (frozen, shared) give q_1..q_{Q-1} at block positions 1..Q-1;
+with a draft vocabulary (`draft_vocab_size` W > 0) only the head's W columns of the draft
+tokens are computed (`head_ids_W`, the target ids of the draft vocabulary, EAGLE-3's d2t maps).
 q/k norms are always present (z-lab's drafter is Qwen3-based, whatever the target family).
 
 Layer indexing: `target_layer_ids` use this project's convention (transformer.py: id i =
@@ -24,7 +27,8 @@ LM head, which the functions here take as `target_params` (a slice of the target
 
 Axis letters: B batch, T context positions in this call, S context cache length, Q block
 positions (block_size), D width, A tapped target layers, N query heads, K kv heads,
-G query heads per kv head, H head dim, F MLP width, V vocabulary.
+G query heads per kv head, H head dim, F MLP width, V vocabulary, W the head's output
+(the draft vocabulary, or V).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from opd.models import transformer as tfm
 from opd.models.config import RopeScaling, TransformerConfig
 
 Params = Any
+
+MASK_EMBEDDINGS = ("token", "learned")  # DFlashConfig.mask_embedding
 
 
 def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple:
@@ -68,6 +74,12 @@ class DFlashConfig:
     uses a dedicated id no text token maps to (Qwen3 drafters: 151669, the first embedding
     row past the tokenizer's 151669 tokens); `opd.drafters.dflash.default_mask_token_id`
     makes the same choice for other targets.
+
+    `draft_vocab_size`: 0 = the target's whole vocabulary (z-lab); W > 0 = the block logits
+    cover only W draft tokens (the target LM head's columns of those tokens; the maps live in
+    the drafter's frozen params, as EAGLE-3's d2t / t2d).
+    `mask_embedding`: what fills the MASK positions: "token" (the target's embedding row of
+    `mask_token_id`, z-lab) or "learned" (a trainable [D] vector, `params["mask_embedding"]`).
     """
 
     vocab_size: int
@@ -85,6 +97,8 @@ class DFlashConfig:
     rope_theta: float = 10000.0  # RoPE settings are copied from the target
     rope_scaling: Optional[RopeScaling] = None
     attention_bias: bool = False  # q/k/v/o biases (HF `attention_bias`)
+    draft_vocab_size: int = 0  # W; 0 = the target's vocabulary
+    mask_embedding: str = "token"  # one of MASK_EMBEDDINGS
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -110,6 +124,11 @@ class DFlashConfig:
             )
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} outside the vocabulary [0, {self.vocab_size})")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [0, {self.vocab_size}] (0: the whole vocabulary), "
+                             f"got {self.draft_vocab_size}")
+        if self.mask_embedding not in MASK_EMBEDDINGS:
+            raise ValueError(f"mask_embedding must be one of {MASK_EMBEDDINGS}, got {self.mask_embedding!r}")
 
     @property
     def q_per_kv(self) -> int:
@@ -118,6 +137,11 @@ class DFlashConfig:
     @property
     def max_draft_tokens(self) -> int:
         return self.block_size - 1
+
+    @property
+    def head_size(self) -> int:
+        """W: the width of the block logits (the draft vocabulary, or the target's V)."""
+        return self.draft_vocab_size or self.vocab_size
 
     def replace(self, **kw) -> "DFlashConfig":
         return dataclasses.replace(self, **kw)
@@ -211,6 +235,8 @@ class DFlash(nn.Module):
         self.hidden_norm = tfm.RMSNorm(c, D)
         self.layers = [DFlashLayer(c) for _ in range(c.num_layers)]
         self.final_norm = tfm.RMSNorm(c, D)
+        if c.mask_embedding == "learned":  # read directly from the tree by `block_logits`
+            self.mask_embedding = tfm._param(self, "mask_embedding", (D,), ("embed",))
 
     def context(self, aux_hidden: Sequence[jax.Array]):
         """A arrays [B, T, D] (target layer outputs, in `target_layer_ids` order) -> [B, T, D]."""
@@ -278,31 +304,47 @@ def block_hidden(params: Params, config: DFlashConfig, x_BQD, positions_BQ, ctx_
     return model_for(config).apply({"params": params}, x_BQD, positions_BQ, ctx_k, ctx_v, ctx_valid_BS, method=DFlash.block)
 
 
-def block_logits(params: Params, target_params: Params, config: DFlashConfig, tconfig: TransformerConfig,
-                 anchor_B: jax.Array, start_B: jax.Array, ctx_k, ctx_v, ctx_valid_BS) -> jax.Array:
-    """Float32 logits [B, Q-1, V] for the tokens after `anchor_B` (at position `start_B`).
-
-    The block [anchor, MASK x (Q-1)] sits at positions start..start+Q-1; `target_params` must
-    hold the target's `embedding` (and `lm_head` when untied)."""
+def block_inputs(params: Params, target_params: Params, config: DFlashConfig, tconfig: TransformerConfig,
+                 anchor_B: jax.Array) -> jax.Array:
+    """The block's input embeddings [B, Q, D]: the anchor's, then Q - 1 MASK positions."""
     Q = config.block_size
     B = anchor_B.shape[0]
+    if config.mask_embedding == "learned":
+        x_anchor = tfm.embed(target_params, tconfig, anchor_B[:, None].astype(jnp.int32))
+        mask = jnp.broadcast_to(params["mask_embedding"].astype(x_anchor.dtype), (B, Q - 1, x_anchor.shape[-1]))
+        return jnp.concatenate([x_anchor, mask], axis=1)
     block_BQ = jnp.concatenate([anchor_B[:, None], jnp.full((B, Q - 1), config.mask_token_id, jnp.int32)], axis=1)
-    x_BQD = tfm.embed(target_params, tconfig, block_BQ.astype(jnp.int32))
+    return tfm.embed(target_params, tconfig, block_BQ.astype(jnp.int32))
+
+
+def block_logits(params: Params, target_params: Params, config: DFlashConfig, tconfig: TransformerConfig,
+                 anchor_B: jax.Array, start_B: jax.Array, ctx_k, ctx_v, ctx_valid_BS,
+                 head_ids_W: Optional[jax.Array] = None) -> jax.Array:
+    """Float32 logits [B, Q-1, W] for the tokens after `anchor_B` (at position `start_B`).
+
+    The block [anchor, MASK x (Q-1)] sits at positions start..start+Q-1; `target_params` must
+    hold the target's `embedding` (and `lm_head` when untied). `head_ids_W`: the target ids of
+    a draft vocabulary (only those LM-head columns are computed); None = all V."""
+    Q = config.block_size
+    x_BQD = block_inputs(params, target_params, config, tconfig, anchor_B)
     positions_BQ = start_B[:, None].astype(jnp.int32) + jnp.arange(Q, dtype=jnp.int32)[None]
-    h = block_hidden(params, config, x_BQD, positions_BQ, ctx_k, ctx_v, ctx_valid_BS)
-    return tfm.lm_head(target_params, tconfig, h[:, 1:])
+    h = block_hidden(params, config, x_BQD, positions_BQ, ctx_k, ctx_v, ctx_valid_BS)[:, 1:]
+    if head_ids_W is None:
+        return tfm.lm_head(target_params, tconfig, h)
+    return tfm.lm_head_columns(target_params, tconfig, h, head_ids_W)
 
 
 def logits_from_features(params: Params, target_params: Params, config: DFlashConfig, tconfig: TransformerConfig,
-                         aux_hidden: Sequence[jax.Array], anchor_B: jax.Array, ctx_len_B: jax.Array) -> jax.Array:
+                         aux_hidden: Sequence[jax.Array], anchor_B: jax.Array, ctx_len_B: jax.Array,
+                         head_ids_W: Optional[jax.Array] = None) -> jax.Array:
     """Uncached reference / training path: `aux_hidden` are whole-sequence target layer
     outputs A x [B, T, D]; row b's context is positions [0, ctx_len_B[b]) and its block starts
-    at ctx_len_B[b] with `anchor_B[b]`. Returns logits [B, Q-1, V]."""
+    at ctx_len_B[b] with `anchor_B[b]`. Returns logits [B, Q-1, W] (`block_logits`)."""
     B, T = aux_hidden[0].shape[:2]
     pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     ctx_k, ctx_v = context_kv(params, config, context_features(params, config, aux_hidden), pos_BT)
     return block_logits(params, target_params, config, tconfig, anchor_B, ctx_len_B, ctx_k, ctx_v,
-                        pos_BT < ctx_len_B[:, None])
+                        pos_BT < ctx_len_B[:, None], head_ids_W)
 
 
 # ----------------------------------------------------------------------------- context cache

@@ -18,12 +18,20 @@ sequences that token is the target's own sample), weight w = loss_mask[a+k] *
 Packed rows (`segments`): the context is the anchor's own sequence before it, RoPE positions
 restart per sequence, and offsets past the sequence's end have no loss.
 
+Draft vocabulary (`vocab` = {"d2t", "t2d"}): the logits cover the W draft tokens, the label is
+mapped target -> draft id, and a prediction whose token is outside the draft vocabulary has
+no loss term (it leaves both sums of the weighted mean; `oov_fraction` counts them); its
+accuracy counts it as a miss (the drafter cannot propose it), over the same predictions as
+without a draft vocabulary. `supervised` counts the predictions with a loss term.
+
 Draft-OPD replay (`replay_logits`): the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over
 the target context of positions < n - 1 (`block_logits`) - exactly `DFlashSpec.propose`.
-Error anchors run R more blocks, anchored at each round's error position.
+Error anchors run R more blocks, anchored at each round's error position. With a draft
+vocabulary the replay's logits cover the W draft tokens (the drafter's support, `support_ids`)
+and Draft-OPD's teacher is the target's log p on those ids, as for EAGLE-3.
 
-Axis letters: B batch, T positions, D width, V target vocabulary, A anchors per row,
-Q block size, K draft tokens, R rollout rounds.
+Axis letters: B batch, T positions, D width, V target vocabulary, W the logits' width (draft
+vocabulary, or V), A anchors per row, Q block size, K draft tokens, R rollout rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import numpy as np
 
 from opd.drafters.base import LossOut, Segments
 from opd.drafters.dflash import model as dfm
+from opd.drafters.eagle3 import model as e3
 from opd.training.losses import as_aux, shift_left
 from opd.training.flops import count_params
 
@@ -87,9 +96,10 @@ def offset_weights(block_size: int, gamma: float = GAMMA) -> jax.Array:
 
 
 def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT,
-                 anchors_BA, segments: Segments | None = None) -> jax.Array:
-    """Logits [B, A, Q-1, V] of the blocks anchored at `anchors_BA` (context: positions < anchor,
-    in the anchor's own sequence with packed `segments`, whose positions are the RoPE positions)."""
+                 anchors_BA, segments: Segments | None = None, head_ids_W=None) -> jax.Array:
+    """Logits [B, A, Q-1, W] of the blocks anchored at `anchors_BA` (context: positions < anchor,
+    in the anchor's own sequence with packed `segments`, whose positions are the RoPE positions;
+    `head_ids_W`: the draft vocabulary's target ids, None = all V)."""
     B, T = tokens_BT.shape
     aux = as_aux(target_hidden, len(config.target_layer_ids), "DFlash")
     idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
@@ -100,19 +110,30 @@ def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, targe
 
     def one(anchor_tok_B, anchor_B, start_B, seg_B):
         visible = (idx_BT < anchor_B[:, None]) & (ids_BT == seg_B[:, None])
-        return dfm.block_logits(params, target_params, config, tconfig, anchor_tok_B, start_B, ctx_k, ctx_v, visible)
+        return dfm.block_logits(params, target_params, config, tconfig, anchor_tok_B, start_B, ctx_k, ctx_v, visible,
+                                head_ids_W)
 
     out = jax.vmap(one, in_axes=(1, 1, 1, 1))(take(tokens_BT), anchors_BA, take(pos_BT), take(ids_BT))
     return jnp.swapaxes(out, 0, 1)
 
 
-def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
-                     gamma: float = GAMMA, segment_ids_BT=None) -> LossOut:
-    """Weighted block CE (module docstring); K = Q - 1 offsets (packed rows: only those inside
-    the anchor's sequence)."""
-    B, A, Km1, V = logits_BAKV.shape
+def head_ids(vocab):
+    """Target ids [W] of a draft vocabulary {"d2t", "t2d"}; None (all V) without one."""
+    return None if vocab is None else e3.draft_target_ids(vocab["d2t"])
+
+
+def draft_labels(vocab, tokens):
+    """(draft ids, in the draft vocabulary) of target ids `tokens` (0 where outside it)."""
+    ids_W = head_ids(vocab)
+    index_V = jnp.zeros(vocab["t2d"].shape, jnp.int32).at[ids_W].set(jnp.arange(ids_W.shape[0], dtype=jnp.int32))
+    return index_V[tokens], vocab["t2d"][tokens]
+
+
+def _supervision(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, Km1: int, segment_ids_BT=None, vocab=None):
+    """(labels [B, A, K] (draft ids with `vocab`), supervised predictions `on` [B, A, K],
+    those with a loss term: `on` and the token in the draft vocabulary)."""
+    B, A = anchors_BA.shape
     T = tokens_BT.shape[1]
-    w_k = offset_weights(Km1 + 1, gamma)
     idx_BAK = anchors_BA[..., None] + jnp.arange(1, Km1 + 1, dtype=jnp.int32)[None, None]
     in_seq = idx_BAK < T
     safe = jnp.clip(idx_BAK, 0, T - 1).reshape(B, A * Km1)
@@ -122,39 +143,63 @@ def loss_from_logits(logits_BAKV, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
     if segment_ids_BT is not None:
         seg = lambda idx: jnp.take_along_axis(segment_ids_BT, idx, axis=1)
         on = on * (seg(safe).reshape(B, A, Km1) == seg(anchors_BA)[..., None])
-    w = on * w_k[None, None]
-    logits = logits_BAKV.astype(jnp.float32)
+    if vocab is None:
+        return labels, on, on
+    labels, in_vocab = draft_labels(vocab, labels)
+    return labels, on, on * in_vocab.astype(jnp.float32)
+
+
+def oov_fraction(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, block_size: int, segment_ids_BT=None, vocab=None):
+    """The fraction of supervised predictions whose token is outside the draft vocabulary
+    (excluded from the loss; 0 without a draft vocabulary)."""
+    _, on, trained = _supervision(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, block_size - 1, segment_ids_BT, vocab)
+    return 1.0 - jnp.sum(trained) / jnp.maximum(jnp.sum(on), 1.0)
+
+
+def loss_from_logits(logits_BAKW, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
+                     gamma: float = GAMMA, segment_ids_BT=None, vocab=None) -> LossOut:
+    """Weighted block CE (module docstring); K = Q - 1 offsets (packed rows: only those inside
+    the anchor's sequence). With a draft vocabulary `vocab` ({"d2t", "t2d"}) the logits are
+    over its W tokens and out-of-vocabulary tokens have no loss term."""
+    Km1 = logits_BAKW.shape[2]
+    labels, on, trained = _supervision(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, Km1, segment_ids_BT, vocab)
+    w_k = offset_weights(Km1 + 1, gamma)
+    w = trained * w_k[None, None]
+    logits = logits_BAKW.astype(jnp.float32)
     ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     loss = jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-6)
-    cnt_k = jnp.maximum(jnp.sum(on, axis=(0, 1)), 1.0)
-    per_offset = jnp.sum(on * ce, axis=(0, 1)) / cnt_k
+    per_offset = jnp.sum(trained * ce, axis=(0, 1)) / jnp.maximum(jnp.sum(trained, axis=(0, 1)), 1.0)
     hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    acc = jax.lax.stop_gradient(jnp.sum(on * hit, axis=(0, 1)) / cnt_k)
-    return LossOut(loss, per_offset, acc, w_k, jnp.sum(on))
+    # accuracy over every supervised prediction: an out-of-vocabulary token is a miss
+    acc = jax.lax.stop_gradient(jnp.sum(trained * hit, axis=(0, 1)) / jnp.maximum(jnp.sum(on, axis=(0, 1)), 1.0))
+    return LossOut(loss, per_offset, acc, w_k, jnp.sum(trained))
 
 
 def loss(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT, loss_mask_BT,
-         anchors_BA, keep_BA, gamma: float = GAMMA, segments: Segments | None = None) -> LossOut:
+         anchors_BA, keep_BA, gamma: float = GAMMA, segments: Segments | None = None, vocab=None) -> LossOut:
     """DFlash SFT loss at given anchors (draw them with `sample_anchors`); differentiable in `params`.
 
-    `target_params` holds the target's frozen `embedding` (+ untied `lm_head`)."""
-    logits = block_logits(params, target_params, config, tconfig, target_hidden, tokens_BT, anchors_BA, segments)
+    `target_params` holds the target's frozen `embedding` (+ untied `lm_head`); `vocab` the
+    draft-vocabulary maps {"d2t", "t2d"} (None: the whole vocabulary)."""
+    logits = block_logits(params, target_params, config, tconfig, target_hidden, tokens_BT, anchors_BA, segments,
+                          head_ids(vocab))
     return loss_from_logits(logits, tokens_BT, loss_mask_BT, anchors_BA, keep_BA, gamma,
-                            None if segments is None else segments.ids_BT)
-
+                            None if segments is None else segments.ids_BT, vocab)
 
 
 # ----------------------------------------------------------------------------- Draft-OPD replay
 
 
 def replay_logits(trainable, params, config: dfm.DFlashConfig, tconfig, rec, aux, error_anchors: bool = False):
-    """The blocks' logits at offsets 1..K of every recorded round [B, R, K, V] (module
-    docstring); with `error_anchors` also the first draft of blocks at the error positions."""
+    """The blocks' logits at offsets 1..K of every recorded round [B, R, K, W] (module
+    docstring); with `error_anchors` also the first draft of blocks at the error positions.
+    W: the drafter's support (`DFlashSpec.support_ids`: the draft vocabulary, or V)."""
     R, K = rec.drafts_BRK.shape[1:]
     anchors = jnp.maximum(rec.anchor_BR - 1, 0)
     if error_anchors:
         anchors = jnp.concatenate([anchors, jnp.maximum(rec.anchor_BR + rec.num_accepted_BR - 1, 0)], axis=1)
-    logits = block_logits(trainable, params["target"], config, tconfig, aux, rec.seq_BS, anchors)
+    logits = block_logits(trainable, params["target"], config, tconfig, aux, rec.seq_BS, anchors,
+                          head_ids_W=head_ids(params.get("vocab")))
     if not error_anchors:
         return logits[:, :, :K]
     return logits[:, :R, :K], logits[:, R:, 0]
@@ -164,10 +209,11 @@ def replay_logits(trainable, params, config: dfm.DFlashConfig, tconfig, rec, aux
 
 
 def _matmul_params(config: dfm.DFlashConfig, target_config) -> tuple[int, int]:
-    """(N_block, N_context): the trainable params + the target's LM head the block runs through
-    (frozen, but the backward pass flows through it); fc + every layer's k/v projections."""
+    """(N_block, N_context): the trainable params + the target's LM head columns the block runs
+    through (frozen, but the backward pass flows through them: W = the draft vocabulary, or V);
+    fc + every layer's k/v projections."""
     D, K, H = config.hidden_size, config.num_kv_heads, config.head_dim
-    n_block = count_params(dfm.abstract_params(config)) + target_config.vocab_size * D
+    n_block = count_params(dfm.abstract_params(config)) + config.head_size * D
     return n_block, len(config.target_layer_ids) * D * D + config.num_layers * 2 * D * K * H
 
 
