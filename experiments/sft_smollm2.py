@@ -96,6 +96,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                            num_draft_tokens=c.eval.num_draft_tokens)
         if kind == "eagle3":  # ~71 % of a packed row's positions are answer tokens: the draft head runs there only
             c.sft.loss.head_capacity = 0.75
+        else:  # 32 blocks per 640-token row; a draft-vocabulary head (its width: EAGLE-3's) and a neutral MASK
+            c.sft.loss.num_anchors = 32
+            c.drafter.overrides.update(draft_vocab_size=8192, mask_embedding="learned")
         c.export.source = "sft_scale"
         c.eval.runs = []
     if tiny:
@@ -119,6 +122,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.text_corpus.max_tokens = 32
         if "scale" in parts:
             c.sft.probe.update(num_prompts=2, max_new_tokens=16, every=20, batch_size=2)
-        if kind == "eagle3":
+        if "draft_vocab_size" in c.drafter.overrides:
             c.drafter.overrides.draft_vocab_size = 2048
     return c
