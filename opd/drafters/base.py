@@ -55,6 +55,7 @@ class LossOut(NamedTuple):
     accuracy: jax.Array  # [S] top-1 accuracy per offset
     weights: jax.Array  # [S] offset weights
     supervised: jax.Array  # scalar: supervised predictions (position, offset) in the batch
+    extra: Optional[dict] = None  # a kind's own scalar diagnostics (e.g. DFlash's oov_fraction), logged as metrics
 
 
 class TargetFeatures(NamedTuple):

@@ -117,5 +117,5 @@ def train_step(state: TrainState, target_params, drafter_frozen, batch, *, spec:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "per_step_loss": out.per_step_loss, "accuracy": out.accuracy,
-               "grad_norm": optax.global_norm(grads), "supervised": out.supervised}
+               "grad_norm": optax.global_norm(grads), "supervised": out.supervised, **(out.extra or {})}
     return TrainState(state.step + 1, params, opt_state, rng), metrics

@@ -20,7 +20,7 @@ restart per sequence, and offsets past the sequence's end have no loss.
 
 Draft vocabulary (`vocab` = {"d2t", "t2d"}): the logits cover the W draft tokens, the label is
 mapped target -> draft id, and a prediction whose token is outside the draft vocabulary has
-no loss term (it leaves both sums of the weighted mean; `oov_fraction` counts them); its
+no loss term (it leaves both sums of the weighted mean; the metric `oov_fraction` counts them); its
 accuracy counts it as a miss (the drafter cannot propose it), over the same predictions as
 without a draft vocabulary. `supervised` counts the predictions with a loss term.
 
@@ -149,13 +149,6 @@ def _supervision(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, Km1: int, segment
     return labels, on, on * in_vocab.astype(jnp.float32)
 
 
-def oov_fraction(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, block_size: int, segment_ids_BT=None, vocab=None):
-    """The fraction of supervised predictions whose token is outside the draft vocabulary
-    (excluded from the loss; 0 without a draft vocabulary)."""
-    _, on, trained = _supervision(tokens_BT, loss_mask_BT, anchors_BA, keep_BA, block_size - 1, segment_ids_BT, vocab)
-    return 1.0 - jnp.sum(trained) / jnp.maximum(jnp.sum(on), 1.0)
-
-
 def loss_from_logits(logits_BAKW, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
                      gamma: float = GAMMA, segment_ids_BT=None, vocab=None) -> LossOut:
     """Weighted block CE (module docstring); K = Q - 1 offsets (packed rows: only those inside
@@ -172,7 +165,8 @@ def loss_from_logits(logits_BAKW, tokens_BT, loss_mask_BT, anchors_BA, keep_BA,
     hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     # accuracy over every supervised prediction: an out-of-vocabulary token is a miss
     acc = jax.lax.stop_gradient(jnp.sum(trained * hit, axis=(0, 1)) / jnp.maximum(jnp.sum(on, axis=(0, 1)), 1.0))
-    return LossOut(loss, per_offset, acc, w_k, jnp.sum(trained))
+    extra = None if vocab is None else {"oov_fraction": 1.0 - jnp.sum(trained) / jnp.maximum(jnp.sum(on), 1.0)}
+    return LossOut(loss, per_offset, acc, w_k, jnp.sum(trained), extra)
 
 
 def loss(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT, loss_mask_BT,
