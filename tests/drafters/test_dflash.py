@@ -271,8 +271,9 @@ def test_full_width_draft_vocab_equals_the_full_head(target, drafters):
     (l0, o0), g0 = _sft_loss_and_grads(target, drafters["full"], tokens, mask, aux)
     (l1, o1), g1 = _sft_loss_and_grads(target, wide, tokens, mask, aux)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    for a, b in zip(o0, o1):
+    for a, b in zip(o0[:-1], o1[:-1]):  # all but `extra`: none without a draft vocabulary
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+    assert o0.extra is None and float(o1.extra["oov_fraction"]) == 0.0
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 

@@ -65,6 +65,7 @@ def _assert_sane(report: dict, kind: str) -> None:
     assert "config.sft.batch_size 6 must be divisible by the mesh's data x fsdp = 4" in report["batch_error"]
 
 
+@pytest.mark.slow  # ~2 min: full-width compiles
 def test_dflash_qwen3_8b_two_layers_on_8_fake_devices():
     report = _run_check("qwen3_8b,dflash,v6e-8")
     _assert_sane(report, "dflash")

@@ -104,7 +104,8 @@ def _trained(config, workdir, source="opd"):
     return drafter, info
 
 
-@pytest.mark.parametrize("kind", ["eagle3", pytest.param("dflash", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~2 min each (the SFT stage's resume test is in the fast set)
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
 def test_opd_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, data_dir, tmp_path, monkeypatch,
                                                                         kind):
     config = _config(target_dir, data_dir, kind)
@@ -144,6 +145,7 @@ def test_opd_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir
     assert shards == [f"shard-{s:06d}.jsonl" for s in (1, 2, 3, 4)]
 
 
+@pytest.mark.slow  # ~1.5 min: OPD + two baselines
 def test_opd_metrics_probe_rollouts_and_matched_flops_baselines(target_dir, data_dir, tmp_path):
     config = _config(target_dir, data_dir, "eagle3")
     _warm_up(config, tmp_path)

@@ -120,6 +120,7 @@ print("RESULT" + json.dumps(result))
 """.replace("TESTS_DIR", repr(os.path.join(TESTS_DIR, "training")))
 
 
+@pytest.mark.slow  # ~2-3 min: two subprocesses, 1 and 8 devices
 def test_opd_step_on_8_fake_devices_matches_one_device():
     """data=2, fsdp=2, tensor=2 vs one device: the same rollout, loss and gradients."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
