@@ -61,13 +61,14 @@ def _text(nb) -> str:
 
 @pytest.mark.slow
 def test_quickstart_notebook(tmp_path, monkeypatch):
-    """SmolLM2 greedy AR vs n-gram speculative decoding, the quickstart:tiny pipeline, its
-    report, and the exported Draft-OPD drafter decoding losslessly."""
+    """SmolLM2 greedy AR vs n-gram speculative decoding, the shipped EAGLE-3 drafter timed against
+    AR, the quickstart:tiny pipeline, its report, and the exported Draft-OPD drafter decoding
+    losslessly."""
     workdir = tmp_path / "workdir"
     nb = _execute("quickstart.ipynb", {"OPD_COLAB_WORKDIR": str(workdir)}, monkeypatch, cell_timeout=900)
     text = _text(nb)
     assert "TINY=True" in text and text.count("identical to autoregressive decoding: True") == 2
-    assert "eagle3 drafter: tau = " in text
+    assert "eagle3 drafter: tau = " in text and "shipped EAGLE-3: tau = " in text and "speed-up" in text
     assert (workdir / "report" / "results.md").exists() and (workdir / "report" / "curves.png").exists()
     displayed = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "display_data"]
     assert any("image/png" in o.data for o in displayed) and any("text/markdown" in o.data for o in displayed)

@@ -20,7 +20,7 @@ VARIANTS = {  # every experiment config with a few variants each
     "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny"],
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny"],
     "quickstart.py": ["", "tiny"],
-    "main_table_smollm2.py": [""],
+    "main_table_smollm2.py": ["", "shipped", "shipped,quick"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
 }
 

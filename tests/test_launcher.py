@@ -36,7 +36,9 @@ def test_quickstart_tiny_runs_and_resumes(tmp_path):
     assert opd["training"] == "opd (4 steps)" and opd["training_flops"] > sft["training_flops"] > 0
     report = json.load(open(tmp_path / "report" / "results.json"))
     assert {(r["drafter"], r["method"]) for r in report["rows"]} == {("none", "-"), ("ngram", "-"), ("eagle3", "sft"),
-                                                                     ("eagle3", "opd")}
+                                                                     ("eagle3", "opd"), ("eagle3", "sft_scale")}
+    shipped = json.load(open(tmp_path / "eval" / "eagle3_shipped_mtbench" / "metrics.json"))
+    assert shipped["greedy_matches_ar"] is True and shipped["tau"] > 1.0  # the drafter shipped in the repo
     sft_curve, opd_curve = report["curves"]["eagle3"]["sft"], report["curves"]["eagle3"]["opd"]
     assert [p["step"] for p in sft_curve] == [0, 20, 40] and [p["step"] for p in opd_curve] == [0, 2, 4]
     assert opd_curve[0]["flops"] == sft_curve[-1]["flops"]  # one cumulative FLOPs axis
