@@ -28,6 +28,7 @@ _SINGLE = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # safetensors dtype -> (numpy dtype of the stored bytes, itemsize). BF16 is read as raw uint16.
 _ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+_MAP_DTYPES = {"I64": 8, "I32": 4, "BOOL": 1}  # integer / bool maps (e.g. a draft vocabulary's d2t / t2d)
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
@@ -177,8 +178,9 @@ def _shard_files(path: str) -> dict[str, list[str] | None]:
     raise CheckpointError(f"no safetensors files (model.safetensors or {_INDEX}) in {path}")
 
 
-def _read_header(fpath: str) -> tuple[dict[str, Any], int]:
-    """Parses and checks a safetensors header; returns (tensor entries, data start offset)."""
+def _read_header(fpath: str, maps=()) -> tuple[dict[str, Any], int]:
+    """Parses and checks a safetensors header; returns (tensor entries, data start offset).
+    Tensors are floating point, except those named in `maps` (integer or bool)."""
     size = os.path.getsize(fpath)
     with open(fpath, "rb") as f:
         head = f.read(8)
@@ -203,12 +205,13 @@ def _read_header(fpath: str) -> tuple[dict[str, Any], int]:
             dtype, shape, (b, e) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"safetensors file {fpath}: corrupt header entry for {name!r}") from err
-        if dtype not in _ST_DTYPES:
+        itemsize = _MAP_DTYPES.get(dtype) if name in maps else _ST_DTYPES.get(dtype, (None, None))[1]
+        if itemsize is None:
             raise CheckpointError(
                 f"safetensors file {fpath}: tensor {name!r} has dtype {dtype}; only floating-point "
                 f"weights ({', '.join(_ST_DTYPES)}) are supported"
             )
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype][1]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
         if not (0 <= b <= e) or e - b != nbytes or any(s < 0 for s in shape):
             raise CheckpointError(
                 f"safetensors file {fpath}: tensor {name!r} has inconsistent offsets {b}..{e} for shape {shape}"
@@ -221,10 +224,11 @@ def _read_header(fpath: str) -> tuple[dict[str, Any], int]:
     return header, start
 
 
-def _read_file(fpath: str, names: list[str] | None, dtype) -> dict[str, np.ndarray]:
+def _read_file(fpath: str, names: list[str] | None, dtype, maps=()) -> dict[str, np.ndarray]:
+    """`names` (None = all) of one safetensors file as `dtype`; those in `maps` as stored."""
     from safetensors import safe_open
 
-    header, start = _read_header(fpath)
+    header, start = _read_header(fpath, maps)
     wanted = list(header) if names is None else names
     for name in wanted:
         if name not in header:
@@ -242,7 +246,7 @@ def _read_file(fpath: str, names: list[str] | None, dtype) -> dict[str, np.ndarr
                     arr = (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
                 else:
                     arr = f.get_tensor(name)
-                out[name] = arr.astype(dtype, copy=False)
+                out[name] = arr if name in maps else arr.astype(dtype, copy=False)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises SafetensorError/OSError on corrupt files

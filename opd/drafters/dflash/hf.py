@@ -29,7 +29,6 @@ import os
 
 import jax
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from opd.checkpoints.errors import CheckpointError
@@ -260,7 +259,7 @@ def read_dflash_hf(path: str, tconfig: TransformerConfig):
     c = _config_from_json(path, tconfig)
     sd = {}
     for fname, names in _shard_files(path).items():
-        for name, arr in _read_shard(os.path.join(path, fname), names).items():
+        for name, arr in _read_file(os.path.join(path, fname), names, np.float32, maps=VOCAB_TENSORS).items():
             if name in sd:
                 raise CheckpointError(f"tensor {name!r} appears in more than one safetensors file ({fname})")
             sd[name] = arr
@@ -283,28 +282,6 @@ def read_dflash_hf(path: str, tconfig: TransformerConfig):
         d2t, t2d = _vocab_maps(sd, c.vocab_size, c.draft_vocab_size, path)
         vocab = {"d2t": d2t, "t2d": t2d}
     return c, params_from_state_dict(c, sd), vocab
-
-
-def _read_shard(fpath: str, names) -> dict:
-    """One safetensors file's tensors (`names`, None = all), floating-point ones as float32. The
-    checked reader `_read_file` takes floating-point tensors only: a file holding the
-    draft-vocabulary maps is read with safetensors' own reader, the maps in their stored dtype."""
-    try:
-        with safe_open(fpath, framework="numpy") as f:
-            keys = set(f.keys())
-    except Exception:  # unreadable: `_read_file` names the problem
-        keys = set()
-    if not keys & set(VOCAB_TENSORS):
-        return _read_file(fpath, names, np.float32)
-    out = {}
-    try:
-        with safe_open(fpath, framework="numpy") as f:
-            for k in sorted(keys) if names is None else names:
-                v = f.get_tensor(k)
-                out[k] = v if k in VOCAB_TENSORS else v.astype(np.float32)
-    except Exception as e:  # SafetensorError / OSError / a listed name that is absent
-        raise CheckpointError(f"cannot read safetensors file {fpath}: {type(e).__name__}: {e}") from e
-    return out
 
 
 def load_dflash_hf(path: str, target):
