@@ -95,6 +95,20 @@ def draft_vocab(learned_mask: bool = False):
     return variant
 
 
+def dflash_scale(n: int):
+    """The step of `sft_smollm2.py:dflash,scale` with `n` anchors per row: packed rows of 640
+    tokens, 4 per batch, the 8192-token draft vocabulary and the learned MASK. Other kinds:
+    unchanged."""
+
+    def variant(config):
+        if config.drafter.kind == "dflash":
+            config = draft_vocab(learned_mask=True)(packed_long(config))
+            config.sft.loss.num_anchors = n
+        return config
+
+    return variant
+
+
 def packed(config):
     """Several sequences per row with segment masks (`config.sft.packing`); EAGLE-3's teacher is
     then the compact one (the draft vocabulary's LM-head columns + the cached argmax), which
@@ -124,7 +138,8 @@ def head_at_trained(config):
 VARIANTS = {"today": today, "compact_teacher": compact, "packed": packed, "packed_640": packed_long, "packed_640_head": head_at_trained, "dflash_anchors_32": anchors(32), "dflash_anchors_128": anchors(128),
             "dflash_packed_anchors_32": anchors(32, True), "dflash_packed_anchors_64": anchors(64, True),
             "dflash_packed_anchors_128": anchors(128, True), "dflash_packed_anchors_32_vocab_8192": draft_vocab(),
-            "dflash_packed_anchors_32_vocab_8192_learned_mask": draft_vocab(learned_mask=True)}
+            "dflash_packed_anchors_32_vocab_8192_learned_mask": draft_vocab(learned_mask=True),
+            **{f"dflash_scale_640_anchors_{n}": dflash_scale(n) for n in (32, 64, 128)}}
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "step variants to measure")
 
 

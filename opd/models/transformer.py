@@ -27,7 +27,7 @@ import numpy as np
 from opd.models.config import TransformerConfig
 
 Params = Any
-_NEG_INF = -1e30
+NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
@@ -129,7 +129,7 @@ def grouped_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, m
     q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     scores = jnp.einsum("bkqh,bksh->bkqs", q, k_BKSH, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(H))
     mask_BQS = jnp.broadcast_to(mask_BTS[:, None], (B, G, T, mask_BTS.shape[-1])).reshape(B, G * T, -1)
-    scores = jnp.where(mask_BQS[:, None], scores, _NEG_INF)
+    scores = jnp.where(mask_BQS[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, v_BKSH)
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from opd.models import transformer as tfm
 from opd.models.config import RopeScaling, TransformerConfig
@@ -193,16 +194,32 @@ class DFlashAttention(nn.Module):
             q = q + self.bq.astype(dt)[None, None]
         q = tfm.apply_rope(self.q_norm(q), positions_BQ, tfm.rope_inv_freq(c))
         k_blk, v_blk = self.project_kv(x_BQD, positions_BQ)
-        keys = jnp.concatenate([ctx_k_BKSH.astype(dt), k_blk], axis=2)  # [B, K, S+Q, H]
-        values = jnp.concatenate([ctx_v_BKSH.astype(dt), v_blk], axis=2)
-        # Non-causal: every block position sees every valid context slot and the whole block.
-        valid_BS = jnp.concatenate([ctx_valid_BS, jnp.ones((B, Q), bool)], axis=1)
-        mask_BQS = jnp.broadcast_to(valid_BS[:, None, :], (B, Q, valid_BS.shape[-1]))
-        out = tfm.grouped_attention(q, keys, values, mask_BQS, dt)
+        out = block_attention(q, ctx_k_BKSH.astype(dt), ctx_v_BKSH.astype(dt), ctx_valid_BS, k_blk, v_blk, dt)
         out = jnp.einsum("bqnh,nhd->bqd", out, self.wo.astype(dt))
         if c.attention_bias:
             out = out + self.bo.astype(dt)[None, None]
         return out
+
+
+def block_attention(q_BQNH, ctx_k_BKSH, ctx_v_BKSH, ctx_valid_BS, k_BKQH, v_BKQH, dtype) -> jax.Array:
+    """Non-causal attention of the block's queries over [valid context slots] U [the whole
+    block]: one softmax over both, computed without concatenating the context K/V with the
+    block's. (Under SFT's vmap over a row's anchors the context K/V is shared: a concatenation
+    would copy it once per anchor, A x [B, K, S, H], which cost more than the matmuls.)"""
+    B, Q, N, H = q_BQNH.shape
+    K = ctx_k_BKSH.shape[1]
+    G = N // K
+    q = q_BQNH.reshape(B, Q, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * Q, H)
+    scale = 1.0 / np.sqrt(H)
+    s_ctx = jnp.einsum("bkqh,bksh->bkqs", q, ctx_k_BKSH, preferred_element_type=jnp.float32) * scale
+    s_ctx = jnp.where(ctx_valid_BS[:, None, None, :], s_ctx, tfm.NEG_INF)
+    s_blk = jnp.einsum("bkqh,bksh->bkqs", q, k_BKQH, preferred_element_type=jnp.float32) * scale
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(s_ctx, -1, keepdims=True), jnp.max(s_blk, -1, keepdims=True)))
+    e_ctx, e_blk = jnp.exp(s_ctx - m), jnp.exp(s_blk - m)
+    z = jnp.sum(e_ctx, -1, keepdims=True) + jnp.sum(e_blk, -1, keepdims=True)
+    out = (jnp.einsum("bkqs,bksh->bkqh", (e_ctx / z).astype(dtype), ctx_v_BKSH)
+           + jnp.einsum("bkqs,bksh->bkqh", (e_blk / z).astype(dtype), v_BKQH))
+    return out.reshape(B, K, G, Q, H).transpose(0, 3, 1, 2, 4).reshape(B, Q, N, H)
 
 
 class DFlashLayer(nn.Module):

@@ -60,7 +60,6 @@ from opd.training.flops import count_params
 
 TTT_STEPS = 7  # EAGLE `length`, SpecForge `--ttt-length`
 STEP_DECAY = 0.8
-_NEG_INF = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +150,7 @@ def ttt_hidden(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_
             diag_k.append(k)
             diag_v.append(v)
         s1 = jnp.einsum("btkgh,bskh->bkgts", q, k1, preferred_element_type=jnp.float32) * scale
-        s1 = jnp.where(visible, s1, _NEG_INF)
+        s1 = jnp.where(visible, s1, tfm.NEG_INF)
         sd = [jnp.einsum("btkgh,btkh->bkgt", q, kj, preferred_element_type=jnp.float32)[..., None] * scale for kj in diag_k]
         probs = jax.nn.softmax(jnp.concatenate([s1] + sd, axis=-1), axis=-1).astype(dt)
         o = jnp.einsum("bkgts,bskh->btkgh", probs[..., :T], v1)
