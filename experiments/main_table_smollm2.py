@@ -30,6 +30,7 @@ SET_SIZES = {"mtbench": 80, "humaneval": 164, "alpacaeval": 87}
 SHIPPED = (  # (drafter, shipped name, K)
     ("ngram", "", 4),
     ("eagle3", "smollm2_eagle3", 4),
+    ("dflash", "smollm2_dflash", 7),
 )
 DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
     ("ngram", "", 4),
