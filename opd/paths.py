@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
+
 from opd import remote
 from opd.data.assets import asset_path
 
@@ -72,16 +74,59 @@ def read_json(path: str):
 
 
 def read_jsonl(path: str) -> list:
-    """The records of a JSONL file ([] when it does not exist)."""
+    """The records of a JSONL file ([] when it does not exist). A torn last line (a write cut
+    short by a crash, a kill or a full disk) is skipped with a warning naming the file and
+    line; an unreadable line before the last is an error (the file is damaged, not torn)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    rows = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i != last:
+                raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); the file is damaged: fix or remove that "
+                                 "line") from None
+            logging.warning("%s, line %d: skipped a torn last line (%d characters; a write cut short)", path, i + 1,
+                            len(line))
+    return rows
+
+
+def drop_torn_tail(path: str) -> None:
+    """Ends a JSONL file on a newline before an append: a torn last line (`read_jsonl`) is cut
+    off with a warning; a whole record that only lacks its newline gets one."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()  # only when the file does not end on a newline
+        keep = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[keep:])
+            f.write(b"\n")
+            return
+        except ValueError:
+            pass
+        logging.warning("%s, line %d: dropped a torn last line (%d bytes) before appending", path,
+                        data.count(b"\n") + 1, size - keep)
+        f.truncate(keep)
 
 
 def append_jsonl(path: str, records) -> None:
-    """Appends records as JSON lines, flushed to disk."""
+    """Appends records as JSON lines, flushed to disk (after dropping a torn last line)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    drop_torn_tail(path)
     with open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

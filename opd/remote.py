@@ -109,8 +109,8 @@ class RemoteWorkdir:
         """Whether workdir-relative path `rel` is synced (not in-progress `.tmp` output, orbax's
         temporary dirs, checkpoints or feature caches)."""
         parts = rel.split("/")
-        if parts[0] == MANIFEST_DIR or parts[-1].endswith(".tmp"):
-            return False
+        if parts[0] == MANIFEST_DIR or parts[-1].endswith(".tmp") or parts[0].startswith(".opd_lock"):
+            return False  # (.opd_lock*: this machine's workdir lock, opd.workdir_lock)
         return not any(p in LOCAL_ONLY or p.endswith(".tmp") or "orbax-checkpoint-tmp" in p for p in parts[:-1])
 
     def checkpoint_location(self, local_path: str) -> str:

@@ -3,11 +3,14 @@
 `train_loop` steps a jitted `step_fn(state, *frozen, batch) -> (state, metrics)` from the
 state's step to `num_steps` and owns everything around it:
   * checkpoints (orbax, `opd.training.checkpoint`): every `save_every` steps, at the end, and
-    on SIGTERM; each holds the train state and a JSON "data" item with the data iterator's
+    on SIGTERM / SIGINT; each holds the train state and a JSON "data" item with the data iterator's
     position and the cumulative counters (FLOPs, tokens), so a resumed run continues exactly;
   * faults: a non-finite loss raises `FloatingPointError` before anything of that step is
-    saved (the last good checkpoint stays the latest); SIGTERM finishes the current step,
-    saves, waits for the write and raises `Preempted`;
+    saved (the last good checkpoint stays the latest); SIGTERM or SIGINT (Ctrl-C; a second
+    one aborts at once) finishes the current step, saves, waits for the write and raises
+    `Preempted`; a checkpoint write that fails (e.g. a full disk, in orbax's background
+    thread) is noticed at the next step and raises `SaveFailed` naming the error and the
+    path, while the previous checkpoint is still the latest complete one;
   * metrics: means over the last `log_every` steps plus tokens/s, learning rate and
     cumulative FLOPs, written by a `MetricsWriter` (JSONL + TensorBoard); `hooks` add
     periodic evaluations (e.g. tau on a probe set);
@@ -17,12 +20,15 @@ state's step to `num_steps` and owns everything around it:
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import os
 import signal
 import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -31,26 +37,92 @@ from opd import sharding as shd
 from opd.training import checkpoint as ckpt
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; the state was saved. Run the same command again to resume."""
+class Stopped(Exception):
+    """A launch stopped for a reason its message states in full (what happened, what was kept,
+    what to do): the launcher prints the message as one line, without a traceback, and exits
+    non-zero."""
+
+
+class Preempted(Stopped):
+    """SIGTERM or SIGINT arrived; the state was saved. Run the same command again to resume."""
+
+
+class SaveFailed(Stopped):
+    """Writing a checkpoint failed (e.g. the disk is full); the previous one is intact."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def sigterm_flag():
-    """Yields a dict whose "set" turns True when SIGTERM arrives (handler restored after)."""
-    flag = {"set": False}
+def stop_signals():
+    """Yields a dict whose "set" becomes the signal's name ("SIGTERM", "SIGINT") when one of
+    `STOP_SIGNALS` arrives (handlers restored after). A second SIGINT raises KeyboardInterrupt
+    at once (Ctrl-C twice: do not wait for the save)."""
+    flag = {"set": ""}
     if threading.current_thread() is not threading.main_thread():
         yield flag  # signal handlers can only be installed from the main thread
         return
 
     def handler(signum, frame):
-        flag["set"] = True
+        if signum == signal.SIGINT and flag["set"] == "SIGINT":
+            raise KeyboardInterrupt
+        flag["set"] = signal.Signals(signum).name
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _chain(e: BaseException) -> list:
+    """`e` and every exception behind it (causes, contexts, exception groups)."""
+    seen, out, todo = set(), [], [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        out.append(x)
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return out
+
+
+def _join_orbax_writers(timeout: float = 120.0) -> None:
+    """Waits for orbax's writer threads still running after a failed save (e.g. the state's
+    arrays while the data item failed): left running, they fail at interpreter exit and log
+    tracebacks after the one-line message."""
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax.") and not t.daemon:
+            t.join(timeout)
+
+
+def save_failed(e: BaseException, desc: str, step, manager) -> SaveFailed:
+    """One line on a failed checkpoint write: the OS error (e.g. ENOSPC) and path, the last
+    complete checkpoint, and what to do."""
+    _join_orbax_writers()
+    chain = _chain(e)
+    os_err = next((x for x in chain if isinstance(x, OSError) and x.errno), None)
+    full = os.strerror(errno.ENOSPC)
+    if os_err is not None:
+        name = errno.errorcode.get(os_err.errno, str(os_err.errno))
+        cause = f"{os_err.strerror or os_err} ({name}) writing {os_err.filename or f'{manager.directory}/{step}'}"
+    elif any(full in str(x) for x in chain):  # tensorstore's errors carry the OS error as text
+        os_err, cause = OSError(errno.ENOSPC, full), f"{full} (ENOSPC) writing {manager.directory}/{step}"
+    else:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
+        cause = f"{type(e).__name__}: {first}"
+    hint = "Free disk space" if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT) else "Fix that"
+    try:
+        manager.reload()  # orbax's view of which steps are complete
+        last = manager.latest_step()
+    except Exception:  # noqa: BLE001 - the message must not fail too
+        last = None
+    kept = f"step {last} is the last complete checkpoint" if last is not None else "no complete checkpoint yet"
+    return SaveFailed(f"{desc}: saving the checkpoint of step {step} failed: {cause}. Training stopped; {kept} in "
+                      f"{manager.directory}. {hint}, then run the same command again to resume.")
 
 
 def _mean_metrics(rows: Sequence[dict]) -> dict:
@@ -100,7 +172,8 @@ def train_loop(
         gets the metrics whose keys start with "_" (kept out of the means), e.g. rollout text.
     Raises:
       FloatingPointError: non-finite loss (nothing of that step saved).
-      Preempted: SIGTERM (the state after the current step is saved).
+      Preempted: SIGTERM or SIGINT (the state after the current step is saved).
+      SaveFailed: a checkpoint could not be written (the previous one is intact).
     """
     from tqdm import tqdm
 
@@ -113,16 +186,40 @@ def train_loop(
     pending, t_log = [], time.perf_counter()
     tokens_since = 0
 
-    def save(force=True):
-        ckpt.save(manager, state, {**data_state(), "counters": dict(counters)}, force=force)
+    in_flight = {"step": None}  # the step whose checkpoint orbax is still writing
+
+    def save():
+        finish_save(block=True)  # the previous write first, so a failure names its own step
+        try:
+            ckpt.save(manager, state, {**data_state(), "counters": dict(counters)}, force=True)
+        except Exception as e:  # e.g. the disk is full before the write even starts
+            raise save_failed(e, desc, done, manager) from e
+        in_flight["step"] = done
         rw = remote.current()
         if rw is not None:  # a URL workdir: the metrics and rollouts so far go up with the checkpoint
             rw.push()
 
+    def finish_save(block: bool) -> None:
+        """Raises `SaveFailed` once the checkpoint in flight failed to write; `block`: wait for
+        it. A collective: multi-host, every host stops at the same step."""
+        step_, error = in_flight["step"], None
+        if step_ is not None and (block or not manager.is_saving_in_progress()):
+            try:
+                manager.wait_until_finished()  # orbax re-raises its background thread's error here
+                in_flight["step"] = None
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if error is not None:
+            shd.any_process(True)
+            raise save_failed(error, desc, step_, manager) from error
+        if shd.any_process(False):
+            raise SaveFailed(f"{desc}: saving the checkpoint of step {step_} failed on another host (its log names the "
+                             "error); training stopped. Fix it, then run the same command again to resume.")
+
     bar = tqdm(total=num_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=not shd.is_main_process())
     try:
-        with sigterm_flag() as flag:
+        with stop_signals() as flag:
             for step in range(start, num_steps):
                 batch = next(batches)
                 state, metrics = step_fn(state, *frozen, place_batch(batch))
@@ -159,14 +256,25 @@ def train_loop(
                         out = hook(done, state)
                         if writer is not None and out:
                             writer.write(done, {**out, "flops": float(counters["flops"])})
-                stop = shd.any_process(flag["set"])  # multi-host: every host stops at this step
+                finish_save(block=False)  # an earlier checkpoint's write failed: stop here
+                stop = shd.any_process(bool(flag["set"]))  # multi-host: every host stops at this step
                 if done % save_every == 0 or done == num_steps or stop:
                     save()
                 if stop:
-                    manager.wait_until_finished()
-                    raise Preempted(f"{desc}: SIGTERM at step {done} (on this host or another); saved to {manager.directory}. "
-                                    "Run the same command again to resume.")
-    finally:
+                    finish_save(block=True)
+                    raise Preempted(f"{desc}: {flag['set'] or 'a stop signal'} at step {done} (on this host or "
+                                    f"another); saved to {manager.directory}. Run the same command again to resume.")
+            finish_save(block=True)
+    except SaveFailed:
         bar.close()
-        manager.wait_until_finished()
+        raise
+    except BaseException:
+        bar.close()
+        try:  # let a write in flight finish; its own failure is only logged under the error at hand
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            logging.warning("%s: the checkpoint write in flight failed too: %s", desc,
+                            save_failed(e, desc, in_flight["step"], manager))
+        raise
+    bar.close()
     return state

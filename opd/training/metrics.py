@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from opd.paths import read_jsonl
+from opd.paths import append_jsonl, read_jsonl
 from opd.sharding import is_main_process
 
 
@@ -69,8 +69,7 @@ class MetricsWriter:
         row = {"step": int(step), **flatten(metrics)}
         if not self.enabled:
             return row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, [row])  # a torn last line (a crash mid-write) is dropped first
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and v is not None:

@@ -4,6 +4,8 @@ Layout under `DIR/<config.opd.name>/<kind>/` (name "opd" by default; ablations u
   run.json        the target, the drafter kind and the warm-up drafter (`config.opd.init`); a
                   resume under another target / warm-up is refused;
   init/           a copy of the warm-up drafter (HF layout): every resume and export starts here;
+  opd_config.json, launches.jsonl   the training settings, and every launch's: a resume that
+                  changes one that alters the run is refused (`stage_common.check_settings`);
   checkpoints/    orbax steps: train state + prompt-iterator position + cumulative counters;
   metrics.jsonl, tb/   every `log_every` steps the means of the loss and its streams (accepted,
                   rejected, post-rejection, error anchors), the divergence and acceptance by
@@ -39,7 +41,7 @@ from opd import sharding as shd
 from opd.configs import opd_config, optim_config, probe_num_draft_tokens, stage_mesh
 from opd.data.builders import read_trajectory_shards
 from opd.decoding import batching
-from opd.paths import resolve_path, write_json
+from opd.paths import resolve_path
 from opd.target import load_target_from_config
 from opd.training import checkpoint as ckpt
 from opd.training import flops, optim
@@ -141,6 +143,9 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
     if manager.latest_step() is not None and manager.latest_step() >= int(o.num_steps):
         logging.info("opd: already at step %d (config.opd.num_steps = %d)", manager.latest_step(), o.num_steps)
         return os.path.join(stage_dir, "checkpoints")
+    # a resume under settings that change what the run computes is refused before any work
+    common.check_settings(stage_dir, "opd", o.to_dict(), int(config.seed), manager.latest_step(),
+                          config.get("resume_override", ()))
     folders = common.trajectory_folders(o.data, workdir, "opd")
     drafter = common.initial_drafter(stage_dir, fp, target, kind=kind, init=str(o.init), overrides={},
                                      seed=int(config.seed), param_dtype=config.drafter.param_dtype, workdir=workdir)
@@ -166,8 +171,6 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
         batches.set_state(data["iterator"])
         counters = dict(data.get("counters", {}))
         logging.info("opd: resumed at step %d from %s", int(state.step), manager.directory)
-    if shd.is_main_process():
-        write_json(os.path.join(stage_dir, "opd_config.json"), o.to_dict())
 
     writer = MetricsWriter(stage_dir, tensorboard=bool(o.tensorboard))
     writer.truncate_after(int(state.step))

@@ -5,6 +5,8 @@ same trajectories; `config.sft.name` replaces "sft" for other branches, e.g.
 continued SFT from a warm-up; every piece is written once, then only read back):
   run.json        what the run was started with (target, drafter kind and config); a resume
                   under another target / drafter config is refused;
+  sft_config.json, launches.jsonl   the training settings, and every launch's: a resume that
+                  changes one that alters the run is refused (`stage_common.check_settings`);
   init/           the step-0 drafter in its public HF layout (`stage_common.initial_drafter`:
                   e.g. a fresh EAGLE-3 drafter's draft vocabulary is built here, once, from the
                   training tokens; a fine-tuned one keeps its own). Every resume and export
@@ -39,7 +41,7 @@ from opd.configs import optim_config, probe_num_draft_tokens, stage_mesh
 from opd.data import builders
 from opd.data import pipeline as dp
 from opd.drafters import registry
-from opd.paths import resolve_path, write_json
+from opd.paths import resolve_path
 from opd.target import load_target_from_config
 from opd.training import checkpoint as ckpt
 from opd.training import feature_cache, flops, optim
@@ -103,6 +105,9 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     if not s.match_flops and manager.latest_step() is not None and manager.latest_step() >= int(s.num_steps):
         logging.info("sft: already at step %d (config.sft.num_steps = %d)", manager.latest_step(), s.num_steps)
         return os.path.join(stage_dir, "checkpoints")
+    # a resume under settings that change what the run computes is refused before any work
+    common.check_settings(stage_dir, "sft", s.to_dict(), int(config.seed), manager.latest_step(),
+                          config.get("resume_override", ()))
     folders = common.trajectory_folders(s.data, workdir, "sft")
     drafter = common.initial_drafter(stage_dir, fp, target, kind=d.kind, init=d.init, overrides=dict(d.overrides),
                                      seed=int(config.seed), param_dtype=d.param_dtype, workdir=workdir, folders=folders,
@@ -151,8 +156,6 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         batches.set_state(data["iterator"])
         counters = dict(data.get("counters", {}))
         logging.info("sft: resumed at step %d from %s", int(state.step), manager.directory)
-    if shd.is_main_process():
-        write_json(os.path.join(stage_dir, "sft_config.json"), s.to_dict())  # this launch's training settings
     writer = MetricsWriter(stage_dir, tensorboard=bool(s.tensorboard))
     writer.truncate_after(int(state.step))
     target_params, frozen_dev = run.place_frozen(target.params, frozen)

@@ -7,6 +7,10 @@ A run directory `DIR/<name>/<kind>/` holds
   init/          the step-0 drafter in its public HF layout, written once: every resume and
                  export starts from it (a fresh drafter's draft vocabulary is built once, here);
   checkpoints/   orbax steps (`opd.training.checkpoint`);
+  <block>_config.json  the training settings (`config.sft` / `config.opd`) the run continues
+                 with; a resume that changes one that alters what the run computes is refused
+                 (`check_settings`), unless `config.resume_override` names it;
+  launches.jsonl every launch's settings, with the step it started from and what it changed;
   metrics.jsonl, tb/   training metrics (`opd.training.metrics`).
 """
 
@@ -16,6 +20,7 @@ import glob
 import json
 import os
 import shutil
+import time
 
 from absl import logging
 import jax
@@ -27,10 +32,11 @@ from opd.data.builders import read_trajectory_shards
 from opd.decoding.speculative import speculative_generate
 from opd.drafters import registry
 from opd.eval.harness import load_eval_records
-from opd.paths import read_jsonl, resolve_path, write_json
+from opd.paths import append_jsonl, read_jsonl, resolve_path, write_json
 from opd.training import checkpoint as ckpt
 from opd.training import optim
 from opd.training import run as run_mod
+from opd.training.loop import Stopped
 
 # ----------------------------------------------------------------------------- data
 
@@ -124,18 +130,83 @@ def initial_drafter(stage_dir: str, fp: dict, target, *, kind: str, init: str, o
 
 
 def restore_state(manager, run):
-    """(state, data_state) of the latest checkpoint onto `run`'s shardings, or None; a clear
-    error if unreadable."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    try:
-        return ckpt.restore(manager, run.abstract_state(), step)
-    except Exception as e:  # orbax raises many kinds (missing files, shape/dtype mismatch, bad metadata)
-        raise CheckpointError(
-            f"cannot restore step {step} from {manager.directory}: {type(e).__name__}: {e}. The checkpoint is corrupt "
-            "or was written for another drafter / target; move that step directory away to resume from an older "
-            "one, or use another --workdir.") from e
+    """(state, data_state) of the newest good checkpoint onto `run`'s shardings, or None
+    (`checkpoint.restore_latest`: verified, falling back past damaged steps with a warning)."""
+    return ckpt.restore_latest(manager, run.abstract_state())
+
+
+# Settings a resume may change freely: they say how long, how often, where and how fast, not
+# what a step computes. `num_steps` (and `match_flops`, which sets it) may grow to continue a
+# run; with a decaying learning rate (optimizer.end_lr_ratio < 1) that stretches the schedule's
+# remaining steps, which is logged. Every other setting (optimizer, loss, data, batch and
+# sequence shape, packing, probe prompts, seed, ...) alters the run and must match.
+FREE_SETTINGS = ("num_steps", "match_flops", "log_every", "save_every", "keep_checkpoints", "tensorboard", "mesh",
+                 "target_features", "feature_cache_dtype", "feature_cache_dir", "save_rollouts", "probe.every",
+                 "probe.batch_size")
+
+
+class ResumeRefused(Stopped):
+    """A resume under changed settings that alter what the run computes."""
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _named(key: str, entries) -> bool:
+    """Whether `config.resume_override` entries (dotted keys, a block, "*"; comma-separated
+    entries allowed) name `key`."""
+    names = [n.strip() for e in entries for n in str(e).split(",") if n.strip()]
+    return any(n == "*" or key == n or key.startswith(n + ".") for n in names)
+
+
+def check_settings(stage_dir: str, block: str, settings: dict, seed: int, step, override=()) -> None:
+    """Refuses to resume (`step` is the checkpoint's; None: a new run) the run of `stage_dir`
+    under `config.<block>` settings that alter what it computes (`FREE_SETTINGS` may change),
+    naming each and the override; then records this launch (`launches.jsonl`) and its settings
+    (`<block>_config.json`). Settings the recorded run lacks (written by an earlier version)
+    are not compared."""
+    settings = json.loads(json.dumps(settings, default=str))
+    current, history = os.path.join(stage_dir, f"{block}_config.json"), os.path.join(stage_dir, "launches.jsonl")
+    launches = read_jsonl(history)
+    recorded = {}
+    if os.path.isfile(current):
+        with open(current) as f:
+            recorded = json.load(f)
+    old = _flat(recorded, f"{block}.")
+    if launches and "seed" in launches[-1]:
+        old["seed"] = launches[-1]["seed"]
+    new = {**_flat(settings, f"{block}."), "seed": int(seed)}
+    changed = {} if step is None else {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]}
+    free = [f"{block}.{k}" for k in FREE_SETTINGS]
+    refused = {k: v for k, v in changed.items() if not _named(k, free) and not _named(k, override)}
+    if refused:
+        first, (was, now) = next(iter(refused.items()))
+        more = f" (and {', '.join(list(refused)[1:])})" if len(refused) > 1 else ""
+        raise ResumeRefused(
+            f"{block}: {stage_dir} is at step {step} with {first} = {was!r}; this launch sets {now!r}{more}. That "
+            f"changes what the run computes mid-way. To continue with the new value anyway, add "
+            f"--config.resume_override={','.join(refused)}; to start a new run, use another --workdir or "
+            f"config.{block}.name.")
+    for k, (was, now) in changed.items():
+        logging.info("%s: resuming at step %s with %s changed: %r -> %r", block, step, k, was, now)
+    if f"{block}.num_steps" in changed and float(new.get(f"{block}.optimizer.end_lr_ratio", 1.0)) < 1.0:
+        logging.warning("%s: num_steps %s -> %s stretches the decaying learning-rate schedule from step %s on",
+                        block, *changed[f"{block}.num_steps"], step)
+    if not shd.is_main_process():
+        return
+    if not launches and recorded:  # a run recorded before launches.jsonl: keep its settings first
+        append_jsonl(history, [{"step": None, "settings": recorded, "note": "the settings of earlier launches"}])
+    append_jsonl(history, [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "seed": int(seed),
+                            "changed": {k: list(v) for k, v in changed.items()},
+                            "override": [str(e) for e in override], "settings": settings}])
+    write_json(current, settings)
 
 
 def init_flops(path: str) -> int:
@@ -180,12 +251,24 @@ def trained_drafter(workdir: str, target, kind: str, source: str = "sft", step=N
     return drafter.with_trainable(shd.to_host(state.params)), info
 
 
+def check_finite(drafter, what: str) -> None:
+    """Refuses a drafter whose trainable parameters hold NaN / inf (e.g. a float16 overflow)."""
+    finite = {jax.tree_util.keystr(path): np.isfinite(np.asarray(x, np.float32))
+              for path, x in jax.tree_util.tree_leaves_with_path(jax.device_get(drafter.split()[0]))
+              if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)}
+    bad = [(k, int(f.size - f.sum())) for k, f in finite.items() if not f.all()]
+    if bad:
+        raise CheckpointError(f"{what}: parameter {bad[0][0]} holds {bad[0][1]} non-finite values ({len(bad)} arrays "
+                              "affected; after the conversion to param_dtype, if any); nothing exported")
+
+
 def export_run(workdir: str, target, kind: str, source: str, param_dtype: str = "") -> str:
     """Writes the latest checkpoint of run `source` to DIR/export/<source>_<kind>/ (HF layout +
     export.json: source, step, cumulative FLOPs); a no-op when that step is already there."""
     out = os.path.join(workdir, "export", f"{source}_{kind}")
     meta = os.path.join(out, "export.json")
     drafter, info = trained_drafter(workdir, target, kind, source, param_dtype=param_dtype)  # every process
+    check_finite(drafter, f"export: {source} {kind} step {info['step']}")
     done = False
     if os.path.isfile(meta):
         with open(meta) as f:
