@@ -76,6 +76,7 @@ def default_config() -> CD:
     c.num_devices = 0  # the device count this launch is for (0 = any; checked at launch)
     c.slice = ""  # informational: the TPU slice the launch is sized for
     c.hbm_gib = 0.0  # AOT check: HBM per device the plans are compared with
+    c.resume_override = ()  # settings a resume may change though they alter the run, e.g. "sft.optimizer.learning_rate"
 
     c.target = CD()  # the frozen target model
     c.target.path = ""  # HF dir (config.json + *.safetensors), a .gguf file, asset:<name> or a URL
@@ -199,6 +200,46 @@ def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.Co
     """`get_config(variant)` of the config file `name` in the folder of `here` (a config file's
     `__file__`), so that one experiment can build on another."""
     return load_config(os.path.join(os.path.dirname(os.path.abspath(here)), name) + ":" + variant)
+
+
+def check_overrides(argv) -> None:
+    """ValueError, one line, for the first launcher override `--config.<path>=value` whose path
+    the config file lacks, naming it and the nearest known key (ml_collections would stop with a
+    long traceback from inside flag parsing). Without overrides, or when the config file itself
+    does not load (the launcher then reports that), nothing is checked."""
+    from absl import flags
+    from ml_collections.config_flags import config_path
+
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+    overrides = [a.split("=", 1)[0].split(".", 1)[1] for a in argv if re.match(r"-{1,2}(no)?config\.", a)]
+    spec = next((a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+                 for i, a in enumerate(argv) if re.match(r"-{1,2}config(=|$)", a)), "")
+    if not overrides or not spec:
+        return
+    try:
+        config = load_config(spec)
+    except Exception:  # noqa: BLE001 - the launcher's own parsing reports it, with its traceback
+        return
+    for override in overrides:
+        try:
+            parts = config_path.split(override)
+        except (SyntaxError, ValueError):
+            raise ValueError(f"--config.{override}: not a config path (use dotted names, e.g. --config.sft.num_steps=3)") from None
+        node, where = config, "config"
+        for part in parts:
+            if isinstance(part, int) and isinstance(node, (list, tuple)) and -len(node) <= part < len(node):
+                node, where = node[part], f"{where}[{part}]"
+                continue
+            if not isinstance(part, str) or not isinstance(node, (dict, ml_collections.ConfigDict)):
+                break  # an index or a leaf value: ml_collections checks the rest
+            if part not in node:
+                keys = [str(k) for k in node.keys()]
+                near = difflib.get_close_matches(part, keys, n=1)
+                hint = (f"did you mean {where}.{near[0]}?" if near
+                        else f"{where} has: {', '.join(keys) if keys else 'no keys'}")
+                free = " (a free-form block: new keys go in the config file)" if where[7:] in FREE_FORM else ""
+                raise ValueError(f"unknown config key {where}.{part} in --config.{override}{free}; {hint}")
+            node, where = node[part], f"{where}.{part}"
 
 
 def variant_parts(variant: str, allowed, where: str) -> list:

@@ -17,7 +17,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from opd import remote
+from opd import console, remote
 from opd.configs import eval_runs, validate, validate_launch
 from opd.data import regenerate as regen
 from opd.data import text_corpus
@@ -33,6 +33,7 @@ from opd.target import load_target_from_config
 from opd.training import stage_common
 from opd.training.opd_stage import stage_opd
 from opd.training.sft_stage import stage_sft
+from opd.workdir_lock import workdir_lock
 
 
 def stage_fetch_assets(config, workdir: str) -> dict:
@@ -243,22 +244,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         _initialize_distributed()
     validate(config)
     validate_launch(config)
+    with workdir_lock(str(workdir), config.local_workdir):  # one launch per workdir (a second is refused)
+        _run_stages(config, workdir)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str) -> None:
     rw = None
     if remote.is_url(workdir):  # gs://...: the stages run in a local copy synced with the bucket
         rw = remote.attach(str(workdir), config.local_workdir)
         workdir = rw.local
     try:
         os.makedirs(workdir, exist_ok=True)
-        if is_main_process():
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+        if is_main_process():  # this launch's config, also kept with every earlier launch's in launches/
+            launch = f"launches/config-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+            for rel in ("config.json", launch):
+                os.makedirs(os.path.dirname(os.path.join(workdir, rel)), exist_ok=True)
+                with open(os.path.join(workdir, rel), "w") as f:
+                    f.write(config.to_json_best_effort(indent=2))
         for name in config.stages:
-            logging.info("=== stage %s ===", name)
             base, _, source = name.partition(":")
-            if source:  # "export:<run>": export that run (config.export.source for this stage only)
-                STAGES[base](_with_export_source(config, source), workdir)
-            else:
-                STAGES[name](config, workdir)
+            # "export:<run>": export that run (config.export.source for this stage only)
+            stage_config = _with_export_source(config, source) if source else config
+            console.run_stage(name, STAGES[base], stage_config, workdir)  # start / end lines, elapsed time
             barrier(f"stage {name} done")  # multi-host: the next stage reads what every process wrote
     finally:
         if rw is not None:

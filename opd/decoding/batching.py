@@ -14,7 +14,8 @@ Prompt = Union[str, Sequence[int]]
 
 
 class PromptError(ValueError):
-    """A prompt cannot be generated from (empty, too long, token id out of range)."""
+    """Prompts cannot be generated from (none given, not strings or flat token-id lists, empty,
+    too long, token id out of range)."""
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -32,9 +33,19 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def encode_prompts(target, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token-id lists as they are; strings go through the target's chat template + tokenizer."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise PromptError("prompts must be a list of strings or a list of token-id lists")
+    """Token-id lists as they are; strings go through the target's chat template + tokenizer.
+
+    Raises PromptError (before any model work) for anything else: no prompts, a bare string /
+    bytes / number instead of a list, rows that are not one string or one flat list of integer
+    ids (None, bytes, floats, nested lists, lists of strings), empty rows, ids outside the vocabulary.
+    """
+    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+        raise PromptError(f"prompts must be a list of strings or a list of token-id lists, got {_describe(prompts)}")
+    if len(prompts) == 0:
+        raise PromptError("prompts is empty: pass at least one prompt (a string or a list of token ids)")
+    if all(_is_int(p) for p in prompts):  # [5, 6, 7] where [[5, 6, 7]] was meant
+        raise PromptError(f"prompts is a flat list of ints ({_describe(prompts)}): it must be a list of prompts; "
+                          "pass one token-id prompt as [[id, id, ...]]")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -43,7 +54,7 @@ def encode_prompts(target, prompts: Sequence[Prompt]) -> list[list[int]]:
             text = target.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
             ids = target.tokenizer.encode(text)
         else:
-            ids = [int(t) for t in p]
+            ids = _token_ids(p, i)
         if not ids:
             raise PromptError(f"prompt {i} is empty")
         lo, hi = min(ids), max(ids)
@@ -51,6 +62,32 @@ def encode_prompts(target, prompts: Sequence[Prompt]) -> list[list[int]]:
             raise PromptError(f"prompt {i} has token id {hi if hi >= target.config.vocab_size else lo} outside the vocabulary [0, {target.config.vocab_size})")
         out.append(ids)
     return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _describe(x) -> str:
+    """`type` and a short repr of a bad input, for error messages."""
+    r = repr(x)
+    return f"{type(x).__name__} {r[:40] + '...' if len(r) > 40 else r}"
+
+
+def _token_ids(p, i: int) -> list[int]:
+    """Prompt `i` as a list of ints: a flat sequence (or 1-D integer array) of integer ids."""
+    if hasattr(p, "__array__") and not isinstance(p, (bytes, bytearray)):  # numpy / jax arrays
+        a = np.asarray(p)
+        if a.ndim == 1 and (a.dtype.kind in "iu" or a.size == 0):
+            return [int(t) for t in a]
+        bad = f"an array of shape {a.shape} and dtype {a.dtype}"
+    elif isinstance(p, (bytes, bytearray)) or not isinstance(p, Sequence):
+        bad = _describe(p)
+    else:
+        bad = next((f"an element {_describe(t)}" for t in p if not _is_int(t)), None)
+        if bad is None:
+            return [int(t) for t in p]
+    raise PromptError(f"prompt {i} must be a string or a flat list of integer token ids, got {bad}")
 
 
 def check_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int, extra: int = 0) -> None:

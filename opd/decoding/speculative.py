@@ -142,12 +142,24 @@ def _speculative_jit(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_id
 
 
 def check_compatible(target, drafter: Drafter) -> None:
-    """Raises ValueError when drafter and target do not share a vocabulary/tokenizer."""
-    if drafter.spec.vocab_size != target.config.vocab_size:
+    """Raises ValueError (before any JAX work) when drafter and target do not share a
+    vocabulary / tokenizer, or the drafter reads target hidden states this target lacks."""
+    spec, tc = drafter.spec, target.config
+    if spec.vocab_size != tc.vocab_size:
         raise ValueError(
-            f"vocab mismatch: drafter ({drafter.kind}) has vocab_size {drafter.spec.vocab_size}, "
-            f"target has {target.config.vocab_size}"
+            f"vocab mismatch: drafter ({drafter.kind}) has vocab_size {spec.vocab_size}, "
+            f"target has {tc.vocab_size}"
         )
+    if spec.target_hidden_size is not None and spec.target_hidden_size != tc.hidden_size:
+        raise ValueError(
+            f"hidden size mismatch: the {drafter.kind} drafter reads target hidden states of width "
+            f"{spec.target_hidden_size}, this target's hidden_size is {tc.hidden_size} (the drafter was built "
+            "for another target)"
+        )
+    layers = tuple(int(i) for i in spec.target_hidden_layers)
+    if any(not 0 <= i < tc.num_layers for i in layers):
+        raise ValueError(f"layer mismatch: the {drafter.kind} drafter reads target layers {layers}, this target "
+                         f"has {tc.num_layers} layers")
     tt, dt = target.tokenizer, drafter.tokenizer
     if tt is not None and dt is not None and tt is not dt:
         if tt.backend.get_vocab(with_added_tokens=True) != dt.backend.get_vocab(with_added_tokens=True):

@@ -101,6 +101,12 @@ class DrafterSpec(abc.ABC):
 
     max_draft_tokens_why = ""  # what sets `max_draft_tokens`, for the error message
 
+    @property
+    def target_hidden_size(self) -> Optional[int]:
+        """Width of the target hidden states (`target_hidden_layers`) the drafter reads; None when
+        it reads none. Decoding checks it against the target before any work."""
+        return None
+
     def check_num_draft_tokens(self, num_draft_tokens: int) -> None:
         """ValueError unless 1 <= K <= `max_draft_tokens`."""
         K, most = int(num_draft_tokens), self.max_draft_tokens

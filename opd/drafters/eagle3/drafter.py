@@ -61,6 +61,10 @@ class Eagle3Spec(DrafterSpec):
     def teacher_columns(self) -> int:  # the compact teacher: the draft vocabulary's columns
         return self.config.draft_vocab_size
 
+    @property
+    def target_hidden_size(self) -> int:
+        return self.config.target_hidden_size
+
     def __post_init__(self):
         if self.config is None:
             raise ValueError("Eagle3Spec needs an Eagle3Config")
