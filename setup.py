@@ -31,6 +31,8 @@ setup(
     extras_require={
         # Parity checks against PyTorch/transformers only; never imported by the library.
         # nbclient / nbformat / ipykernel execute the colab/ notebooks (tests/test_colab.py).
+        # tests/interop/test_dflash_zlab.py also runs z-lab's `dflash==0.1.0`, installed by .ci/run
+        # with --no-deps (its metadata pins datasets / tqdm / requests that its model does not use).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
         # gs:// workdirs, targets and drafters (opd.remote through fsspec).

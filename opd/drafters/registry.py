@@ -40,6 +40,11 @@ class DrafterKind:
         """A fresh drafter for `target` (`overrides`: the kind's hyper-parameters)."""
         raise TypeError(f"drafter kind {self.name!r} does not implement init")
 
+    def recognizes(self, hf_config: dict) -> bool:
+        """Whether a parsed config.json is one of this kind's HF-layout checkpoints (default: its
+        `architectures` names one of `self.architectures`)."""
+        return any(a in self.architectures for a in hf_config.get("architectures") or [])
+
     def load(self, path: str, target) -> Drafter:
         raise CheckpointError(f"drafter kind {self.name!r} has no checkpoint layout to load from {path}")
 
@@ -102,8 +107,8 @@ def init_drafter(kind: str, target, seed: int = 0, **overrides) -> Drafter:
 
 
 def load_drafter(path: str, target) -> Drafter:
-    """A drafter from an HF-layout directory, by its config.json `architectures`, checked
-    against `target`."""
+    """A drafter from an HF-layout directory, of the kind that recognizes its config.json
+    (`DrafterKind.recognizes`: by `architectures`, or a kind's own rule), checked against `target`."""
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
@@ -112,13 +117,13 @@ def load_drafter(path: str, target) -> Drafter:
         raise CheckpointError(f"{path} has no config.json (expected an HF-layout drafter)")
     try:
         with open(cfg_path) as f:
-            archs = json.load(f).get("architectures") or []
+            hf = json.load(f)
+        archs = hf.get("architectures") or []
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{cfg_path} is not a valid JSON object: {e}") from e
-    for arch in archs:
-        for kind in _KINDS.values():
-            if arch in kind.architectures:
-                return kind.load(path, target)
+    for kind in _KINDS.values():
+        if kind.recognizes(hf):
+            return kind.load(path, target)
     supported = sorted(a for k in _KINDS.values() for a in k.architectures)
     raise CheckpointError(f"{cfg_path}: architectures {archs} is not a supported drafter; supported: {supported}")
 

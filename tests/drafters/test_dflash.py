@@ -186,7 +186,7 @@ def test_hf_round_trip_and_fit_checks(tmp_path, target, drafter):
     with pytest.raises(opd.CheckpointError, match="num_target_layers 36"):
         load_dflash_hf(edited(num_target_layers=36), target)
     with pytest.raises(opd.CheckpointError, match="fc.weight"):
-        load_dflash_hf(edited(dflash_config={"target_layer_ids": [1, 2, 3]}), target)  # fc width disagrees
+        load_dflash_hf(edited(dflash_config={"target_layer_ids": [0, 1, 2]}), target)  # fc width disagrees
     with pytest.raises(opd.CheckpointError, match="not a DFlash v1 drafter"):
         load_dflash_hf(edited(architectures=["DFlash2DraftModel"]), target)
 

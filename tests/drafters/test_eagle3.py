@@ -1,6 +1,7 @@
 """EAGLE-3 drafter: lossless through the engine, cache/catch-up consistent with a from-scratch
 recomputation, draft-vocabulary maps, HF layout round trip."""
 
+import dataclasses
 import functools
 import json
 
@@ -15,7 +16,7 @@ from opd.drafters.eagle3.hf import load_eagle3_hf, export_eagle3_hf
 from opd.decoding import batching
 from opd.decoding.generate import prefill as target_prefill
 from opd.decoding.sampling import SamplingParams
-from opd.drafters.base import DraftContext
+from opd.drafters.base import DraftContext, Drafter
 from opd.drafters.eagle3 import init_eagle3
 from opd.drafters.eagle3 import model as e3
 from opd.models import transformer as tfm
@@ -182,21 +183,23 @@ def test_q_is_zero_outside_the_draft_vocab(target, small_vocab_drafter):
 
 def test_default_target_layers_convention():
     assert e3.default_target_layers(32) == (1, 15, 28)  # inputs of layers {2, 16, 29} in EAGLE's terms
-    assert e3.default_target_layers(2) == (1, 0, 0)
+    assert e3.default_target_layers(2) == (0, 0, 0)  # never L-1: no serving engine can capture it
 
 
 # ----------------------------------------------------------------------------- (e) HF layout
 
 
 def test_hf_round_trip_and_mismatch_errors(target, small_vocab_drafter, tmp_path):
-    dr = small_vocab_drafter
+    dr = small_vocab_drafter  # its layer 1 is this 2-layer target's last, which the layout refuses: tap 0
+    dr = Drafter(dataclasses.replace(dr.spec, config=dataclasses.replace(dr.spec.config, target_layers=(0, 0, 0))), dr.params)
     path = tmp_path / "eagle3"
     export_eagle3_hf(dr, str(path))
     hf = json.loads((path / "config.json").read_text())
     assert hf["architectures"] == ["LlamaForCausalLMEagle3"]
-    assert (hf["vocab_size"], hf["draft_vocab_size"], hf["target_hidden_size"], hf["hidden_size"]) == (128, 24, 64, 64)
-    assert hf["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 0]
-    assert hf["eagle_aux_hidden_state_layer_ids"] == [1, 2, 1]  # vLLM: input of layer i
+    assert (hf["vocab_size"], hf["draft_vocab_size"], hf["hidden_size"]) == (128, 24, 64)
+    assert "target_hidden_size" not in hf  # equal to hidden_size: EAGLE would skip the target's embedding
+    assert hf["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 0, 0]
+    assert hf["eagle_aux_hidden_state_layer_ids"] == [1, 1, 1]  # vLLM: input of layer i
     from safetensors.numpy import load_file
 
     sd = load_file(str(path / "model.safetensors"))

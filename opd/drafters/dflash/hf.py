@@ -2,10 +2,13 @@
 
 Layout (z-lab `DFlashDraftModel`, a Qwen3-style config):
   config.json: architectures ["DFlashDraftModel"], model_type "qwen3", the usual Qwen3 size
-    fields (hidden_size = the target's, num_hidden_layers = draft layers, ...), block_size,
-    num_target_layers, and dflash_config {mask_token_id, target_layer_ids, block_size}.
+    fields (hidden_size = the target's, num_hidden_layers = draft layers,
+    max_position_embeddings = the target's, ...), block_size, num_target_layers, and
+    dflash_config {mask_token_id, target_layer_ids, block_size}.
     `target_layer_ids` are z-lab's = ours (0-based decoder-layer outputs; see
-    opd/drafters/dflash/model.py), stored unchanged.
+    opd/drafters/dflash/model.py), stored unchanged. The target's last layer L-1 is refused
+    (export and import): z-lab reads it as `hidden_states[L]`, the final-normed output (ours is
+    pre-norm), and SGLang / vLLM, which capture layer inputs, cannot capture it at all.
   model.safetensors: fc.weight [D, A*D], hidden_norm.weight, norm.weight (the drafter's
     final norm), layers.{i}.{input_layernorm, post_attention_layernorm}.weight,
     layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ .bias with attention_bias),
@@ -20,6 +23,14 @@ and a learned MASK embedding, dflash_config.mask_embedding = "learned" with the 
 
 Every problem is a CheckpointError naming it (including a drafter that does not fit the
 target: hidden size, vocabulary, target layers).
+
+Loading an export in PyTorch: no modeling code is shipped (no `auto_map`, so no
+`trust_remote_code`); z-lab's class is on PyPI (`pip install --no-deps dflash`, needs torch and
+transformers):
+    from dflash.model import DFlashDraftModel
+    draft = DFlashDraftModel.from_pretrained(path, dtype=torch.bfloat16)
+    draft.spec_generate(target, input_ids, max_new_tokens=..., stop_token_ids=[...])
+(tests/interop/test_dflash_zlab.py runs that class on our exports and ours on its saves.)
 """
 
 from __future__ import annotations
@@ -42,7 +53,17 @@ ARCHITECTURE = "DFlashDraftModel"
 __all__ = ["export_dflash_hf", "read_dflash_hf", "load_dflash_hf", "ARCHITECTURE"]
 
 
-def _hf_config(c: dfm.DFlashConfig) -> dict:
+def _last_layer_error(c: dfm.DFlashConfig) -> str:
+    """Why a target_layer_ids that taps the target's last layer cannot be in this layout ("" if none does)."""
+    L = c.num_target_layers
+    if L - 1 not in c.target_layer_ids:
+        return ""
+    return (f"target_layer_ids {list(c.target_layer_ids)} include {L - 1}, the target's last layer (L-1 for L={L}): "
+            f"z-lab reads it as hidden_states[{L}], the final-normed output (ours is pre-norm), and SGLang / vLLM "
+            f"cannot capture it. Use layers 0..{L - 2}")
+
+
+def _hf_config(c: dfm.DFlashConfig, max_position_embeddings: int) -> dict:
     rope_scaling = None
     if c.rope_scaling is not None:
         rs = c.rope_scaling
@@ -51,7 +72,6 @@ def _hf_config(c: dfm.DFlashConfig) -> dict:
                         "original_max_position_embeddings": rs.original_max_position_embeddings}
     return {
         "architectures": [ARCHITECTURE],
-        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
         "model_type": "qwen3",
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -63,6 +83,7 @@ def _hf_config(c: dfm.DFlashConfig) -> dict:
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
         "rope_scaling": rope_scaling,
+        "max_position_embeddings": int(max_position_embeddings),  # loaders otherwise assume 32768
         "attention_bias": c.attention_bias,
         "attention_dropout": 0.0,
         "vocab_size": c.vocab_size,
@@ -164,11 +185,16 @@ def params_from_state_dict(c: dfm.DFlashConfig, sd: dict):
 
 
 def export_dflash_hf(drafter, path: str) -> None:
-    """Writes `drafter` (a DFlash `opd.Drafter`) as config.json + model.safetensors in `path`."""
+    """Writes `drafter` (a DFlash `opd.Drafter`) as config.json + model.safetensors in `path`.
+
+    Raises ValueError (before writing anything) when it taps the target's last layer."""
     c = drafter.spec.config
+    why = _last_layer_error(c)
+    if why:
+        raise ValueError(f"cannot export this DFlash drafter to the z-lab layout: {why}")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_hf_config(c), f, indent=2)
+        json.dump(_hf_config(c, drafter.spec.target_config.max_position_embeddings), f, indent=2)
     sd = state_dict_from_params(c, drafter.params["dflash"])
     if c.draft_vocab_size:  # as the EAGLE-3 exporter stores them
         sd["d2t"] = np.asarray(drafter.params["vocab"]["d2t"], np.int64)
@@ -234,7 +260,7 @@ def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig
     if not ids or any(not 0 <= i < tconfig.num_layers for i in ids):
         raise CheckpointError(f"{cfg_path}: target_layer_ids {list(ids)} out of range for the {tconfig.num_layers}-layer target")
     try:
-        return dfm.DFlashConfig(
+        c = dfm.DFlashConfig(
             vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
             num_heads=base.num_heads, num_kv_heads=base.num_kv_heads, head_dim=base.head_dim,
             target_layer_ids=ids, num_target_layers=n_target, mask_token_id=int(mask),
@@ -245,6 +271,10 @@ def _config_from_json(path: str, tconfig: TransformerConfig) -> dfm.DFlashConfig
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: {e}") from e
+    why = _last_layer_error(c)
+    if why:
+        raise CheckpointError(f"{cfg_path}: {why}")
+    return c
 
 
 VOCAB_TENSORS = ("d2t", "t2d")  # integer / bool: read as stored, not as float32

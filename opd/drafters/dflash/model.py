@@ -52,12 +52,13 @@ MASK_EMBEDDINGS = ("token", "learned")  # DFlashConfig.mask_embedding
 
 def default_target_layer_ids(num_target_layers: int, num_features: int) -> tuple:
     """z-lab's `build_target_layer_ids`: one layer -> L // 2; else `num_features` layers
-    evenly spaced in [1, L - 3] (Python rounding, as the reference)."""
+    evenly spaced in [1, L - 3] (Python rounding, as the reference). A 2-layer target gets
+    layer 0, not z-lab's 1 = L - 1, which the HF layout cannot hold (opd/drafters/dflash/hf.py)."""
     L, n = int(num_target_layers), int(num_features)
     if n < 1:
         raise ValueError(f"need at least one target feature layer, got {n}")
     if n == 1:
-        return (L // 2,)
+        return (min(L // 2, max(L - 2, 0)),)
     if L < 4:
         raise ValueError(
             f"a {L}-layer target is too shallow for {n} evenly spaced feature layers in [1, L-3]; "

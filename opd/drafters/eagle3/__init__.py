@@ -21,6 +21,9 @@ class Eagle3Kind(DrafterKind):
     def init(self, target, seed: int = 0, **overrides):
         return init_eagle3(target, seed=seed, **overrides)
 
+    def recognizes(self, hf_config):  # also EAGLE's training configs (LlamaForCausalLM + EAGLE-3 fields)
+        return hf.is_eagle3_config(hf_config)
+
     def load(self, path, target):
         return hf.load_eagle3_hf(path, target)
 

@@ -1,10 +1,10 @@
-"""EAGLE-3 drafters in the public HF layout that SGLang / vLLM / SpecForge load.
+"""EAGLE-3 drafters in the public HF layout that SGLang / vLLM / SpecForge / EAGLE load.
 
 A directory with
   config.json        `architectures: ["LlamaForCausalLMEagle3"]`, llama fields (hidden_size,
                      num_attention_heads, num_key_value_heads, head_dim, intermediate_size,
-                     rms_norm_eps, rope_theta, rope_scaling, vocab_size = the target's V),
-                     `draft_vocab_size`, `target_hidden_size`, and the aux layer ids:
+                     rms_norm_eps, rope_theta, rope_scaling, max_position_embeddings,
+                     vocab_size = the target's V), `draft_vocab_size`, and the aux layer ids:
                      `eagle_config.eagle_aux_hidden_state_layer_ids` as SGLang/SpecForge
                      read them (output of decoder layer i, 0-based: our convention) and the
                      top-level `eagle_aux_hidden_state_layer_ids` as vLLM reads them (vLLM
@@ -13,8 +13,19 @@ A directory with
                      .weight, midlayer.self_attn.{q,k,v,o}_proj.weight, midlayer.mlp.{gate,up,
                      down}_proj.weight, norm.weight, lm_head.weight (Linear layout [out, in]),
                      d2t (int64 [W]) and t2d (bool [V]).
-The token embedding is not written (EAGLE's public checkpoints omit it; SGLang and vLLM use
-the target's). On import a `embed_tokens.weight` (SpecForge writes one) is checked against
+The token embedding is not written (EAGLE's public checkpoints omit it; the consumers use the
+target's). `target_hidden_size` is written only when it differs from `hidden_size`: EAGLE's
+loader (`eagle/model/cnets.py`) takes the key's mere presence to mean "own embedding", skips
+loading the target's and then loads our weights with strict=False, leaving a random embedding.
+
+Layer L-1 (the target's last decoder layer) is refused on import: in these layouts its id means
+transformers' `hidden_states[L]`, the *final-normed* output (our aux id L-1 is pre-norm), and
+SGLang / vLLM, which capture layer inputs, cannot provide it at all.
+
+Import also takes EAGLE's own training configs (`eagle/traineagle3/config.json`):
+`architectures: ["LlamaForCausalLM"]` with the EAGLE-3 fields (`draft_vocab_size`); no
+eagle_config there, so the aux layers are EAGLE's fixed ones (`default_target_layers`).
+On import a `embed_tokens.weight` (SpecForge and EAGLE training write one) is checked against
 the target's vocabulary and dropped; a `model.` prefix on tensor names is accepted.
 
 Only safetensors is read (nothing is unpickled); every problem is a `CheckpointError`.
@@ -40,7 +51,18 @@ from opd.drafters.eagle3.drafter import Eagle3Spec
 from opd.models.config import RopeScaling
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+# EAGLE's training scripts save the drafter under a plain llama architecture; the EAGLE-3
+# fields (`EAGLE3_KEYS`) tell it from a target model's config.
+EAGLE_TRAINING_ARCHITECTURE = "LlamaForCausalLM"
+EAGLE3_KEYS = ("draft_vocab_size", "eagle_config")
 _WEIGHTS = "model.safetensors"
+
+
+def is_eagle3_config(hf: dict) -> bool:
+    """Whether a parsed config.json describes an EAGLE-3 drafter (ours / SGLang's / SpecForge's
+    `LlamaForCausalLMEagle3`, or EAGLE's training config: `LlamaForCausalLM` + EAGLE-3 fields)."""
+    archs = hf.get("architectures") or []
+    return ARCHITECTURE in archs or (EAGLE_TRAINING_ARCHITECTURE in archs and any(k in hf for k in EAGLE3_KEYS))
 
 
 def _rope_scaling_json(rs):
@@ -73,7 +95,8 @@ def export_eagle3_hf(drafter: Drafter, path: str) -> None:
         "max_position_embeddings": c.max_position_embeddings,
         "vocab_size": c.vocab_size,
         "draft_vocab_size": c.draft_vocab_size,
-        "target_hidden_size": c.target_hidden_size,
+        # only when it differs: its presence alone makes EAGLE skip the target's embedding
+        **({"target_hidden_size": c.target_hidden_size} if c.target_hidden_size != c.hidden_size else {}),
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": layers, "use_aux_hidden_state": True},
@@ -89,8 +112,10 @@ def export_eagle3_hf(drafter: Drafter, path: str) -> None:
 
 def _read_config(path: str) -> dict[str, Any]:
     cfg_path, hf = read_config_json(path, "EAGLE-3 checkpoint")
-    if ARCHITECTURE not in (hf.get("architectures") or []):
-        raise CheckpointError(f"{cfg_path}: architectures {hf.get('architectures')!r} is not [{ARCHITECTURE!r}]")
+    if not is_eagle3_config(hf):
+        raise CheckpointError(
+            f"{cfg_path}: architectures {hf.get('architectures')!r} is not an EAGLE-3 drafter: expected "
+            f"[{ARCHITECTURE!r}], or [{EAGLE_TRAINING_ARCHITECTURE!r}] with one of {list(EAGLE3_KEYS)}")
     return hf
 
 
@@ -179,6 +204,11 @@ def load_eagle3_hf(path: str, target) -> Drafter:
     for i in config.target_layers:
         if not 0 <= i < tc.num_layers:
             raise CheckpointError(f"{path}: aux hidden layer {i} is out of range for a target with {tc.num_layers} layers")
+        if i == tc.num_layers - 1:
+            raise CheckpointError(
+                f"{path}: aux hidden layer {i} is the target's last layer (L-1 for L={tc.num_layers}); in this layout it "
+                f"means the final-normed output hidden_states[{tc.num_layers}], which SGLang / vLLM cannot capture and "
+                f"this target does not provide. Use layers 0..{tc.num_layers - 2}")
 
     sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in _read_tensors(path).items()}
     emb = sd.pop("embed_tokens.weight", None)

@@ -53,10 +53,11 @@ def default_target_layers(num_layers: int) -> tuple[int, int, int]:
     EAGLE (and SGLang's default capture) take the *inputs* of layers {2, L//2, L-3}, i.e.
     the outputs of layers {1, L//2 - 1, L - 4}; SpecForge's aux ids and SGLang's
     `eagle_config.eagle_aux_hidden_state_layer_ids` already use this output convention.
-    Tiny targets (L < 5) get the ids clipped into [0, L - 1].
+    Tiny targets (L < 5) get the ids clipped into [0, L - 2]: layer L - 1 cannot be exported
+    (SGLang / vLLM cannot capture it; see opd/drafters/eagle3/hf.py).
     """
     ids = (1, num_layers // 2 - 1, num_layers - 4)
-    return tuple(int(min(max(i, 0), num_layers - 1)) for i in ids)
+    return tuple(int(min(max(i, 0), max(num_layers - 2, 0))) for i in ids)
 
 
 @dataclasses.dataclass(frozen=True)
