@@ -47,6 +47,7 @@ from opd.training import sft
 
 STATE, DATA = "state", "data"
 CHECKSUM = "checksum"  # key of the state's checksum in the "data" item
+CHECKSUM_DTYPES = "checksum_dtypes"  # the dtypes it was computed on (a restore may cast, e.g. float32 -> bf16)
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -98,6 +99,10 @@ def _all_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _dtypes(state) -> list:
+    return [str(x.dtype) for x in jax.tree.leaves(state)]
+
+
 def state_checksum(state) -> str:
     """A checksum of the exact values of every array in `state` (16 hex digits), computed on
     the arrays' devices: equal for equal values whatever their sharding."""
@@ -129,7 +134,7 @@ def save(manager: ocp.CheckpointManager, state: sft.TrainState, data_state: dict
     """Saves at step `int(state.step)` (subject to the save interval unless `force`), with the
     state's checksum in the data item."""
     step = int(jax.device_get(state.step))
-    data = {**data_state, CHECKSUM: state_checksum(state)}
+    data = {**data_state, CHECKSUM: state_checksum(state), CHECKSUM_DTYPES: _dtypes(state)}
     return manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                                           DATA: ocp.args.JsonSave(data)}), force=force)
 
@@ -176,8 +181,11 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] =
         _quiet_closed_loop_callbacks()
         raise CorruptCheckpoint(f"{where}: {_short(e)}") from e
     state, data = sft.TrainState(*out[STATE]), dict(out[DATA])
-    want = data.pop(CHECKSUM, None)
-    if want is None:
+    want, saved_dtypes = data.pop(CHECKSUM, None), data.pop(CHECKSUM_DTYPES, None)
+    if saved_dtypes is not None and saved_dtypes != _dtypes(state):
+        # restored into other dtypes (the template asked for a cast): the values differ by design
+        logging.info("checkpoint step %d restored as other dtypes: checksum not comparable", step)
+    elif want is None:
         logging.warning("checkpoint step %d in %s has no checksum (written before checkpoints had one): not verified",
                         step, manager.directory)
     elif state_checksum(state) != want:
