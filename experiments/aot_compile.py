@@ -79,6 +79,8 @@ def _apply_sets(config, sets):
     import ast
     import copy
 
+    from opd import configs
+
     config = copy.deepcopy(config)
     with config.unlocked():
         for item in sets:
@@ -87,11 +89,7 @@ def _apply_sets(config, sets):
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 pass
-            *path, leaf = key.split(".")
-            node = config
-            for p in path:
-                node = node[p]
-            node[leaf] = value
+            configs.set_path(config, key, value)
     return config
 
 

@@ -202,6 +202,15 @@ def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.Co
     return load_config(os.path.join(os.path.dirname(os.path.abspath(here)), name) + ":" + variant)
 
 
+def set_path(config, path: str, value) -> None:
+    """`config.<path> = value` for a dotted path ("sft.loss.num_anchors") in a ConfigDict or a
+    nested dict, as the launcher's `--config.<path>=value` does."""
+    *parents, leaf = path.split(".")
+    for p in parents:
+        config = config[p]
+    config[leaf] = value
+
+
 def check_overrides(argv) -> None:
     """ValueError, one line, for the first launcher override `--config.<path>=value` whose path
     the config file lacks, naming it and the nearest known key (ml_collections would stop with a

@@ -68,11 +68,7 @@ def _launch_config(tmp_path, drafter_dir, **changes):
     c.opd.num_draft_tokens = 7
     c.opd.batch_size = c.sft.batch_size = 4
     for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        configs.set_path(c, key, value)
     return c
 
 

@@ -21,7 +21,9 @@ Saves are asynchronous: device arrays are copied to host before `save` returns, 
 Integrity: `save` stores a checksum of the state's values in the "data" item
 (`state_checksum`: 64 bits from the exact bits of every array, the same under any sharding,
 computed on the devices); `restore` recomputes it and raises `CorruptCheckpoint` when the bytes
-changed since they were written, or when its parameters are not all finite. Checkpoints
+changed since they were written, or when its parameters are not all finite. A step is read in
+the dtypes it was saved in (recorded next to the checksum), verified, then cast to the dtypes
+asked for (e.g. float32 master weights into a bf16 run). Checkpoints
 written before checksums existed restore with a warning. `restore_latest` falls back to the
 newest step that restores and verifies, moving the bad ones aside (`<checkpoints>.corrupt/`),
 so a damaged last step costs only the steps since the one before.
@@ -29,6 +31,7 @@ so a damaged last step costs only the steps since the one before.
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import sys
 import time
@@ -147,10 +150,17 @@ def _short(e: BaseException, limit: int = 150) -> str:
     return f"{type(e).__name__}: {first if len(first) <= limit else '...' + first[-limit:]}"
 
 
-def _quiet_closed_loop_callbacks() -> None:
-    """After a failed restore, tensorstore's pending reads call back into orbax's closed asyncio
-    loop for a while, each printing a harmless "RuntimeError: Event loop is closed" traceback,
-    also after the error message. Those (and only those) are dropped."""
+class _DropNeverRetrieved(logging_std.Filter):
+    def filter(self, record):
+        return "exception was never retrieved" not in str(record.msg)
+
+
+def _quiet_failed_restore_leftovers() -> None:
+    """When one array of a restore fails, orbax's event loop closes while tensorstore still
+    reads the others: each of those reads then reports, possibly after our own error message,
+    either a "RuntimeError: Event loop is closed" traceback (an unraisable exception) or, when
+    its task is collected, asyncio's "Task exception was never retrieved" with the same
+    tensorstore error. Those two (and only those) are dropped; installed once, before restores."""
     previous = sys.unraisablehook
     if getattr(previous, "_opd_quiet", False):
         return
@@ -161,6 +171,7 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook._opd_quiet = True
     sys.unraisablehook = hook
+    logging_std.getLogger("asyncio").addFilter(_DropNeverRetrieved())
 
 
 def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] = None):
@@ -174,22 +185,28 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] =
     if step is None:
         return None
     where = f"cannot restore step {step} from {manager.directory}"
+    _quiet_failed_restore_leftovers()
     try:
-        out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract),
-                                                                DATA: ocp.args.JsonRestore()}))
+        data = dict(manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))[DATA])
+        want, saved_dtypes = data.pop(CHECKSUM, None), data.pop(CHECKSUM_DTYPES, None)
+        # read in the dtypes it was saved in (the checksum is over those bits), cast after checking
+        leaves, treedef = jax.tree.flatten(abstract)
+        as_saved = abstract
+        if saved_dtypes is not None and len(saved_dtypes) == len(leaves):
+            as_saved = treedef.unflatten([a if d == str(a.dtype) else
+                                          jax.ShapeDtypeStruct(a.shape, jnp.dtype(d), sharding=a.sharding)
+                                          for a, d in zip(leaves, saved_dtypes)])
+        out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(as_saved)}))
     except Exception as e:  # orbax raises many kinds (missing / truncated files, bad metadata, shapes)
-        _quiet_closed_loop_callbacks()
         raise CorruptCheckpoint(f"{where}: {_short(e)}") from e
-    state, data = sft.TrainState(*out[STATE]), dict(out[DATA])
-    want, saved_dtypes = data.pop(CHECKSUM, None), data.pop(CHECKSUM_DTYPES, None)
-    if saved_dtypes is not None and saved_dtypes != _dtypes(state):
-        # restored into other dtypes (the template asked for a cast): the values differ by design
-        logging.info("checkpoint step %d restored as other dtypes: checksum not comparable", step)
-    elif want is None:
+    state = sft.TrainState(*out[STATE])
+    if want is None:
         logging.warning("checkpoint step %d in %s has no checksum (written before checkpoints had one): not verified",
                         step, manager.directory)
     elif state_checksum(state) != want:
         raise CorruptCheckpoint(f"{where}: it fails its checksum (its bytes changed after they were written)")
+    if as_saved is not abstract:  # e.g. float32 master weights restored for a bf16 run
+        state = jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), state, abstract)
     if not bool(jax.device_get(_all_finite(state.params))):  # also catches damage to checksum-less steps
         raise CorruptCheckpoint(f"{where}: its parameters hold non-finite values")
     return state, data

@@ -129,10 +129,21 @@ def initial_drafter(stage_dir: str, fp: dict, target, *, kind: str, init: str, o
     return drafter.with_param_dtype(param_dtype)
 
 
+class NoCheckpointRestores(CheckpointError, Stopped):
+    """Checkpoints exist but none restores: the message names the newest, why, and what to do."""
+
+
 def restore_state(manager, run):
     """(state, data_state) of the newest good checkpoint onto `run`'s shardings, or None
-    (`checkpoint.restore_latest`: verified, falling back past damaged steps with a warning)."""
-    return ckpt.restore_latest(manager, run.abstract_state())
+    (`checkpoint.restore_latest`: verified, falling back past damaged steps with a warning).
+
+    Raises:
+      NoCheckpointRestores: not one step restores (the launcher prints one line, no traceback).
+    """
+    try:
+        return ckpt.restore_latest(manager, run.abstract_state())
+    except ckpt.CorruptCheckpoint as e:
+        raise NoCheckpointRestores(str(e)) from e
 
 
 # Settings a resume may change freely: they say how long, how often, where and how fast, not
@@ -142,7 +153,7 @@ def restore_state(manager, run):
 # sequence shape, packing, probe prompts, seed, ...) alters the run and must match.
 FREE_SETTINGS = ("num_steps", "match_flops", "log_every", "save_every", "keep_checkpoints", "tensorboard", "mesh",
                  "target_features", "feature_cache_dtype", "feature_cache_dir", "save_rollouts", "probe.every",
-                 "probe.batch_size")
+                 "probe.batch_size", "vocab_chunk")
 
 
 class ResumeRefused(Stopped):

@@ -113,6 +113,27 @@ def test_flipped_bytes_are_caught_and_the_previous_step_is_used(tmp_path, caplog
     assert manager.latest_step() == 4
 
 
+def test_a_restore_into_other_dtypes_is_verified_in_the_saved_ones(tmp_path):
+    """A float32 step restored for a bf16 run (master weights next to a bf16 target) is read as
+    float32, checked, then cast: flipped bytes are still caught."""
+    manager = ckpt.make_manager(str(tmp_path / "checkpoints"), async_save=False)
+    rs = np.random.RandomState(1)
+    state = _state()._replace(params={"w": jnp.asarray(rs.randn(64, 64), jnp.float32), "b": jnp.zeros((3,), jnp.bfloat16)})
+    ckpt.save(manager, state, {"position": 2})
+    as_bf16 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if a.dtype == jnp.float32 else a.dtype,
+                                                          sharding=a.sharding), _abstract(state))
+    got, data = ckpt.restore(manager, as_bf16)
+    assert data == {"position": 2} and got.params["w"].dtype == jnp.bfloat16 and got.opt_state[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.params["w"]), np.asarray(state.params["w"].astype(jnp.bfloat16)))
+    with open(_array_files(os.path.join(manager.directory, "2"))[0], "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        b = bytearray(f.read(3))
+        f.seek(-3, 1)
+        f.write(bytes(x ^ 0x5A for x in b))
+    with pytest.raises(ckpt.CorruptCheckpoint, match="fails its checksum"):
+        ckpt.restore(manager, as_bf16)
+
+
 class _Drafter:
     """What `export_run` reads of a drafter before writing it: its trainable parameters."""
 

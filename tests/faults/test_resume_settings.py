@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from opd import configs
 from opd.paths import read_jsonl, write_json
 from opd.training import sft_stage
 from opd.training.stage_common import ResumeRefused, check_settings
@@ -16,11 +17,7 @@ from tiny_run import save_target, sft_config, write_trajectories
 def _settings(**changes):
     s = sft_config("t", "d").sft.to_dict()
     for key, value in changes.items():
-        node = s
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+        configs.set_path(s, key, value)
     return s
 
 

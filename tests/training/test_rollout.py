@@ -30,8 +30,8 @@ def _drafter(target, kind):
     return opd.init_drafter("dflash", target, seed=2, block_size=K + 1)
 
 
-def _rollout(target, drafter, temperature, eos=(V + 5,), key=0):
-    chunk = next(batching.chunks(PROMPTS, 0, None))
+def _rollout(target, drafter, temperature, eos=(V + 5,), key=0, prompts=PROMPTS):
+    chunk = next(batching.chunks(prompts, 0, None))
     cache_len = batching.round_up(chunk.tokens.shape[1] + (R + 2) * (K + 1) + 2, 32)
     fn = jax.jit(functools.partial(ro.rollout, tconfig=target.config, dspec=drafter.spec,
                                    sp=SamplingParams(temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
@@ -101,7 +101,8 @@ def test_error_anchor_replay_is_a_fresh_chain_from_the_error_position(kind):
     t = make_target("llama", seed=5, vocab_size=V)
     target = opd.Target(t.config, {**t.params, "lm_head": t.params["lm_head"] * 300.0})
     drafter = _drafter(target, kind)
-    rec, _ = _rollout(target, drafter, temperature=1.0, key=3)
+    # each prompt 3x (rows sample independently): enough rounds with 1 <= n < K to compare
+    rec, _ = _rollout(target, drafter, temperature=1.0, key=3, prompts=PROMPTS * 3)
     trainable, _ = drafter.split()
     aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
     main, err = drafter.spec.replay_logits(trainable, drafter.params, target.config, rec, aux, error_anchors=True)
@@ -123,7 +124,7 @@ def test_error_anchor_replay_is_a_fresh_chain_from_the_error_position(kind):
                        sp=SamplingParams(1.0, 0, 1.0), num_draft_tokens=K, num_rounds=1, cache_len=cache_len)
     fseq = np.asarray(fresh.seq_BS)
     same = [i for i, ((b, _), e) in enumerate(zip(cases, err_pos)) if fseq[i, e - 1] == seq[b, e - 1]]
-    assert len(same) >= 2, (len(same), len(cases))  # compared where the new rollout committed the same token
+    assert len(same) >= max(2, len(cases) // 2), (len(same), len(cases))  # compared where the new rollout committed the same token
     np.testing.assert_array_equal(np.asarray(fresh.anchor_BR[:len(cases), 0]), err_pos)  # drafting starts there
     idx = np.asarray(ro.drafted_support_index(drafter.params, drafter.spec, fresh.drafts_BRK))[:, 0, 0]
     logq = np.asarray(jax.nn.log_softmax(err, -1))
