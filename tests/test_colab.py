@@ -107,6 +107,7 @@ def _write_tiny_qwen3(path) -> None:
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": _TEMPLATE}))
 
 
+@pytest.mark.slow  # ~1 min: the whole notebook at tiny scale
 def test_tpu_qwen3_notebook(tmp_path, monkeypatch):
     """Thinking-mode chat on a tiny random Qwen3 checkpoint, DFlash speculative decoding (loaded
     from its HF layout) equal to greedy at T=0, and τ at T=1."""

@@ -126,6 +126,7 @@ def test_inputs_on_a_url_are_fetched_once(tmp_path):
         remote.fetch(url + "-missing", str(tmp_path / "cache" / "missing"))
 
 
+@pytest.mark.slow  # ~1 min: two SFT launches
 def test_preempted_on_one_vm_resumed_on_another(target_dir, data_dir, tmp_path, monkeypatch):
     config = _config(target_dir, data_dir, "eagle3")  # sft (6 steps, a checkpoint every 2) + export
     pipeline.run(config, str(tmp_path / "straight"))
