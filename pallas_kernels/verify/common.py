@@ -11,6 +11,8 @@ decision-making that is not a vocabulary reduction lives here, once:
   these) and in plain jnp over the whole vocabulary, giving identical values.
 * `accept_mask` / `num_accepted`: the accept rule in log space.
 * `residual_logits`: log max(0, p - q) elementwise in log space.
+* `running_argmax` / `running_logsumexp`: one vocabulary tile's step of the streaming
+  reductions, the same arithmetic in every kernel formulation (`kernel.py`, `split.py`).
 
 Axis letters: B batch, K drafted tokens per round, V vocabulary.
 """
@@ -29,6 +31,8 @@ _M1 = -2048144789  # 0x85EBCA6B
 _M2 = -1028477387  # 0xC2B2AE35
 _GOLDEN = -1640531527  # 0x9E3779B9
 _MANTISSA_BITS = 23  # uniforms are (k + 0.5) / 2**23: strictly inside (0, 1) in float32
+_BIG_INDEX = 2**31 - 1
+LOGIT_DTYPES = ("float32", "bfloat16")  # accepted target logits / draft log-probs (read as float32)
 
 
 class VerifyResult(NamedTuple):
@@ -120,12 +124,38 @@ def log_softmax_from_stats(x: jax.Array, row_max: jax.Array, log_sum: jax.Array)
     return (x - row_max) - log_sum
 
 
+def running_argmax(best, idx, scores, ids):
+    """One tile's step of a running (max, first argmax) along the last axis.
+
+    Args:
+      best, idx: the running max (float32) and its vocabulary index (int32), [..., 1].
+      scores: float32 [..., T] of this tile (-inf where masked); ids: its int32 vocabulary ids.
+    Returns:
+      the updated (best, idx); ties keep the lower vocabulary index, as `jnp.argmax` does
+      (tiles arrive in increasing vocabulary order and only a strictly larger max replaces).
+    """
+    tile_best = jnp.max(scores, axis=-1, keepdims=True)
+    tile_idx = jnp.min(jnp.where(scores == tile_best, ids, _BIG_INDEX), axis=-1, keepdims=True)
+    better = tile_best > best
+    return jnp.where(better, tile_best, best), jnp.where(better, tile_idx, idx)
+
+
+def running_logsumexp(m, s, xs):
+    """One tile's step of an online log-sum-exp: running max m and sum s of exp(x - m), [..., 1].
+
+    xs: float32 [..., T] (-inf where masked). A row that is all -inf so far keeps m = -inf, s = 0.
+    """
+    m_new = jnp.maximum(m, jnp.max(xs, axis=-1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    return m_new, s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(xs - m_safe), axis=-1, keepdims=True)
+
+
 def check_inputs(target_logits_BKV1, draft_tokens_BK, draft_logprobs_BKV, key, temperature: float) -> tuple[int, int, int]:
     """Raises ValueError on malformed verify inputs; returns (B, K, V)."""
     if target_logits_BKV1.ndim != 3:
         raise ValueError(f"target_logits must be [B, K+1, V], got shape {target_logits_BKV1.shape}")
-    if target_logits_BKV1.dtype != jnp.float32:
-        raise ValueError(f"target_logits must be float32, got {target_logits_BKV1.dtype}")
+    if target_logits_BKV1.dtype.name not in LOGIT_DTYPES:
+        raise ValueError(f"target_logits must be one of {LOGIT_DTYPES}, got {target_logits_BKV1.dtype}")
     b, k1, v = target_logits_BKV1.shape
     k = k1 - 1
     if k < 1:
@@ -144,8 +174,8 @@ def check_inputs(target_logits_BKV1, draft_tokens_BK, draft_logprobs_BKV, key, t
     if draft_logprobs_BKV is not None:
         if draft_logprobs_BKV.shape != (b, k, v):
             raise ValueError(f"draft_logprobs must be [B, K, V] = {(b, k, v)}, got {draft_logprobs_BKV.shape}")
-        if draft_logprobs_BKV.dtype != jnp.float32:
-            raise ValueError(f"draft_logprobs must be float32, got {draft_logprobs_BKV.dtype}")
+        if draft_logprobs_BKV.dtype.name not in LOGIT_DTYPES:
+            raise ValueError(f"draft_logprobs must be one of {LOGIT_DTYPES}, got {draft_logprobs_BKV.dtype}")
     return b, k, v
 
 

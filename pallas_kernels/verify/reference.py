@@ -39,9 +39,9 @@ def verify_reference(
     """One verify round, materialised over the vocabulary.
 
     Args:
-      target_logits_BKV1: [B, K+1, V] float32 raw target logits.
+      target_logits_BKV1: [B, K+1, V] float32 or bfloat16 raw target logits.
       draft_tokens_BK: [B, K] int32 drafted tokens, in [0, V).
-      draft_logprobs_BKV: [B, K, V] float32 processed drafter log-probs log q (-inf where
+      draft_logprobs_BKV: [B, K, V] float32 (or bfloat16) processed drafter log-probs log q (-inf where
         q == 0), or None for greedy verification.
       key: PRNG key (unused and may be None when temperature == 0).
       temperature, top_k, top_p: as `SamplingParams` (static).
@@ -50,7 +50,9 @@ def verify_reference(
     """
     b, k, v = common.check_inputs(target_logits_BKV1, draft_tokens_BK, draft_logprobs_BKV, key, temperature)
     sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    logp_BKV1 = process_logits(target_logits_BKV1, sp)
+    logp_BKV1 = process_logits(target_logits_BKV1, sp)  # float32 (bfloat16 logits are upcast exactly)
+    if draft_logprobs_BKV is not None:
+        draft_logprobs_BKV = draft_logprobs_BKV.astype(jnp.float32)
     if sp.greedy:
         argmax_BK1 = jnp.argmax(logp_BKV1, axis=-1).astype(jnp.int32)
         accepted_BK = draft_tokens_BK == argmax_BK1[:, :k]

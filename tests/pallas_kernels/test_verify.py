@@ -1,8 +1,11 @@
 """Tests for pallas_kernels.verify: the reference first (hand cases, losslessness), then the
 kernel against the reference (identical decisions for the same key), then input errors.
 
-`TestVerifyKernel` runs compiled (only where the backend supports it); the
-`TestVerifyKernelInterpret` subclass runs the same tests with the Pallas interpreter on CPU.
+`TestVerifyKernel` runs compiled, in the formulation the backend picks (TPU: grid, GPU:
+split; skipped on CPU); the `...Interpret` subclasses run the same tests on CPU with the
+Pallas interpreter, one per formulation (the split one with chunks of 3 tiles, so that the
+in-kernel tile loop, a partial tile and tiles wholly past V all occur). Lowering for TPU and
+CUDA from a CPU host: test_lowering.py.
 """
 
 import functools
@@ -126,52 +129,59 @@ def test_reference_is_lossless(temperature, top_k):
 
 
 # ----------------------------------------------------------------------------- kernel vs reference
-# (B, K, V, block_v, temperature, top_k, top_p): few distinct shapes, each compiled once.
+# (B, K, V, block_v, temperature, top_k, top_p, dtype): few distinct shapes, each compiled once.
 KERNEL_CASES = [
-    (1, 1, 1000, 256, 0.7, 0, 1.0),
-    (5, 1, 1000, 256, 0.0, 0, 1.0),
-    (5, 4, 1000, 256, 0.0, 0, 1.0),
-    (5, 4, 1000, 256, 1.0, 0, 1.0),
-    (1, 16, 1000, 256, 1.0, 0, 1.0),
-    (5, 16, 1000, 256, 0.7, 0, 1.0),
-    (5, 4, 1000, 256, 0.7, 50, 0.9),  # top-k/top-p: processed log-probs into the same kernels
-    (2, 4, 200, 512, 0.7, 0, 1.0),  # V < block_v: one full-width tile
+    (1, 1, 1000, 256, 0.7, 0, 1.0, "float32"),
+    (5, 1, 1000, 256, 0.0, 0, 1.0, "float32"),
+    (5, 4, 1000, 256, 0.0, 0, 1.0, "float32"),
+    (5, 4, 1000, 256, 1.0, 0, 1.0, "float32"),
+    (1, 16, 1000, 256, 1.0, 0, 1.0, "float32"),
+    (5, 16, 1000, 256, 0.7, 0, 1.0, "float32"),
+    (5, 4, 1000, 256, 0.7, 50, 0.9, "float32"),  # top-k/top-p: processed log-probs into the same kernels
+    (2, 4, 200, 512, 0.7, 0, 1.0, "float32"),  # V < block_v: one tile (grid: full width; split: 256, masked)
+    (3, 4, 1000, 256, 0.0, 0, 1.0, "bfloat16"),  # bfloat16 logits (and log q), read as float32
+    (3, 4, 1000, 256, 0.7, 0, 1.0, "bfloat16"),
 ]
 
 
-@functools.partial(jax.jit, static_argnames=("b", "k", "v", "temperature", "top_k", "top_p"))
-def _round_inputs(key, *, b, k, v, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("b", "k", "v", "temperature", "top_k", "top_p", "dtype"))
+def _round_inputs(key, *, b, k, v, temperature, top_k, top_p, dtype="float32"):
     """Target logits, a correlated drafter's processed log q, and drafts (d ~ q, or for greedy
-    the target argmax with random corruptions so that every accept count occurs)."""
+    the target argmax with random corruptions so that every accept count occurs), in `dtype`."""
     k_t, k_d, k_s, k_c = jax.random.split(key, 4)
-    target = 2.0 * jax.random.normal(k_t, (b, k + 1, v))
+    target = (2.0 * jax.random.normal(k_t, (b, k + 1, v))).astype(dtype)
     draft_logits = target[:, :k] + 1.0 * jax.random.normal(k_d, (b, k, v))
     if temperature == 0.0:
         corrupt = jax.random.bernoulli(k_c, 1.0 / (k + 1), (b, k))
         d = jnp.where(corrupt, jax.random.randint(k_s, (b, k), 0, v), jnp.argmax(target[:, :k], -1))
         return target, d.astype(jnp.int32), None
-    logq = process_logits(draft_logits, SamplingParams(temperature, top_k, top_p))
-    return target, jax.random.categorical(k_s, logq).astype(jnp.int32), logq
+    logq = process_logits(draft_logits, SamplingParams(temperature, top_k, top_p)).astype(dtype)
+    return target, jax.random.categorical(k_s, logq.astype(jnp.float32)).astype(jnp.int32), logq
 
 
 class TestVerifyKernel:
     INTERPRET = False
+    FORMULATION = None  # compiled: the backend's pick
+    CHUNK_V = None
 
     @pytest.fixture(autouse=True)
     def _backend(self):
-        if not self.INTERPRET and jax.default_backend() != "tpu":
-            pytest.skip("compiled verify kernel needs a TPU; see the Interpret subclass")
+        if not self.INTERPRET and jax.default_backend() not in ("tpu", "gpu"):
+            pytest.skip("the compiled verify kernel needs a TPU or a GPU; see the Interpret subclasses")
 
-    @pytest.mark.parametrize("b,k,v,block_v,temperature,top_k,top_p", KERNEL_CASES)
-    def test_matches_reference(self, b, k, v, block_v, temperature, top_k, top_p):
+    def _verify(self, *args, **kw):
+        return verify(*args, **kw, chunk_v=self.CHUNK_V, formulation=self.FORMULATION, interpret=self.INTERPRET)
+
+    @pytest.mark.parametrize("b,k,v,block_v,temperature,top_k,top_p,dtype", KERNEL_CASES)
+    def test_matches_reference(self, b, k, v, block_v, temperature, top_k, top_p, dtype):
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         ref = _ref(**sampling)
         n_all = []
         for seed in range(8):
             k_data, key = jax.random.split(jax.random.key(100 + seed))
-            target, d, logq = _round_inputs(k_data, b=b, k=k, v=v, **sampling)
+            target, d, logq = _round_inputs(k_data, b=b, k=k, v=v, **sampling, dtype=dtype)
             want = ref(target, d, logq, key)
-            got = verify(target, d, logq, key, **sampling, block_v=block_v, interpret=self.INTERPRET)
+            got = self._verify(target, d, logq, key, **sampling, block_v=block_v)
             for name, g, w in zip(want._fields, got, want):
                 np.testing.assert_array_equal(g, w, err_msg=f"{name} (seed {seed})")
             n_all.append(np.asarray(got.num_accepted))
@@ -182,7 +192,7 @@ class TestVerifyKernel:
 
     def test_greedy_without_draft_logprobs_or_key(self):
         target, d, _ = _round_inputs(jax.random.key(5), b=5, k=4, v=1000, temperature=0.0, top_k=0, top_p=1.0)
-        got = verify(target, d, None, None, block_v=256, interpret=self.INTERPRET)
+        got = self._verify(target, d, None, None, block_v=256)
         assert got.num_accepted.dtype == jnp.int32 and got.next_token.dtype == jnp.int32
         assert got.accepted.shape == (5, 4) and got.accepted.dtype == jnp.bool_
 
@@ -190,24 +200,41 @@ class TestVerifyKernel:
         (dict(d=jnp.zeros((2, 3), jnp.int32)), "draft_tokens must be"),
         (dict(target=jnp.zeros((2, 1, 256))), "K >= 1"),
         (dict(target=jnp.zeros((2, 256))), r"\[B, K\+1, V\]"),
-        (dict(target=jnp.zeros((2, 3, 256), jnp.bfloat16)), "float32"),
+        (dict(target=jnp.zeros((2, 3, 256), jnp.float16)), r"one of \('float32', 'bfloat16'\)"),
+        (dict(logq=jnp.zeros((2, 2, 256), jnp.float16)), r"draft_logprobs must be one of"),
         (dict(d=jnp.zeros((2, 2), jnp.int16)), "int32"),
         (dict(logq=jnp.zeros((2, 2, 128))), "draft_logprobs must be"),
         (dict(logq=None), "needs draft_logprobs"),
         (dict(key=None), "needs a PRNG key"),
         (dict(block_v=100), "power of two"),
         (dict(block_v=384), "power of two"),
+        (dict(chunk_v=0), "chunk_v must be a positive int"),
+        (dict(formulation="triton"), "formulation must be one of"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
     ])
     def test_errors(self, change, match):
         args = dict(target=jnp.zeros((2, 3, 256)), d=jnp.zeros((2, 2), jnp.int32), logq=jnp.zeros((2, 2, 256)),
-                    key=jax.random.key(0), temperature=1.0, top_p=1.0, block_v=128)
+                    key=jax.random.key(0), temperature=1.0, top_p=1.0, block_v=128, chunk_v=self.CHUNK_V,
+                    formulation=self.FORMULATION)
         args.update(change)
         with pytest.raises(ValueError, match=match):
             verify(args["target"], args["d"], args["logq"], args["key"], temperature=args["temperature"],
-                   top_p=args["top_p"], block_v=args["block_v"], interpret=self.INTERPRET)
+                   top_p=args["top_p"], block_v=args["block_v"], chunk_v=args["chunk_v"],
+                   formulation=args["formulation"], interpret=self.INTERPRET)
 
 
 class TestVerifyKernelInterpret(TestVerifyKernel):
+    """The grid (TPU) formulation in the Pallas interpreter."""
+
     INTERPRET = True
+    FORMULATION = "grid"
+
+
+class TestSplitKernelInterpret(TestVerifyKernel):
+    """The split (GPU) formulation in the Pallas interpreter; chunks of 3 tiles of 256: at
+    V = 1000 the second chunk holds the partial tile [768, 1000) and two tiles past V."""
+
+    INTERPRET = True
+    FORMULATION = "split"
+    CHUNK_V = 768

@@ -1,0 +1,280 @@
+"""The Pallas verify kernel against the jnp reference: same decisions, and (on a device) time and
+achieved HBM bandwidth at the pod shapes.
+
+On a CPU host (what CI and this repository's results have) it
+  1. runs both kernel formulations ("grid", TPU; "split", GPU) in the Pallas interpreter beside
+     `verify_reference` at small shapes and counts rows whose decisions (num_accepted,
+     next_token, accepted) differ: the agreement check, not a speed measurement;
+  2. lowers (`jax.export`, no compile, nothing run) the kernel for TPU and CUDA at every pod
+     shape (experiments/pod.py) and records the kernel calls found in the lowered module.
+  No bandwidth is reported: nothing ran on a device.
+
+On a TPU or GPU it compiles the kernel (the formulation the platform picks) and the reference
+at the pod shapes, checks their decisions agree on a few keys, and times both: each timed
+program is `--inner` verify calls unrolled in one jit (the logits pass through an
+optimization barrier with the call index, so XLA cannot hoist or merge the calls; no host
+dispatch or loop overhead between them), median of `--repeats` runs.  Achieved bandwidth =
+bytes the round must read from HBM / time per call:
+  greedy    B (K+1) V x itemsize                 (every target logit once)
+  sampling  B (K+1) V x itemsize + 2 B V x itemsize   (+ row n of the logits and of log q)
+against the device's peak HBM bandwidth (`PEAK_GBPS` by `device_kind`, or --peak_gbps).
+Goal: >= 80 % of peak for the kernel.  At small B (K+1) V a call is a few microseconds and
+launch latency dominates; the larger batches show the streaming rate.
+
+Run (results land in experiments/results/verify_kernel/, or --out_dir):
+
+  # CPU (any machine): interpreter agreement + TPU / CUDA lowering
+  python experiments/benchmarks/verify_kernel.py
+  # a TPU VM (e.g. v5p / v6e, `pip install -e . "jax[tpu]"`), or a GPU host
+  # (`pip install -e . "jax[cuda12]"`): compile + time at the pod shapes
+  python experiments/benchmarks/verify_kernel.py --out_dir=experiments/results/verify_kernel_$(hostname)
+  # other shapes / tiles: --shapes=8x15x151936,32x15x151936 --block_v=2048 --chunk_v=16384
+"""
+
+import functools
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from absl import app, flags  # noqa: E402
+
+_SHAPES = flags.DEFINE_list("shapes", None, "BxKxV shapes (default: CPU 3x4x1000; device: the pod shapes at "
+                            "B = eval.batch_size and 4x that)")
+_DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "logit dtypes")
+_MODES = flags.DEFINE_list("modes", ["greedy", "sampling", "top_k_top_p"], "greedy | sampling | top_k_top_p")
+_SEEDS = flags.DEFINE_integer("seeds", 4, "keys per shape for the agreement check")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
+_INNER = flags.DEFINE_integer("inner", 10, "verify calls unrolled in one timed program")
+_BLOCK_V = flags.DEFINE_integer("block_v", None, "vocabulary tile (default: the formulation's)")
+_CHUNK_V = flags.DEFINE_integer("chunk_v", None, "split: entries per grid program (default: from the shapes)")
+_CPU_BLOCK_V = flags.DEFINE_integer("cpu_block_v", 256, "CPU agreement check: tile (small, so V spans several)")
+_CPU_CHUNK_V = flags.DEFINE_integer("cpu_chunk_v", 768, "CPU agreement check: split chunk (3 tiles of 256)")
+_PEAK = flags.DEFINE_float("peak_gbps", None, "peak HBM GB/s of the device (default: PEAK_GBPS by device_kind)")
+_OUT = flags.DEFINE_string("out_dir", None, "default: experiments/results/verify_kernel")
+
+MODES = {"greedy": (0.0, 0, 1.0), "sampling": (0.7, 0, 1.0), "top_k_top_p": (0.7, 50, 0.9)}
+# Peak HBM bandwidth, GB/s (1e9 B/s), from the vendors' data sheets; matched as a substring of
+# jax's device_kind, longest key first.
+PEAK_GBPS = {
+    "H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "B200": 8000, "GH200": 4000,
+    "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "A100-PCIE-40GB": 1555, "L4": 300,
+    "TPU v4": 1200, "TPU v5 lite": 819, "TPU v5e": 819, "TPU v5p": 2765, "TPU v5": 2765, "TPU v6 lite": 1640,
+    "TPU v6e": 1640, "TPU7x": 7380,
+}
+
+
+def peak_gbps(device_kind: str):
+    for key in sorted(PEAK_GBPS, key=len, reverse=True):
+        if key.lower() in device_kind.lower():
+            return PEAK_GBPS[key]
+    return None
+
+
+def pod_shapes() -> dict:
+    """{(B, K, V): [variants]} of experiments/pod.py (B = eval.batch_size)."""
+    from opd.configs import load_config
+    from opd.models.presets import preset_config
+
+    pod = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pod.py")
+    shapes = {}
+    for model in ("qwen3_4b", "qwen3_8b", "llama31_8b"):
+        for kind in ("dflash", "eagle3"):
+            c = load_config(f"{pod}:{model},{kind}")
+            s = (int(c.eval.batch_size), int(c.opd.num_draft_tokens), preset_config(c.target.preset).vocab_size)
+            shapes.setdefault(s, []).append(f"{model},{kind}")
+    return shapes
+
+
+def round_inputs(key, b: int, k: int, v: int, mode: str, dtype: str):
+    """Target logits, a correlated drafter's log q and its drafts (greedy: the target argmax
+    with random corruptions, so that every accept count occurs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from opd.decoding.sampling import SamplingParams, process_logits
+
+    temperature, top_k, top_p = MODES[mode]
+    k_t, k_d, k_s, k_c = jax.random.split(key, 4)
+    target = (2.0 * jax.random.normal(k_t, (b, k + 1, v))).astype(dtype)
+    if temperature == 0.0:
+        corrupt = jax.random.bernoulli(k_c, 1.0 / (k + 1), (b, k))
+        d = jnp.where(corrupt, jax.random.randint(k_s, (b, k), 0, v), jnp.argmax(target[:, :k], -1))
+        return target, d.astype(jnp.int32), None
+    logq = process_logits(target[:, :k] + jax.random.normal(k_d, (b, k, v)), SamplingParams(temperature, top_k, top_p))
+    d = jax.random.categorical(k_s, logq).astype(jnp.int32)
+    return target, d, logq.astype(dtype)
+
+
+def bytes_read(b: int, k: int, v: int, mode: str, itemsize: int) -> int:
+    """What a round must read from HBM (module docstring)."""
+    rows = b * (k + 1) + (0 if mode == "greedy" else 2 * b)
+    return rows * v * itemsize
+
+
+def _mismatched_rows(got, want) -> int:
+    import numpy as np
+
+    bad = np.zeros(np.asarray(want.num_accepted).shape, bool)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g), np.asarray(w)
+        bad |= (g != w).reshape(bad.shape[0], -1).any(axis=1)
+    return int(bad.sum())
+
+
+def agreement(shapes, dtypes, modes, formulations, interpret: bool, **sizes) -> list:
+    """Rows: decisions of each formulation vs the reference over `--seeds` keys."""
+    import jax
+
+    from pallas_kernels.verify import verify, verify_reference
+
+    rows = []
+    for (b, k, v) in shapes:
+        for dtype in dtypes:
+            for mode in modes:
+                temperature, top_k, top_p = MODES[mode]
+                sp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+                ref = jax.jit(functools.partial(verify_reference, **sp))
+                gen = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))
+                for f in formulations:
+                    kern = functools.partial(verify, **sp, formulation=f, interpret=interpret, **sizes)
+                    bad, n_hist, t0 = 0, set(), time.perf_counter()
+                    for seed in range(_SEEDS.value):
+                        k_data, key = jax.random.split(jax.random.key(1000 + seed))
+                        x, d, lq = gen(k_data)
+                        want, got = ref(x, d, lq, key), kern(x, d, lq, key)
+                        bad += _mismatched_rows(got, want)
+                        n_hist |= set(int(n) for n in jax.device_get(want.num_accepted))
+                    rows.append({"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": mode, "formulation": f,
+                                 "interpret": interpret, "rows": b * _SEEDS.value, "mismatched_rows": bad,
+                                 "accept_counts_seen": sorted(n_hist), "seconds": time.perf_counter() - t0})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def lowering(shapes: dict, dtypes, modes) -> list:
+    """Rows: the kernel lowered (not compiled, not run) for TPU and CUDA at each pod shape."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    from pallas_kernels.verify import verify
+
+    calls_re = re.compile(r'stablehlo\.custom_call @([\w$.]+).*?name = "(verify_\w+)"')
+    disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]  # Triton IR: no compat guarantee
+    rows = []
+    for (b, k, v), variants in shapes.items():
+        for platform in ("tpu", "cuda"):
+            for dtype in dtypes:
+                for mode in modes:
+                    temperature, top_k, top_p = MODES[mode]
+                    x = jax.ShapeDtypeStruct((b, k + 1, v), jnp.dtype(dtype))
+                    d = jax.ShapeDtypeStruct((b, k), jnp.int32)
+                    lq = jax.ShapeDtypeStruct((b, k, v), jnp.dtype(dtype)) if temperature else None
+                    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype) if temperature else None
+                    fn = functools.partial(verify, temperature=temperature, top_k=top_k, top_p=top_p)
+                    t0 = time.perf_counter()
+                    exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(x, d, lq, key)
+                    text = exported.mlir_module()
+                    calls = [f"{t}:{n}" for t, n in calls_re.findall(text)]
+                    rows.append({"shape": f"{b}x{k}x{v}", "pod": " ".join(variants), "platform": platform, "dtype": dtype,
+                                 "mode": mode, "lowered": "yes (not compiled, not run)", "kernel_calls": ", ".join(calls),
+                                 "lower_seconds": time.perf_counter() - t0})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def timing(shapes, dtypes, modes, peak, **sizes) -> list:
+    """Rows: compiled kernel and reference, time per call and achieved HBM bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.verify import verify, verify_reference
+
+    inner = _INNER.value
+
+    def program(fn):
+        @jax.jit
+        def many(x, d, lq, key):
+            out = []
+            for i in range(inner):  # unrolled: no loop overhead; the barrier makes each call distinct
+                xi, _ = jax.lax.optimization_barrier((x, i))
+                r = fn(xi, d, lq, None if key is None else jax.random.fold_in(key, i))
+                out.append(r.num_accepted)
+            return jnp.stack(out)
+        return many
+
+    rows = []
+    for (b, k, v) in shapes:
+        for dtype in dtypes:
+            for mode in modes:
+                temperature, top_k, top_p = MODES[mode]
+                sp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+                x, d, lq = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))(jax.random.key(7))
+                key = jax.random.key(8) if temperature else None
+                kern = functools.partial(verify, **sp, **sizes)
+                ref = functools.partial(verify_reference, **sp)
+                bad = _mismatched_rows(jax.jit(kern)(x, d, lq, key), jax.jit(ref)(x, d, lq, key))
+                nbytes = bytes_read(b, k, v, mode, jnp.dtype(dtype).itemsize)
+                for impl, fn in (("kernel", kern), ("reference", ref)):
+                    run = program(fn)
+                    run(x, d, lq, key).block_until_ready()  # compile
+                    times = []
+                    for _ in range(_REPEATS.value):
+                        t0 = time.perf_counter()
+                        run(x, d, lq, key).block_until_ready()
+                        times.append((time.perf_counter() - t0) / inner)
+                    t = statistics.median(times)
+                    gbps = nbytes / t / 1e9
+                    rows.append({"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": mode, "impl": impl,
+                                 "mismatched_rows": bad, "us_per_call": t * 1e6, "bytes_read_MB": nbytes / 1e6,
+                                 "GB_per_s": gbps, "peak_fraction": gbps / peak if peak else float("nan")})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def main(_):
+    import jax
+
+    from opd.eval.report import markdown_table, write_results
+
+    backend = jax.default_backend()
+    dev = jax.devices()[0]
+    sizes = {k: f.value for k, f in (("block_v", _BLOCK_V), ("chunk_v", _CHUNK_V)) if f.value is not None}
+    parse = lambda s: tuple(int(n) for n in s.lower().split("x"))  # noqa: E731
+    pods = pod_shapes()
+    payload = {"backend": backend, "device_kind": dev.device_kind, "block_sizes": sizes}
+    if backend == "cpu":
+        shapes = [parse(s) for s in (_SHAPES.value or ["3x4x1000"])]
+        agree = agreement(shapes, _DTYPES.value, _MODES.value, ("grid", "split"), interpret=True,
+                          block_v=_CPU_BLOCK_V.value, chunk_v=_CPU_CHUNK_V.value)
+        low = lowering(pods, _DTYPES.value, [m for m in _MODES.value if m != "top_k_top_p"])
+        payload.update(agreement=agree, lowering=low, note=(
+            "CPU only: both formulations ran in the Pallas interpreter beside the reference (agreement, not speed); "
+            "for TPU and CUDA the kernel was lowered (jax.export), not compiled and not run on a device; "
+            "no bandwidth was measured"))
+        table = ("## Agreement: interpreted kernel vs reference (CPU; not a speed measurement)\n\n"
+                 + markdown_table(agree, ["shape", "dtype", "mode", "formulation", "interpret", "rows", "mismatched_rows",
+                                          "accept_counts_seen", "seconds"])
+                 + "\n## Lowering for TPU / CUDA at the pod shapes (lowered only: not compiled, not run on a device)\n\n"
+                 + markdown_table(low, ["shape", "pod", "platform", "dtype", "mode", "lowered", "kernel_calls", "lower_seconds"])
+                 + f"\n{payload['note']}.\n")
+    else:
+        peak = _PEAK.value or peak_gbps(dev.device_kind)
+        shapes = ([parse(s) for s in _SHAPES.value] if _SHAPES.value
+                  else sorted({s for s in pods} | {(4 * b, k, v) for (b, k, v) in pods}))
+        rows = timing(shapes, _DTYPES.value, _MODES.value, peak, **sizes)
+        payload.update(peak_gbps=peak, timing=rows, goal="kernel >= 80 % of peak HBM bandwidth")
+        table = (f"## {dev.device_kind} ({backend}): time per verify call, achieved HBM bandwidth (peak {peak} GB/s)\n\n"
+                 + markdown_table(rows, ["shape", "dtype", "mode", "impl", "mismatched_rows", "us_per_call", "bytes_read_MB",
+                                         "GB_per_s", "peak_fraction"]))
+    out = write_results("verify_kernel", payload, table, _OUT.value)
+    print(table)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
