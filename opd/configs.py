@@ -152,6 +152,7 @@ def default_config() -> CD:
     c.opd.num_draft_tokens = o.num_draft_tokens  # K drafts per round
     c.opd.rollout_temperature = o.rollout_temperature  # > 0: drafts sampled from q, rejection sampling
     c.opd.loss = CD(dataclasses.asdict(OPDLossConfig()))  # `opd.training.opd_loss.OPDLossConfig`
+    c.opd.vocab_chunk = o.vocab_chunk  # replay log q over this many support columns at a time (0: full logits)
     c.opd.optimizer = _optimizer()  # AdamW + warm-up + cosine (`opd.training.optim.OptimConfig`)
     c.opd.log_every = 5  # steps between metrics rows
     c.opd.save_every = 20  # steps between checkpoints (also at the end and on SIGTERM)
@@ -300,7 +301,8 @@ def optim_config(block, num_steps: int) -> OptimConfig:
 def opd_config(o) -> OPDConfig:
     """`OPDConfig` of `config.opd`."""
     return OPDConfig(num_rounds=int(o.num_rounds), num_draft_tokens=int(o.num_draft_tokens),
-                     rollout_temperature=float(o.rollout_temperature), loss=OPDLossConfig(**dict(o.loss)))
+                     rollout_temperature=float(o.rollout_temperature), loss=OPDLossConfig(**dict(o.loss)),
+                     vocab_chunk=o.vocab_chunk)
 
 
 def _check_drafter(config) -> None:

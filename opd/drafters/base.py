@@ -175,6 +175,14 @@ class DrafterSpec(abc.ABC):
         [B, R, W])."""
         raise _not_trainable(self, "replay_logits")
 
+    def replay_hidden(self, trainable, params, target_config, rec, aux, error_anchors: bool = False):
+        """`replay_logits` before the drafter's final linear head, or None when the kind has no
+        such head: (hidden states [B, R, K, D], the error anchors' [B, R, D] or None, the head as
+        an `opd.training.chunked_logprobs.LinearHead` over the support), with
+        `head.logits(hidden)` equal to `replay_logits`. Draft-OPD then computes log q in chunks of
+        the support (`OPDConfig.vocab_chunk`) and never stores [B, R, K, W] logits."""
+        return None
+
     def opd_flops(self, target_config, batch: int, prompt_len: int, num_rounds: int, num_draft_tokens: int,
                   seq_len: int, error_anchors: bool = False) -> int:
         """Training FLOPs of the drafter's part of one Draft-OPD step (its drafting in the

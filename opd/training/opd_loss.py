@@ -33,6 +33,12 @@ Divergences D (the drafter's support is its vocabulary: EAGLE-3's W draft tokens
 The exact divergences need log p on the support: [.., W] for EAGLE-3 (small), [.., V] for
 DFlash (large at V = 150k: top-k storage is a later option).
 
+Two entry points compute D: `divergence` from the drafter's log-probs [.., W] (`opd_loss`), and
+`head_divergence` from its hidden states before its linear head, W columns scanned in chunks so
+that no [.., W] logits or log-probs are stored (`opd.training.chunked_logprobs`; the Draft-OPD
+step's default, `OPDConfig.vocab_chunk`). Both read the divergences' terms from `EXACT_TERMS`;
+`loss_from_divergences` weights either's D into the loss.
+
 Axis letters: B rows, R rounds, K offsets, W support (draft vocabulary or V).
 """
 
@@ -44,6 +50,8 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from opd.training import chunked_logprobs as cl
 
 DIVERGENCES = ("k3", "reverse_kl", "forward_kl", "tvd", "jsd")
 EXACT = DIVERGENCES[1:]
@@ -93,6 +101,48 @@ def stream_weights(n_accepted_BR, active_BR, K: int, cfg: OPDLossConfig):
     return cfg.accepted_weight * acc, cfg.rejected_weight * rej, cfg.post_rejection_weight * post
 
 
+def _reverse_kl_terms(logq, logp):
+    return jnp.exp(logq) * (logq - logp)
+
+
+def _tvd_terms(logq, logp):  # + half the teacher's mass outside the support (`_teacher`)
+    return 0.5 * jnp.abs(jnp.exp(logp) - jnp.exp(logq))
+
+
+def _forward_kl_terms(logq, logp_n):
+    p_n = jnp.exp(logp_n)
+    return p_n * (logp_n - logq)
+
+
+def _jsd_terms(logq, logp_n):
+    p_n, q = jnp.exp(logp_n), jnp.exp(logq)
+    log_m = jnp.log(jnp.maximum(0.5 * (p_n + q), 1e-30))
+    return 0.5 * p_n * (logp_n - log_m) + 0.5 * q * (logq - log_m)
+
+
+# exact divergence -> (elementwise terms over the support, summing to D; whether they read the
+# teacher restricted to the support and renormalised, p~, rather than p itself)
+EXACT_TERMS = {"reverse_kl": (_reverse_kl_terms, False), "forward_kl": (_forward_kl_terms, True),
+               "tvd": (_tvd_terms, False), "jsd": (_jsd_terms, True)}
+
+
+def _k3(logq_tok, teacher_logp_tok):
+    log_ratio = jax.lax.stop_gradient(teacher_logp_tok.astype(jnp.float32)) - logq_tok
+    return jnp.expm1(log_ratio) - log_ratio
+
+
+def _teacher(teacher_logp_BRKW, cfg: OPDLossConfig):
+    """(the teacher log-probs the terms of `cfg.divergence` read [.., W], D's part that does not
+    depend on q [..]), no gradient."""
+    if teacher_logp_BRKW is None:
+        raise ValueError(f"the {cfg.divergence} divergence needs the teacher's log-probs over the drafter's support")
+    logp = jax.lax.stop_gradient(teacher_logp_BRKW.astype(jnp.float32))
+    const = jnp.zeros(logp.shape[:-1], jnp.float32)
+    if cfg.divergence == "tvd":
+        const = 0.5 * jnp.clip(1.0 - jnp.sum(jnp.exp(logp), axis=-1), 0.0, 1.0)
+    return (jax.nn.log_softmax(logp, axis=-1) if EXACT_TERMS[cfg.divergence][1] else logp), const
+
+
 def divergence(logq_BRKW, cfg: OPDLossConfig, drafted_BRK=None, teacher_logp_tok_BRK=None,
                teacher_logp_BRKW=None) -> jax.Array:
     """D(q || p) per offset, float32 [B, R, K]; differentiable in `logq_BRKW` (log-softmax of
@@ -101,31 +151,38 @@ def divergence(logq_BRKW, cfg: OPDLossConfig, drafted_BRK=None, teacher_logp_tok
     if cfg.divergence == "k3":
         if drafted_BRK is None or teacher_logp_tok_BRK is None:
             raise ValueError("the k3 divergence needs the drafted tokens and the teacher's log-prob of each")
-        lq = jnp.take_along_axis(logq, drafted_BRK[..., None], axis=-1)[..., 0]
-        log_ratio = jax.lax.stop_gradient(teacher_logp_tok_BRK.astype(jnp.float32)) - lq
-        return jnp.expm1(log_ratio) - log_ratio
-    if teacher_logp_BRKW is None:
-        raise ValueError(f"the {cfg.divergence} divergence needs the teacher's log-probs over the drafter's support")
-    logp = jax.lax.stop_gradient(teacher_logp_BRKW.astype(jnp.float32))
-    q, p = jnp.exp(logq), jnp.exp(logp)
-    if cfg.divergence == "reverse_kl":
-        return jnp.sum(q * (logq - logp), axis=-1)
-    if cfg.divergence == "tvd":
-        outside = jnp.clip(1.0 - jnp.sum(p, axis=-1), 0.0, 1.0)
-        return 0.5 * (jnp.sum(jnp.abs(p - q), axis=-1) + outside)
-    logp_n = jax.nn.log_softmax(logp, axis=-1)  # p restricted to the support, renormalised
-    p_n = jnp.exp(logp_n)
-    if cfg.divergence == "forward_kl":
-        return jnp.sum(p_n * (logp_n - logq), axis=-1)
-    m = 0.5 * (p_n + q)  # jsd
-    log_m = jnp.log(jnp.maximum(m, 1e-30))
-    return 0.5 * jnp.sum(p_n * (logp_n - log_m), axis=-1) + 0.5 * jnp.sum(q * (logq - log_m), axis=-1)
+        return _k3(jnp.take_along_axis(logq, drafted_BRK[..., None], axis=-1)[..., 0], teacher_logp_tok_BRK)
+    logp, const = _teacher(teacher_logp_BRKW, cfg)
+    return jnp.sum(EXACT_TERMS[cfg.divergence][0](logq, logp), axis=-1) + const
+
+
+def head_divergence(head: cl.LinearHead, h_BRKD, cfg: OPDLossConfig, chunk: int, drafted_BRK=None,
+                    teacher_logp_tok_BRK=None, teacher_logp_BRKW=None) -> jax.Array:
+    """`divergence` of the drafter's q = softmax(head.logits(h_BRKD)) over its support, from its
+    hidden states before the head, `chunk` support columns at a time (0: from the full logits):
+    no [.., W] log q is stored (`opd.training.chunked_logprobs`). Float32 [B, R, K],
+    differentiable in `h_BRKD` and the head's weight."""
+    lead = h_BRKD.shape[:-1]
+    h_ND = h_BRKD.reshape(-1, h_BRKD.shape[-1])
+    if cfg.divergence == "k3":
+        if drafted_BRK is None or teacher_logp_tok_BRK is None:
+            raise ValueError("the k3 divergence needs the drafted tokens and the teacher's log-prob of each")
+        logq_tok = cl.gathered_logits(head, h_ND, drafted_BRK.reshape(-1)) - cl.logsumexp(head, h_ND, chunk)
+        return _k3(logq_tok.reshape(lead), teacher_logp_tok_BRK)
+    logp, const = _teacher(teacher_logp_BRKW, cfg)
+    terms = EXACT_TERMS[cfg.divergence][0]
+    return cl.sum_over_support(head, h_ND, logp.reshape(-1, logp.shape[-1]), terms, chunk).reshape(lead) + const
+
+
+def error_anchor_config(cfg: OPDLossConfig) -> OPDLossConfig:
+    """The divergence D* of the error-anchor term: the exact form of `cfg.divergence`."""
+    return dataclasses.replace(cfg, divergence="reverse_kl" if cfg.divergence == "k3" else cfg.divergence)
 
 
 def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted_BRK=None,
              teacher_logp_tok_BRK=None, teacher_logp_BRKW=None, valid_BRK: Optional[jax.Array] = None,
              error_logq_BRW=None, teacher_error_BRW=None, error_mask_BR=None) -> OPDLossOut:
-    """The acceptance-aware loss (module docstring).
+    """The acceptance-aware loss (module docstring) from the drafter's log-probs.
 
     Args:
       logq_BRKW: drafter log-probs over its support at every offset (from the replay).
@@ -138,8 +195,21 @@ def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted
         `cfg.error_anchor_weight` > 0): the fresh chains' first-draft log q, the teacher's log p
         at the error offset, and which rounds have an error anchor.
     """
-    K = logq_BRKW.shape[2]
     D = divergence(logq_BRKW, cfg, drafted_BRK, teacher_logp_tok_BRK, teacher_logp_BRKW)
+    D_err = None
+    if cfg.error_anchor_weight > 0 and error_logq_BRW is not None and teacher_error_BRW is not None:
+        D_err = divergence(error_logq_BRW[:, :, None], error_anchor_config(cfg),
+                           teacher_logp_BRKW=teacher_error_BRW[:, :, None])[..., 0]
+    return loss_from_divergences(D, n_accepted_BR, active_BR, cfg, valid_BRK, D_err, error_mask_BR)
+
+
+def loss_from_divergences(D_BRK, n_accepted_BR, active_BR, cfg: OPDLossConfig, valid_BRK: Optional[jax.Array] = None,
+                          error_D_BR=None, error_mask_BR=None) -> OPDLossOut:
+    """The acceptance-aware loss (module docstring) from the divergence at every offset
+    `D_BRK` (`divergence` or `head_divergence`) and, when `cfg.error_anchor_weight` > 0, D* at
+    the error anchors `error_D_BR` (`error_anchor_config`) with their mask; arguments as `opd_loss`."""
+    D = D_BRK
+    K = D.shape[2]
     w_acc, w_rej, w_post = stream_weights(n_accepted_BR, active_BR, K, cfg)
     if valid_BRK is not None:
         v = valid_BRK.astype(jnp.float32)
@@ -150,11 +220,9 @@ def opd_loss(logq_BRKW, n_accepted_BR, active_BR, cfg: OPDLossConfig, *, drafted
     by_offset = jax.lax.stop_gradient(jnp.sum(act * D, axis=(0, 1)) / jnp.maximum(jnp.sum(act, axis=(0, 1)), 1.0))
     err = jnp.zeros((), jnp.float32)
     if cfg.error_anchor_weight > 0:
-        if error_logq_BRW is None or teacher_error_BRW is None or error_mask_BR is None:
+        if error_D_BR is None or error_mask_BR is None:
             raise ValueError("error_anchor_weight > 0 needs the error anchors' log q, the teacher's log p there "
                              "and their mask (replay with error_anchors=True, rollout with error_support=True)")
-        exact = dataclasses.replace(cfg, divergence="reverse_kl" if cfg.divergence == "k3" else cfg.divergence)
-        D_err = divergence(error_logq_BRW[:, :, None], exact, teacher_logp_BRKW=teacher_error_BRW[:, :, None])[..., 0]
         m = (error_mask_BR & active_BR).astype(jnp.float32)
-        err = cfg.error_anchor_weight * jnp.sum(m * D_err) / rounds
+        err = cfg.error_anchor_weight * jnp.sum(m * error_D_BR) / rounds
     return OPDLossOut(parts[0] + parts[1] + parts[2] + err, *parts, err, by_offset)

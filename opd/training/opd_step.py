@@ -5,7 +5,8 @@ drafter, in one `jax.jit` with explicit shardings and the train state donated (D
      prompts with the current drafter at the rollout temperature (`opd.training.rollout`);
   2. the target's features over the committed text (one more target forward, no gradient);
   3. replay (gradient): the drafter's logits at offsets 1..K of every round, exactly as it
-     drafted them; log q = log-softmax over its support;
+     drafted them; log q = log-softmax over its support (computed in chunks of the support:
+     `vocab_chunk`);
   4. `opd_loss`: accepted / first-rejected / post-rejection streams, divergence D;
   5. optax update of the trainable drafter parameters only (target and frozen drafter parts
      are inputs, never outputs).
@@ -24,24 +25,31 @@ W = the drafter's support: EAGLE-3's draft vocabulary, DFlash's V; n target feat
                          divergences and [B, R, W] at the error offsets with error anchors;
   features (no gradient) [B, S, n, D];
   replay (gradient)      EAGLE-3: K TTT steps of one decoder layer over [B, S] positions, its
-                         head applied at the R (2R) anchors only: logits [K, B, R, W];
-                         DFlash: R (2R) blocks of Q positions over an S-token context, logits
-                         [B, R, Q - 1, V] float32 (the target's LM head).
+                         head applied at the R (2R) anchors only; DFlash: R (2R) blocks of Q
+                         positions over an S-token context, then the target's LM head. Their
+                         final hidden states [B, R, K, D] go through the head `vocab_chunk`
+                         columns at a time: float32 [B·R·K, vocab_chunk] logits, a few at once,
+                         in the forward and the backward (`opd.training.chunked_logprobs`);
+                         with vocab_chunk = 0, logits [B, R, K, W] float32, their log-softmax
+                         and their gradient (4.3 GiB each at 16 rows, R = 32, K = 15, V = 152k).
 Never a float32 [B, R, K + 1, V] teacher buffer: at V = 150k the k3 default stores B·R·K floats.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from opd.decoding.sampling import SamplingParams
+from opd.training import chunked_logprobs as cl
 from opd.training import rollout as ro
 from opd.training import sft
-from opd.training.opd_loss import EXACT, OPDLossConfig, opd_loss
+from opd.training.opd_loss import (EXACT, OPDLossConfig, error_anchor_config, head_divergence, loss_from_divergences,
+                                   opd_loss)
 
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
@@ -49,6 +57,10 @@ class OPDConfig:
     num_draft_tokens: int = 4  # K drafts per round
     rollout_temperature: float = 1.0  # drafts sampled from q (and verified by rejection sampling) when > 0
     loss: OPDLossConfig = OPDLossConfig()
+    # the replay's log q over the drafter's support this many columns at a time, never [B, R, K, W]
+    # logits (`opd.training.chunked_logprobs`); 0 (or a support no larger): from the full logits,
+    # as for kinds without `replay_hidden`
+    vocab_chunk: int = 8192
 
     def __post_init__(self):
         for name in ("num_rounds", "num_draft_tokens"):
@@ -57,6 +69,7 @@ class OPDConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (isinstance(self.rollout_temperature, (int, float)) and self.rollout_temperature >= 0):
             raise ValueError(f"rollout_temperature must be >= 0, got {self.rollout_temperature!r}")
+        cl.check_chunk(self.vocab_chunk)
 
     def cache_len(self, prompt_len: int) -> int:
         """Sequence buffer for prompts padded to `prompt_len` (R rounds + one round of slack)."""
@@ -78,21 +91,9 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
                      cache_len=cache_len, teacher_support="draft" if exact else "none", error_support=err_anchors)
     active = rec.active_BR & batch["valid"][:, None]
     aux = ro.target_features(tparams, target_config, spec, rec.seq_BS)
-    idx = ro.drafted_support_index(dparams, spec, rec.drafts_BRK)
 
-    def loss_fn(params):
-        dp = spec.join_params(params, drafter_frozen, tparams)
-        logits = spec.replay_logits(params, dp, target_config, rec, aux, error_anchors=err_anchors)
-        err = {}
-        if err_anchors:
-            logits, err_logits = logits
-            err = dict(error_logq_BRW=jax.nn.log_softmax(err_logits.astype(jnp.float32), -1),
-                       teacher_error_BRW=rec.teacher_error_BRW, error_mask_BR=ro.error_anchor_mask(rec))
-        logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        out = opd_loss(logq, rec.num_accepted_BR, active, cfg.loss, drafted_BRK=idx,
-                       teacher_logp_tok_BRK=rec.teacher_tok_BRK, teacher_logp_BRKW=rec.teacher_support_BRKW, **err)
-        return out.loss, out
-
+    loss_fn = functools.partial(replay_loss, drafter_frozen=drafter_frozen, tparams=tparams, rec=rec, aux=aux,
+                                active_BR=active, spec=spec, target_config=target_config, cfg=cfg)
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -112,3 +113,38 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
         "_seq": rec.seq_BS, "_seq_len": rec.seq_len_B,  # the committed text (for SFT-on-rollouts baselines)
     }
     return sft.TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def replay_loss(params, *, drafter_frozen, tparams, rec: ro.RolloutRecord, aux, active_BR, spec, target_config,
+                cfg: OPDConfig):
+    """Steps 3 and 4: the replay and `opd_loss`, differentiable in the trainable drafter
+    `params`. Returns (loss, `OPDLossOut`). With `cfg.vocab_chunk` > 0 and a kind with
+    `replay_hidden`, log q is computed from the hidden states before the drafter's head, the
+    support in chunks (`opd_loss.head_divergence`); otherwise from the full replay logits."""
+    dp = spec.join_params(params, drafter_frozen, tparams)
+    err_anchors = cfg.loss.error_anchor_weight > 0
+    idx = ro.drafted_support_index(dp, spec, rec.drafts_BRK)
+    teacher = dict(drafted_BRK=idx, teacher_logp_tok_BRK=rec.teacher_tok_BRK,
+                   teacher_logp_BRKW=rec.teacher_support_BRKW)
+    hidden = None
+    if cfg.vocab_chunk:
+        hidden = spec.replay_hidden(params, dp, target_config, rec, aux, error_anchors=err_anchors)
+    if hidden is not None:
+        h, err_h, head = hidden
+        D = head_divergence(head, h, cfg.loss, cfg.vocab_chunk, **teacher)
+        D_err = None
+        if err_anchors:
+            D_err = head_divergence(head, err_h[:, :, None], error_anchor_config(cfg.loss), cfg.vocab_chunk,
+                                    teacher_logp_BRKW=rec.teacher_error_BRW[:, :, None])[..., 0]
+        out = loss_from_divergences(D, rec.num_accepted_BR, active_BR, cfg.loss, error_D_BR=D_err,
+                                    error_mask_BR=ro.error_anchor_mask(rec) if err_anchors else None)
+        return out.loss, out
+    logits = spec.replay_logits(params, dp, target_config, rec, aux, error_anchors=err_anchors)
+    err = {}
+    if err_anchors:
+        logits, err_logits = logits
+        err = dict(error_logq_BRW=jax.nn.log_softmax(err_logits.astype(jnp.float32), -1),
+                   teacher_error_BRW=rec.teacher_error_BRW, error_mask_BR=ro.error_anchor_mask(rec))
+    logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    out = opd_loss(logq, rec.num_accepted_BR, active_BR, cfg.loss, **teacher, **err)
+    return out.loss, out

@@ -18,7 +18,9 @@ Replay, from the final committed text and the target's features over it (positio
 committed, so these equal what the verify passes computed): the drafter kind's
 `spec.replay_logits` recomputes its drafting from every recorded anchor exactly as at inference
 (EAGLE-3: its own fed-back features and tokens; DFlash: the block from the anchor), giving its
-logits over its support at offsets 1..K: [B, R, K, W].
+logits over its support at offsets 1..K: [B, R, K, W]; `spec.replay_hidden` stops before the
+drafter's linear head, and the Draft-OPD step's loss reads log q from there in chunks of the
+support (`opd.training.chunked_logprobs`).
 
 Extra replay anchors at error positions (`error_anchors=True`): for a round that accepted
 1 <= n < K drafts, the position of the first rejected draft, n_r + n, has a committed prefix
@@ -73,15 +75,20 @@ def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, ds
     def body(s, _):
         new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft_tokens=K,
                               max_new_tokens=N, verify_impl="reference")
-        logp_BKV = jax.nn.log_softmax(r.logits_BKV1[:, :K].astype(jnp.float32), axis=-1)
-        teacher_tok = jnp.take_along_axis(logp_BKV, r.drafts_BK[..., None], axis=-1)[..., 0]
+        # log p = logits - logsumexp at the few ids recorded: no [B, K, V] log-softmax array
+        logits_BKV = r.logits_BKV1[:, :K].astype(jnp.float32)
+        lse_BK = jax.nn.logsumexp(logits_BKV, axis=-1)
+        teacher_tok = jnp.take_along_axis(logits_BKV, r.drafts_BK[..., None], axis=-1)[..., 0] - lse_BK
         logq_tok = (jnp.zeros_like(teacher_tok) if r.logq_BKV is None
                     else jnp.take_along_axis(r.logq_BKV, r.drafts_BK[..., None], axis=-1)[..., 0])
         err_BW = None
         if error_support:  # offset n + 1 (clamped: rounds with n == K carry no error term)
-            err_BW = jnp.take(logp_BKV[rows, jnp.minimum(r.num_accepted_B, K - 1)], sup, axis=-1)
-        rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok,
-               jnp.take(logp_BKV, sup, axis=-1) if teacher_support == "draft" else None, err_BW)
+            at = jnp.minimum(r.num_accepted_B, K - 1)
+            err_BW = jnp.take(logits_BKV[rows, at], sup, axis=-1) - lse_BK[rows, at][:, None]
+        support = None
+        if teacher_support == "draft":
+            support = jnp.take(logits_BKV, sup, axis=-1) - lse_BK[..., None]
+        rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok, support, err_BW)
         return new, rec
 
     s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support, err) = jax.lax.scan(body, state, None, length=R)

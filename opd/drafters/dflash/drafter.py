@@ -138,6 +138,9 @@ class DFlashSpec(DrafterSpec):
     def replay_logits(self, trainable, params, target_config, rec, aux, error_anchors: bool = False):
         return tr.replay_logits(trainable, params, self.config, target_config, rec, aux, error_anchors)
 
+    def replay_hidden(self, trainable, params, target_config, rec, aux, error_anchors: bool = False):
+        return tr.replay_hidden(trainable, params, self.config, target_config, rec, aux, error_anchors)
+
     def opd_flops(self, target_config, batch: int, prompt_len: int, num_rounds: int, num_draft_tokens: int,
                   seq_len: int, error_anchors: bool = False) -> int:
         return tr.opd_flops(self.config, target_config, batch, prompt_len, num_rounds, num_draft_tokens, seq_len,

@@ -335,6 +335,16 @@ def block_inputs(params: Params, target_params: Params, config: DFlashConfig, tc
     return tfm.embed(target_params, tconfig, block_BQ.astype(jnp.int32))
 
 
+def block_output(params: Params, target_params: Params, config: DFlashConfig, tconfig: TransformerConfig,
+                 anchor_B: jax.Array, start_B: jax.Array, ctx_k, ctx_v, ctx_valid_BS) -> jax.Array:
+    """Final-normed hidden states [B, Q-1, D] at block positions 1..Q-1: `block_logits` before
+    the LM head."""
+    Q = config.block_size
+    x_BQD = block_inputs(params, target_params, config, tconfig, anchor_B)
+    positions_BQ = start_B[:, None].astype(jnp.int32) + jnp.arange(Q, dtype=jnp.int32)[None]
+    return block_hidden(params, config, x_BQD, positions_BQ, ctx_k, ctx_v, ctx_valid_BS)[:, 1:]
+
+
 def block_logits(params: Params, target_params: Params, config: DFlashConfig, tconfig: TransformerConfig,
                  anchor_B: jax.Array, start_B: jax.Array, ctx_k, ctx_v, ctx_valid_BS,
                  head_ids_W: Optional[jax.Array] = None) -> jax.Array:
@@ -343,10 +353,7 @@ def block_logits(params: Params, target_params: Params, config: DFlashConfig, tc
     The block [anchor, MASK x (Q-1)] sits at positions start..start+Q-1; `target_params` must
     hold the target's `embedding` (and `lm_head` when untied). `head_ids_W`: the target ids of
     a draft vocabulary (only those LM-head columns are computed); None = all V."""
-    Q = config.block_size
-    x_BQD = block_inputs(params, target_params, config, tconfig, anchor_B)
-    positions_BQ = start_B[:, None].astype(jnp.int32) + jnp.arange(Q, dtype=jnp.int32)[None]
-    h = block_hidden(params, config, x_BQD, positions_BQ, ctx_k, ctx_v, ctx_valid_BS)[:, 1:]
+    h = block_output(params, target_params, config, tconfig, anchor_B, start_B, ctx_k, ctx_v, ctx_valid_BS)
     if head_ids_W is None:
         return tfm.lm_head(target_params, tconfig, h)
     return tfm.lm_head_columns(target_params, tconfig, h, head_ids_W)

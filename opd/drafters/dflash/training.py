@@ -25,7 +25,9 @@ accuracy counts it as a miss (the drafter cannot propose it), over the same pred
 without a draft vocabulary. `supervised` counts the predictions with a loss term.
 
 Draft-OPD replay (`replay_logits`): the block [s_{n-1}, MASK x (Q-1)] at anchor n - 1 over
-the target context of positions < n - 1 (`block_logits`) - exactly `DFlashSpec.propose`.
+the target context of positions < n - 1 (`block_logits`) - exactly `DFlashSpec.propose`;
+`replay_hidden` stops before the LM head, so that Draft-OPD can compute log q in chunks of the
+vocabulary (`opd.training.chunked_logprobs`).
 Error anchors run R more blocks, anchored at each round's error position. With a draft
 vocabulary the replay's logits cover the W draft tokens (the drafter's support, `support_ids`)
 and Draft-OPD's teacher is the target's log p on those ids, as for EAGLE-3.
@@ -46,6 +48,7 @@ import numpy as np
 from opd.drafters.base import LossOut, Segments
 from opd.drafters.dflash import model as dfm
 from opd.drafters.eagle3 import model as e3
+from opd.training import chunked_logprobs as cl
 from opd.training.losses import as_aux, shift_left
 from opd.training.flops import count_params
 
@@ -100,6 +103,20 @@ def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, targe
     """Logits [B, A, Q-1, W] of the blocks anchored at `anchors_BA` (context: positions < anchor,
     in the anchor's own sequence with packed `segments`, whose positions are the RoPE positions;
     `head_ids_W`: the draft vocabulary's target ids, None = all V)."""
+    block = lambda *a: dfm.block_logits(params, target_params, config, tconfig, *a, head_ids_W)
+    return _per_anchor(params, config, target_hidden, tokens_BT, anchors_BA, segments, block)
+
+
+def block_outputs(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden, tokens_BT, anchors_BA,
+                  segments: Segments | None = None) -> jax.Array:
+    """`block_logits` before the LM head (`lm_head`): final-normed hidden states [B, A, Q-1, D]."""
+    block = lambda *a: dfm.block_output(params, target_params, config, tconfig, *a)
+    return _per_anchor(params, config, target_hidden, tokens_BT, anchors_BA, segments, block)
+
+
+def _per_anchor(params, config: dfm.DFlashConfig, target_hidden, tokens_BT, anchors_BA, segments, block):
+    """`block(anchor_tok_B, start_B, ctx_k, ctx_v, visible_BT)` -> [B, ...] for every anchor,
+    [B, A, ...], the context's K/V computed once."""
     B, T = tokens_BT.shape
     aux = as_aux(target_hidden, len(config.target_layer_ids), "DFlash")
     idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
@@ -110,11 +127,22 @@ def block_logits(params, target_params, config: dfm.DFlashConfig, tconfig, targe
 
     def one(anchor_tok_B, anchor_B, start_B, seg_B):
         visible = (idx_BT < anchor_B[:, None]) & (ids_BT == seg_B[:, None])
-        return dfm.block_logits(params, target_params, config, tconfig, anchor_tok_B, start_B, ctx_k, ctx_v, visible,
-                                head_ids_W)
+        return block(anchor_tok_B, start_B, ctx_k, ctx_v, visible)
 
     out = jax.vmap(one, in_axes=(1, 1, 1, 1))(take(tokens_BT), anchors_BA, take(pos_BT), take(ids_BT))
     return jnp.swapaxes(out, 0, 1)
+
+
+def lm_head(target_params, tconfig, head_ids_W=None) -> cl.LinearHead:
+    """The target's LM head as `block_logits` applies it: its columns `head_ids_W` (a draft
+    vocabulary's target ids) or all V."""
+    if tconfig.tie_word_embeddings:
+        w, axis = target_params["embedding"], 0
+    else:
+        w, axis = target_params["lm_head"], 1
+    if head_ids_W is not None:
+        w = jnp.take(w, head_ids_W, axis=axis)
+    return cl.LinearHead(w, axis, tconfig.dtype)
 
 
 def head_ids(vocab):
@@ -184,19 +212,26 @@ def loss(params, target_params, config: dfm.DFlashConfig, tconfig, target_hidden
 # ----------------------------------------------------------------------------- Draft-OPD replay
 
 
-def replay_logits(trainable, params, config: dfm.DFlashConfig, tconfig, rec, aux, error_anchors: bool = False):
-    """The blocks' logits at offsets 1..K of every recorded round [B, R, K, W] (module
-    docstring); with `error_anchors` also the first draft of blocks at the error positions.
-    W: the drafter's support (`DFlashSpec.support_ids`: the draft vocabulary, or V)."""
+def replay_hidden(trainable, params, config: dfm.DFlashConfig, tconfig, rec, aux, error_anchors: bool = False):
+    """`replay_logits` before the LM head: (hidden states [B, R, K, D], the error anchors'
+    first position [B, R, D] or None, the head over the support, `lm_head`)."""
     R, K = rec.drafts_BRK.shape[1:]
     anchors = jnp.maximum(rec.anchor_BR - 1, 0)
     if error_anchors:
         anchors = jnp.concatenate([anchors, jnp.maximum(rec.anchor_BR + rec.num_accepted_BR - 1, 0)], axis=1)
-    logits = block_logits(trainable, params["target"], config, tconfig, aux, rec.seq_BS, anchors,
-                          head_ids_W=head_ids(params.get("vocab")))
+    h = block_outputs(trainable, params["target"], config, tconfig, aux, rec.seq_BS, anchors)
+    head = lm_head(params["target"], tconfig, head_ids(params.get("vocab")))
     if not error_anchors:
-        return logits[:, :, :K]
-    return logits[:, :R, :K], logits[:, R:, 0]
+        return h[:, :, :K], None, head
+    return h[:, :R, :K], h[:, R:, 0], head
+
+
+def replay_logits(trainable, params, config: dfm.DFlashConfig, tconfig, rec, aux, error_anchors: bool = False):
+    """The blocks' logits at offsets 1..K of every recorded round [B, R, K, W] (module
+    docstring); with `error_anchors` also the first draft of blocks at the error positions.
+    W: the drafter's support (`DFlashSpec.support_ids`: the draft vocabulary, or V)."""
+    h, err, head = replay_hidden(trainable, params, config, tconfig, rec, aux, error_anchors)
+    return head.logits(h) if err is None else (head.logits(h), head.logits(err))
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -36,7 +36,9 @@ as the step inputs at the anchor indices t = n - 2 (`ttt_logits(step_tokens=...)
 applied at those indices only): step 1 is the pair (f_{n-2}, s_{n-1}) over the drafter's
 cache of true features, step k >= 2 the pair (own output of step k-1, d_{k-1}) - the chain of
 `Eagle3Spec.propose`. Error anchors: EAGLE-3's first TTT step already computes the fresh
-chain's first draft at every position (t = n_r + n - 2).
+chain's first draft at every position (t = n_r + n - 2). `replay_hidden` stops before the draft
+head's matmul, so that Draft-OPD can compute log q in chunks of the draft vocabulary
+(`opd.training.chunked_logprobs`).
 
 Axis letters: B batch, T positions, D width, V target vocabulary, W draft vocabulary,
 N query heads (= K*G), K kv heads, G query heads per kv head, H head dim, S steps,
@@ -55,6 +57,7 @@ import numpy as np
 from opd.drafters.base import LossOut, Segments, TargetFeatures
 from opd.drafters.eagle3 import model as e3
 from opd.models import transformer as tfm
+from opd.training import chunked_logprobs as cl
 from opd.training.losses import as_aux, shift_left
 from opd.training.flops import count_params
 
@@ -92,6 +95,10 @@ def _e3_post(module, feat_BTD, attn_BTD):
 
 def _e3_head(module, h_BTD):
     return module.head(h_BTD)
+
+
+def _e3_final_norm(module, h_BTD):  # `head` before its matmul
+    return module.final_norm(h_BTD)
 
 
 def ttt_hidden(params, config: e3.Eagle3Config, embedding_VD, tokens_BT, target_hidden,
@@ -280,9 +287,10 @@ def ttt_loss(params, config: e3.Eagle3Config, embedding_VD, teacher: Teacher, ta
 # ----------------------------------------------------------------------------- Draft-OPD replay
 
 
-def replay_logits(trainable, params, config: e3.Eagle3Config, rec, aux, error_anchors: bool = False):
-    """The chain's logits at offsets 1..K of every recorded round [B, R, K, W] (module
-    docstring); with `error_anchors` also the fresh chains' first drafts [B, R, W]."""
+def replay_hidden(trainable, params, config: e3.Eagle3Config, rec, aux, error_anchors: bool = False):
+    """`replay_logits` before the draft head's matmul: (the chain's final-normed hidden states
+    [B, R, K, D], the fresh chains' first step [B, R, D] or None, the draft head's kernel as a
+    `LinearHead` over the W draft tokens)."""
     B, R, K = rec.drafts_BRK.shape
     rows = jnp.arange(B)[:, None]
     t_BR = jnp.maximum(rec.anchor_BR - 2, 0)  # the pair (f_{n-2}, s_{n-1}) drafts d_1
@@ -295,12 +303,21 @@ def replay_logits(trainable, params, config: e3.Eagle3Config, rec, aux, error_an
     at = t_BR
     if error_anchors:  # the first rejected draft's position n_r + n
         at = jnp.concatenate([t_BR, jnp.maximum(rec.anchor_BR + rec.num_accepted_BR - 2, 0)], axis=1)
-    logits_KBAW = ttt_logits(trainable, config, params["embedding"], rec.seq_BS, aux, steps=K, step_tokens=step_tokens,
-                             at_BA=at)
-    out = jnp.moveaxis(logits_KBAW[:, :, :R], 0, 2)  # [B, R, K, W]
+    h_KBTD = ttt_hidden(trainable, config, params["embedding"], rec.seq_BS, aux, steps=K, step_tokens=step_tokens)
+    h_KBAD = jnp.take_along_axis(h_KBTD, at[None, ..., None], axis=2)
+    h_KBAD = e3.model_for(config).apply({"params": trainable}, h_KBAD, method=_e3_final_norm)
+    head = cl.LinearHead(trainable["lm_head"], 1, config.dtype)
+    out = jnp.moveaxis(h_KBAD[:, :, :R], 0, 2)  # [B, R, K, D]
     if not error_anchors:
-        return out
-    return out, logits_KBAW[0, :, R:]  # step 1 at the error positions = a fresh chain's first draft
+        return out, None, head
+    return out, h_KBAD[0, :, R:], head  # step 1 at the error positions = a fresh chain's first draft
+
+
+def replay_logits(trainable, params, config: e3.Eagle3Config, rec, aux, error_anchors: bool = False):
+    """The chain's logits at offsets 1..K of every recorded round [B, R, K, W] (module
+    docstring); with `error_anchors` also the fresh chains' first drafts [B, R, W]."""
+    h, err, head = replay_hidden(trainable, params, config, rec, aux, error_anchors)
+    return head.logits(h) if err is None else (head.logits(h), head.logits(err))
 
 
 # ----------------------------------------------------------------------------- FLOPs
