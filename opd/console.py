@@ -3,11 +3,15 @@ and tqdm bars, while other libraries (orbax, jax, ...) log at WARNING and above 
 `--verbosity=1` (`-v 1`) asks for their INFO / DEBUG lines too.
 
 Orbax logs through absl's one logger, so the libraries are told apart from opd by the file a
-record comes from (a filter on absl's handler), not by logger name.
+record comes from (a filter on absl's handler), not by logger name. Orbax's ERROR records are
+off the console too unless `-v 1`: a failed save or restore logs a traceback from each of its
+worker threads (~270 lines on a full disk), and every such failure reaches opd as an exception
+that opd reports in one line (`opd.training.loop.save_failed`, `opd.training.checkpoint`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging as pylogging
 import os
 import time
@@ -18,11 +22,23 @@ from absl import logging
 _OPD_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    return os.path.dirname(os.path.abspath(spec.origin)) + os.sep if spec and spec.origin else "\0"
+
+
+_ORBAX_DIR = _package_dir("orbax.checkpoint")
+
+
 class OpdInfoOnly(pylogging.Filter):
-    """Passes WARNING and above from anywhere, lower levels only from opd's own files."""
+    """Passes WARNING and above from anywhere (but orbax's ERROR records: module docstring), lower
+    levels only from opd's own files."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or os.path.abspath(record.pathname).startswith(_OPD_DIR)
+        path = os.path.abspath(record.pathname)
+        if path.startswith(_ORBAX_DIR):
+            return record.levelno == pylogging.WARNING
+        return record.levelno >= pylogging.WARNING or path.startswith(_OPD_DIR)
 
 
 def setup(verbosity: int = -1) -> None:

@@ -96,7 +96,10 @@ def _join_orbax_writers(timeout: float = 120.0) -> None:
     tracebacks after the one-line message."""
     for t in threading.enumerate():
         if t is not threading.current_thread() and type(t).__module__.startswith("orbax.") and not t.daemon:
-            t.join(timeout)
+            try:
+                t.join(timeout)
+            except Exception:  # noqa: BLE001 - orbax's threads re-raise their own failure in join()
+                pass
 
 
 def save_failed(e: BaseException, desc: str, step, manager) -> SaveFailed:

@@ -103,3 +103,22 @@ def test_disk_full_in_the_sft_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(_Handler, "_save_fn", real)
     sft_stage.stage_sft(config, workdir)
     assert _steps(checkpoints)[-1] == 8 and _logged(os.path.dirname(checkpoints)) == list(range(1, 9))
+
+
+def test_an_orbax_writer_that_reraises_in_join_does_not_replace_the_one_line_message():
+    """Orbax's writer threads re-raise their own failure from join() (a real full disk, timing-
+    dependent): `save_failed` waits for them and must still return its one-line error."""
+    import threading
+
+    class Writer(threading.Thread):  # as orbax's _SignalingThread: join() raises the thread's error
+        def join(self, timeout=None):
+            super().join(timeout)
+            raise ValueError("RESOURCE_EXHAUSTED: No space left on device [os_error_code='28']")
+
+    Writer.__module__ = "orbax.checkpoint._src.futures.future"
+    release = threading.Event()
+    w = Writer(target=release.wait)
+    w.start()  # still running when save_failed looks for orbax's writers
+    threading.Timer(0.2, release.set).start()
+    loop._join_orbax_writers()  # no exception
+    assert not w.is_alive()

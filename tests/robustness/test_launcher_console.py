@@ -1,5 +1,6 @@
 """The launcher's console: an unknown `--config.<key>` is one line naming the key and the nearest
-known one; other libraries' INFO logs (orbax, jax) stay off the console unless `--verbosity=1`;
+known one; other libraries' INFO logs (orbax, jax) and orbax's ERROR tracebacks of a failed save
+stay off the console unless `--verbosity=1`;
 each stage prints a start line and an end line with its elapsed time and key numbers."""
 
 import glob
@@ -96,6 +97,50 @@ def test_library_info_logs_only_with_verbosity(tmp_path, verbosity):
     assert ("orbax" in out.stderr.lower()) == (verbosity == 1) and (tmp_path / "ckpt" / "0").is_dir()
     assert "library warning line" in out.stderr  # warnings always
     assert "stage chat: start" in out.stderr and re.search(r"stage chat: done in \d+\.\d s \(2 responses\)", out.stderr)
+
+
+_FAILED_SAVE = textwrap.dedent("""
+    import errno, os, sys
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from absl import app, flags
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    from opd import console
+
+    def main(argv):
+        console.setup(flags.FLAGS.verbosity)
+
+        async def full(self, x, directory):  # the disk is full for the JSON item's background write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+        json_checkpoint_handler.JsonCheckpointHandler._save_fn = full
+        try:
+            with ocp.CheckpointManager(sys.argv[1], item_names=("state", "data")) as m:
+                m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": np.zeros(2)}),
+                                                  data=ocp.args.JsonSave({"position": 3})))
+                m.wait_until_finished()
+        except Exception as e:  # opd's own code reports it in one line (loop.save_failed)
+            print("reported:", type(e).__name__, file=sys.stderr)
+
+    app.run(main)
+""")
+
+
+@pytest.mark.parametrize("verbosity", [None, 1])
+def test_orbax_error_tracebacks_of_a_failed_save_only_with_verbosity(tmp_path, verbosity):
+    script = tmp_path / "fail.py"
+    script.write_text(_FAILED_SAVE)
+    args = [] if verbosity is None else [f"--verbosity={verbosity}"]
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), *args], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert "reported:" in out.stderr, out.stderr[-3000:]
+    orbax_errors = re.findall(r"^E\d{4} .*(?:future|checkpoint_manager|async_checkpointer)\.py", out.stderr, re.M)
+    if verbosity is None:
+        assert not orbax_errors and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert out.stderr.strip().splitlines()[-1].startswith("reported:")
+    else:
+        assert orbax_errors and "Traceback" in out.stderr
 
 
 def test_stage_lines_name_the_key_numbers():
