@@ -28,6 +28,7 @@ from opd.drafters import registry
 from opd.paths import path_exists, resolve_path
 from opd.models.presets import PRESETS
 from opd.training.feature_cache import DTYPES as FEATURE_CACHE_DTYPES
+from opd.training import opd_loss
 from opd.training.opd_loss import OPDLossConfig
 from opd.training.opd_step import OPDConfig
 from opd.training.optim import OptimConfig
@@ -152,6 +153,8 @@ def default_config() -> CD:
     c.opd.num_draft_tokens = o.num_draft_tokens  # K drafts per round
     c.opd.rollout_temperature = o.rollout_temperature  # > 0: drafts sampled from q, rejection sampling
     c.opd.loss = CD(dataclasses.asdict(OPDLossConfig()))  # `opd.training.opd_loss.OPDLossConfig`
+    # the loss starts from this reference preset when set; c.opd.loss fields changed from their defaults override it
+    c.opd.loss_preset = ""  # `opd_loss.PRESETS`: "reference_yaml", "reference_script"; "" = none
     c.opd.vocab_chunk = o.vocab_chunk  # replay log q over this many support columns at a time (0: full logits)
     c.opd.optimizer = _optimizer()  # AdamW + warm-up + cosine (`opd.training.optim.OptimConfig`)
     c.opd.log_every = 5  # steps between metrics rows
@@ -298,10 +301,20 @@ def optim_config(block, num_steps: int) -> OptimConfig:
     return OptimConfig.from_config({"total_steps": int(num_steps), **dict(block.optimizer)})
 
 
+def opd_loss_config(o) -> OPDLossConfig:
+    """`OPDLossConfig` of `config.opd.loss`, on the preset `config.opd.loss_preset` when one is named."""
+    fields = dict(o.loss)
+    name = str(o.get("loss_preset", "") or "")
+    if not name:
+        return OPDLossConfig(**fields)
+    default = dataclasses.asdict(OPDLossConfig())
+    return opd_loss.preset(name, **{k: v for k, v in fields.items() if k not in default or v != default[k]})
+
+
 def opd_config(o) -> OPDConfig:
     """`OPDConfig` of `config.opd`."""
     return OPDConfig(num_rounds=int(o.num_rounds), num_draft_tokens=int(o.num_draft_tokens),
-                     rollout_temperature=float(o.rollout_temperature), loss=OPDLossConfig(**dict(o.loss)),
+                     rollout_temperature=float(o.rollout_temperature), loss=opd_loss_config(o),
                      vocab_chunk=o.vocab_chunk)
 
 

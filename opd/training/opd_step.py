@@ -7,7 +7,9 @@ drafter, in one `jax.jit` with explicit shardings and the train state donated (D
   3. replay (gradient): the drafter's logits at offsets 1..K of every round, exactly as it
      drafted them; log q = log-softmax over its support (computed in chunks of the support:
      `vocab_chunk`);
-  4. `opd_loss`: accepted / first-rejected / post-rejection streams, divergence D;
+  4. `opd_loss`: accepted / first-rejected / post-rejection streams, divergence D; optionally
+     the reference's response (correction token included) and suffix streams, clamps, per-token
+     normalisation and the expected-acceptance objective;
   5. optax update of the trainable drafter parameters only (target and frozen drafter parts
      are inputs, never outputs).
 
@@ -48,8 +50,9 @@ from opd.decoding.sampling import SamplingParams
 from opd.training import chunked_logprobs as cl
 from opd.training import rollout as ro
 from opd.training import sft
-from opd.training.opd_loss import (EXACT, OPDLossConfig, error_anchor_config, head_divergence, loss_from_divergences,
-                                   opd_loss)
+from opd.training.opd_loss import (OPDLossConfig, TokenLogProbs, committed_teacher_logp, error_anchor_config,
+                                   head_divergence, head_token_logprobs, k3_divergence, loss_from_divergences, opd_loss,
+                                   tv_config)
 
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
@@ -84,7 +87,7 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
     K, R = cfg.num_draft_tokens, cfg.num_rounds
     tparams = jax.lax.stop_gradient(target_params)
     dparams = jax.lax.stop_gradient(spec.join_params(state.params, drafter_frozen, tparams))
-    exact = cfg.loss.divergence in EXACT
+    exact = cfg.loss.needs_teacher_support
     err_anchors = cfg.loss.error_anchor_weight > 0
     rec = ro.rollout(tparams, dparams, batch["tokens"], batch["lengths"], key, eos_ids, tconfig=target_config,
                      dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
@@ -104,6 +107,8 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
     metrics = {
         "loss": loss, "accepted_loss": out.accepted_loss, "rejected_loss": out.rejected_loss,
         "post_loss": out.post_loss, "error_loss": out.error_loss, "divergence": out.divergence_by_offset,
+        "response_loss": out.response_loss, "suffix_loss": out.suffix_loss, "acceptance_loss": out.acceptance_loss,
+        "expected_accepted": out.expected_accepted,
         "grad_norm": optax.global_norm(grads),
         "rollout_tau": jnp.sum(act * (n + 1)) / rounds,  # committed tokens per verify round (bonus included)
         "committed_tokens": jnp.sum(act * (n + 1)),
@@ -120,24 +125,48 @@ def replay_loss(params, *, drafter_frozen, tparams, rec: ro.RolloutRecord, aux, 
     """Steps 3 and 4: the replay and `opd_loss`, differentiable in the trainable drafter
     `params`. Returns (loss, `OPDLossOut`). With `cfg.vocab_chunk` > 0 and a kind with
     `replay_hidden`, log q is computed from the hidden states before the drafter's head, the
-    support in chunks (`opd_loss.head_divergence`); otherwise from the full replay logits."""
+    support in chunks (`opd_loss.head_divergence`, `head_token_logprobs`); otherwise from the
+    full replay logits."""
+    L = cfg.loss
     dp = spec.join_params(params, drafter_frozen, tparams)
-    err_anchors = cfg.loss.error_anchor_weight > 0
+    err_anchors = L.error_anchor_weight > 0
     idx = ro.drafted_support_index(dp, spec, rec.drafts_BRK)
     teacher = dict(drafted_BRK=idx, teacher_logp_tok_BRK=rec.teacher_tok_BRK,
                    teacher_logp_BRKW=rec.teacher_support_BRKW)
+    commit = {}
+    if L.token_streams:  # the response stream reads the committed tokens (the correction token's log p: rollout)
+        if rec.teacher_commit_BR is None:
+            raise ValueError("response_weight / suffix_weight > 0 need RolloutRecord.teacher_commit_BR (the "
+                             "teacher's log p of each round's correction token; `rollout` records it)")
+        c_idx, c_ok = ro.support_index(dp, spec, ro.committed_tokens(rec))
+        commit = dict(committed_BRK=c_idx, commit_valid_BRK=c_ok,
+                      teacher_commit_BRK=committed_teacher_logp(rec.teacher_tok_BRK, rec.teacher_commit_BR,
+                                                                rec.num_accepted_BR))
     hidden = None
     if cfg.vocab_chunk:
         hidden = spec.replay_hidden(params, dp, target_config, rec, aux, error_anchors=err_anchors)
     if hidden is not None:
         h, err_h, head = hidden
-        D = head_divergence(head, h, cfg.loss, cfg.vocab_chunk, **teacher)
+        tokens = None
+        if L.token_streams:
+            lq_draft, lq_commit = head_token_logprobs(head, h, [idx, commit["committed_BRK"]], cfg.vocab_chunk)
+            tokens = TokenLogProbs(lq_draft, lq_commit, rec.teacher_tok_BRK, commit["teacher_commit_BRK"],
+                                   commit["commit_valid_BRK"])
+        if tokens is not None and L.divergence == "k3":  # the drafts' log q is already there: no second pass
+            D = k3_divergence(tokens.logq_draft, rec.teacher_tok_BRK, L)
+        else:
+            D = head_divergence(head, h, L, cfg.vocab_chunk, **teacher)
         D_err = None
         if err_anchors:
-            D_err = head_divergence(head, err_h[:, :, None], error_anchor_config(cfg.loss), cfg.vocab_chunk,
+            D_err = head_divergence(head, err_h[:, :, None], error_anchor_config(L), cfg.vocab_chunk,
                                     teacher_logp_BRKW=rec.teacher_error_BRW[:, :, None])[..., 0]
-        out = loss_from_divergences(D, rec.num_accepted_BR, active_BR, cfg.loss, error_D_BR=D_err,
-                                    error_mask_BR=ro.error_anchor_mask(rec) if err_anchors else None)
+        tv = None
+        if L.expected_acceptance_weight > 0:
+            tv = D if L.divergence == "tvd" else head_divergence(head, h, tv_config(L), cfg.vocab_chunk,
+                                                                teacher_logp_BRKW=rec.teacher_support_BRKW)
+        out = loss_from_divergences(D, rec.num_accepted_BR, active_BR, L, error_D_BR=D_err,
+                                    error_mask_BR=ro.error_anchor_mask(rec) if err_anchors else None, tokens=tokens,
+                                    tv_BRK=tv)
         return out.loss, out
     logits = spec.replay_logits(params, dp, target_config, rec, aux, error_anchors=err_anchors)
     err = {}
@@ -146,5 +175,5 @@ def replay_loss(params, *, drafter_frozen, tparams, rec: ro.RolloutRecord, aux, 
         err = dict(error_logq_BRW=jax.nn.log_softmax(err_logits.astype(jnp.float32), -1),
                    teacher_error_BRW=rec.teacher_error_BRW, error_mask_BR=ro.error_anchor_mask(rec))
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    out = opd_loss(logq, rec.num_accepted_BR, active_BR, cfg.loss, **teacher, **err)
+    out = opd_loss(logq, rec.num_accepted_BR, active_BR, L, **teacher, **err, **commit)
     return out.loss, out

@@ -11,7 +11,11 @@ round, so the rollout is exactly inference) in a `lax.scan`, recording per row b
   teacher_support     optional: log p over the drafter's support at every offset (EAGLE-3: its
                       W draft tokens; DFlash: all V), for the exact divergences;
   teacher_error[b, r] optional: log p over the support at the error position (offset n + 1,
-                      on the committed prefix), for the extra replay anchors below.
+                      on the committed prefix), for the extra replay anchors below;
+  teacher_commit[b,r] log p (T = 1) of the token committed at offset n + 1 (the target's
+                      correction token, or its bonus token when n == K), on the committed prefix:
+                      one float per round, for the response stream (`opd_loss`).
+The token committed at offset i (1 <= i <= n + 1) of round r is seq[b, anchor[b, r] + i - 1].
 Rows that finished (EOS) stay inactive; their rounds are masked.
 
 Replay, from the final committed text and the target's features over it (positions < n are
@@ -54,6 +58,7 @@ class RolloutRecord(NamedTuple):
     teacher_tok_BRK: jax.Array  # the target's log p (T = 1) of each draft
     teacher_support_BRKW: Optional[jax.Array]  # log p over the drafter's support, or None
     teacher_error_BRW: Optional[jax.Array] = None  # log p over the support at the error offset, or None
+    teacher_commit_BR: Optional[jax.Array] = None  # log p of the token committed at offset n + 1
 
 
 def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, dspec, sp: SamplingParams,
@@ -88,13 +93,19 @@ def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, ds
         support = None
         if teacher_support == "draft":
             support = jnp.take(logits_BKV, sup, axis=-1) - lse_BK[..., None]
-        rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok, support, err_BW)
+        # the committed token at offset n + 1 (correction or bonus) and its log p: one [B, V] row
+        at_BV = r.logits_BKV1[rows, r.num_accepted_B].astype(jnp.float32)
+        pos = jnp.clip(r.seq_len_B + r.num_accepted_B, 0, new["seq"].shape[1] - 1)
+        tok = new["seq"][rows, pos]
+        commit = jnp.take_along_axis(at_BV, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(at_BV, axis=-1)
+        rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok, support, err_BW, commit)
         return new, rec
 
-    s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support, err) = jax.lax.scan(body, state, None, length=R)
+    s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support, err, commit) = jax.lax.scan(
+        body, state, None, length=R)
     swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # [R, B, ...] -> [B, R, ...]
     return RolloutRecord(s["seq"], s["seq_len"], swap(anchor), swap(drafts), swap(n_acc), swap(active),
-                         swap(logq_tok), swap(teacher_tok), swap(support), swap(err))
+                         swap(logq_tok), swap(teacher_tok), swap(support), swap(err), swap(commit))
 
 
 def target_features(tparams, tconfig, spec, seq_BS):
@@ -112,6 +123,23 @@ def error_anchor_mask(rec: RolloutRecord) -> jax.Array:
 
 def drafted_support_index(dparams, spec, drafts_BRK) -> jax.Array:
     """Index of each drafted target id in the drafter's support (`spec.support_ids`)."""
+    return support_index(dparams, spec, drafts_BRK)[0]
+
+
+def support_index(dparams, spec, ids_BRK):
+    """(index of each target id in the drafter's support, whether it is in the support: an id
+    outside it gets index 0 and False)."""
     ids = spec.support_ids(dparams)
     inv = jnp.zeros((spec.vocab_size,), jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
-    return inv[drafts_BRK]
+    idx = inv[ids_BRK]
+    return idx, ids[idx] == ids_BRK
+
+
+def committed_tokens(rec: RolloutRecord) -> jax.Array:
+    """The token committed at offsets 1..K of every round [B, R, K] (target ids; meaningful at
+    offsets <= n + 1: the accepted drafts, then the correction token): seq[anchor + i - 1]."""
+    K = rec.drafts_BRK.shape[2]
+    pos = rec.anchor_BR[..., None] + jnp.arange(K, dtype=rec.anchor_BR.dtype)[None, None]
+    pos = jnp.clip(pos, 0, rec.seq_BS.shape[1] - 1)
+    B, R = rec.anchor_BR.shape
+    return jnp.take_along_axis(rec.seq_BS, pos.reshape(B, R * K), axis=1).reshape(B, R, K)
