@@ -13,6 +13,11 @@ Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`); t
   sft_rollouts  SFT from the same warm-up on the OPD rollouts' committed text (DIR/sft_rollouts/
                 <kind>/), also to the OPD run's FLOPs;
 and `tiny` (a few steps of everything, for tests). Both baselines need the OPD run first.
+`reference` (issue 16): Draft-OPD as the reference implementation (bingyang-lei/Draft-OPD) runs
+it: the `reference_yaml` loss preset, greedy rollouts (T = 0) from bare prompts, 64 rounds per
+prompt, gradient accumulation to >= 4k supervised positions per update; its runs are named
+`opd_reference`, `sft_cont_reference`, `sft_rollouts_reference` (e.g. `:dflash,reference`,
+`:eagle3,sft_cont,reference`), next to the default runs in one DIR.
 Every stage resumes from DIR and logs cumulative FLOPs from the same warm-up, so the curves
 (metrics.jsonl: `flops`, `probe_tau`) share one axis. Builds on experiments/sft_smollm2.py (the
 warm-up); every field and its default: `opd.configs.default_config`.
@@ -26,14 +31,17 @@ BRANCHES = ("opd", "sft_cont", "sft_rollouts")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, BRANCHES + ("eagle3", "dflash", "tiny"), "experiments/opd_smollm2.py")
+    parts = variant_parts(variant, BRANCHES + ("eagle3", "dflash", "tiny", "reference"), "experiments/opd_smollm2.py")
     branches = [p for p in parts if p in BRANCHES]
     if len(branches) > 1 or ("eagle3" in parts and "dflash" in parts):
         raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: use eagle3|dflash, "
-                         f"at most one of {BRANCHES}, optionally tiny")
+                         f"at most one of {BRANCHES}, optionally reference and tiny")
     kind = "dflash" if "dflash" in parts else "eagle3"
     branch = branches[0] if branches else "opd"
     tiny = "tiny" in parts
+    reference = "reference" in parts
+    tag = "_reference" if reference else ""  # the run names: opd{tag}, sft_cont{tag}, sft_rollouts{tag}
+    opd_run = f"opd{tag}"
     # the SFT warm-up: seed, assets, target, regenerate, drafter, sft, eval
     c = sibling_config(__file__, "sft_smollm2.py", ",".join([kind] + (["tiny"] if tiny else [])))
     warmup = f"workdir:export/sft_{kind}"
@@ -47,26 +55,37 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # stage reports the first ones), every `every` steps and at step 0; greedy (the rollout
     # temperature optimises acceptance at that temperature: probe there too to see it)
     c.opd.probe.num_prompts = 8
+    if reference:
+        c.opd.name = opd_run
+        c.opd.loss_preset = "reference_yaml"
+        c.opd.rollout_temperature = 0.0  # greedy, as the reference rolls out
+        c.opd.prefix = "prompt"  # bare prompts: the rollout is the answer from its first token
+        c.opd.num_rounds = 64  # long rollouts: the prompt's prefill amortised over 64 verify rounds
+        # supervised positions per update ~ B * A * R * (K + 1) (each round: the n + 1 committed
+        # tokens of the response stream and the K - n rejected drafts of the suffix stream, sharing
+        # offset n + 1; fewer for rows that reach EOS): EAGLE-3 (K = 4) 8 * 3 * 64 * 5 = 7680,
+        # DFlash (K = 7) 8 * 2 * 64 * 8 = 8192; >= 4096 even when a third of the rounds end early
+        c.opd.accumulate = 3 if kind == "eagle3" else 2
 
     if branch == "opd":
-        c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", "export:opd", "eval")
+        c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", f"export:{opd_run}", "eval")
     else:  # a baseline: SFT from the warm-up to the OPD run's cumulative FLOPs
-        c.stages = ("fetch_assets", "sft", f"export:{branch}", "eval")
+        c.stages = ("fetch_assets", "sft", f"export:{branch}{tag}", "eval")
         c.drafter.init = warmup
-        c.sft.name = branch
+        c.sft.name = f"{branch}{tag}"
         c.sft.probe = ml_collections.ConfigDict(c.opd.probe.to_dict())
-        c.sft.match_flops = f"workdir:opd/{kind}"
+        c.sft.match_flops = f"workdir:{opd_run}/{kind}"
         c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
         c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps
         if branch == "sft_cont":
             c.sft.feature_cache_dir = f"workdir:sft/{kind}/features"  # the warm-up's cache (same data)
         else:
-            c.sft.data = (f"workdir:opd/{kind}/rollouts",)  # features cached once (FLOPs counted then)
+            c.sft.data = (f"workdir:{opd_run}/{kind}/rollouts",)  # features cached once (FLOPs counted then)
             # a rollout row is prompt + answer prefix (<= P) + R (K + 1) committed tokens at most
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
     c.eval.runs = []
     for ps in ("alpacaeval", "mtbench", "humaneval"):
-        for run in (("sft", "opd") if branch == "opd" else (branch,)):
+        for run in (("sft", opd_run) if branch == "opd" else (f"{branch}{tag}",)):
             c.eval.runs.append(dict(name=f"{kind}_{run}_{ps}", drafter=kind, drafter_path=f"workdir:export/{run}_{kind}",
                                     prompt_set=ps))
 
@@ -75,6 +94,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.opd.batch_size = 2
         c.opd.num_steps = 4
         c.opd.num_rounds = 3
+        if reference:
+            c.opd.accumulate = 2
         c.opd.log_every = 2
         c.opd.save_every = 2
         c.opd.probe.num_prompts = 2

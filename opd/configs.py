@@ -147,7 +147,7 @@ def default_config() -> CD:
     c.opd.data = ()  # trajectory folders whose prompts are rolled out; () = every DIR/regenerate/<source>/
     c.opd.prefix = "random"  # OPD_PREFIXES: prompt + a random-length prefix of the answer, or the bare prompt
     c.opd.prompt_len = 256  # P: longer rows are skipped
-    c.opd.batch_size = 8  # prompts per step (all processes)
+    c.opd.batch_size = 8  # prompts per micro-batch (all processes); a step takes batch_size x accumulate
     c.opd.num_steps = 60  # optimizer steps
     c.opd.num_rounds = o.num_rounds  # R verify rounds per prompt and step
     c.opd.num_draft_tokens = o.num_draft_tokens  # K drafts per round
@@ -156,6 +156,7 @@ def default_config() -> CD:
     # the loss starts from this reference preset when set; c.opd.loss fields changed from their defaults override it
     c.opd.loss_preset = ""  # `opd_loss.PRESETS`: "reference_yaml", "reference_script"; "" = none
     c.opd.vocab_chunk = o.vocab_chunk  # replay log q over this many support columns at a time (0: full logits)
+    c.opd.accumulate = o.accumulate  # A micro-batches of batch_size prompts per optimizer update (one jitted step)
     c.opd.optimizer = _optimizer()  # AdamW + warm-up + cosine (`opd.training.optim.OptimConfig`)
     c.opd.log_every = 5  # steps between metrics rows
     c.opd.save_every = 20  # steps between checkpoints (also at the end and on SIGTERM)
@@ -315,7 +316,7 @@ def opd_config(o) -> OPDConfig:
     """`OPDConfig` of `config.opd`."""
     return OPDConfig(num_rounds=int(o.num_rounds), num_draft_tokens=int(o.num_draft_tokens),
                      rollout_temperature=float(o.rollout_temperature), loss=opd_loss_config(o),
-                     vocab_chunk=o.vocab_chunk)
+                     vocab_chunk=o.vocab_chunk, accumulate=o.accumulate)
 
 
 def _check_drafter(config) -> None:

@@ -45,7 +45,8 @@ def _measure(kind: str, variant: str, workdir: str) -> dict:
     run = opd_stage.build_run(config, drafter.spec, frozen, target.config, num_eos=len(eos))  # the stage's step
     state = run.init_state(trainable, seed=0)
     folders = stage_common.trajectory_folders(o.data, workdir, "opd")
-    batches = opd_stage.PromptBatches(opd_stage.prompt_records(folders), int(o.prompt_len), int(o.batch_size), 0)
+    batches = opd_stage.PromptBatches(opd_stage.prompt_records(folders), int(o.prompt_len),
+                                       int(o.batch_size) * cfg.accumulate, 0)
     tp, fr = run.place_frozen(target.params, frozen)
     dev = lambda b: {k: jnp.asarray(b[k]) for k in ("tokens", "lengths", "valid")}
     first = dev(next(batches))
@@ -83,7 +84,8 @@ def _measure(kind: str, variant: str, workdir: str) -> dict:
         "compile_seconds": compile_s, "rollout_tokens_per_s": float(np.sum(committed) / np.sum(times)),
         "rollout_tau": float(m["rollout_tau"]),
         "step_flops": flops.opd_step_flops(drafter.spec, target.config, int(o.batch_size), int(o.prompt_len),
-                                           cfg.num_rounds, cfg.num_draft_tokens, S, cfg.loss.error_anchor_weight > 0),
+                                           cfg.num_rounds, cfg.num_draft_tokens, S, cfg.loss.error_anchor_weight > 0,
+                                           cfg.accumulate),
         "temp_mib": mem.temp_size_in_bytes / 2**20, "argument_mib": mem.argument_size_in_bytes / 2**20,
         "output_mib": mem.output_size_in_bytes / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -180,7 +180,7 @@ def compile_opd(config, tconfig: TransformerConfig, spec, frozen) -> dict:
     B, P = int(o.batch_size), int(o.prompt_len)
     S = cfg.cache_len(P)
     model_flops = flops.opd_step_flops(spec, tconfig, B, P, cfg.num_rounds, cfg.num_draft_tokens, S,
-                                       cfg.loss.error_anchor_weight > 0)
+                                       cfg.loss.error_anchor_weight > 0, cfg.accumulate)
     return _report("opd", run, compiled, lower_s, compile_s, config.hbm_gib, num_rounds=cfg.num_rounds,
                    num_draft_tokens=cfg.num_draft_tokens, cache_len=S, model_flops=model_flops)
 

@@ -15,7 +15,8 @@ A Draft-OPD step (`opd_step_flops`; prompts padded to P, R rounds of K drafts, b
     K + 1 positions;
   * the target's features over the committed text: 2 * N_target * B * S;
   * the drafter's drafting in the rollout and the replay (forward + backward):
-    `spec.opd_flops`.
+    `spec.opd_flops`;
+  * with gradient accumulation (`OPDConfig.accumulate` = A micro-batches per step): A times that.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def sft_step_flops(spec, target_config: TransformerConfig, batch: int, seq_len: 
 
 
 def opd_step_flops(spec, target_config: TransformerConfig, batch: int, prompt_len: int, num_rounds: int,
-                   num_draft_tokens: int, seq_len: int, error_anchors: bool = False) -> int:
-    """Total training FLOPs of one Draft-OPD step (module docstring)."""
+                   num_draft_tokens: int, seq_len: int, error_anchors: bool = False, accumulate: int = 1) -> int:
+    """Total training FLOPs of one Draft-OPD step (module docstring): `accumulate` micro-batches
+    of `batch` prompts each."""
     B, P, R, K, S = batch, prompt_len, num_rounds, num_draft_tokens, seq_len
     n_t = target_matmul_params(target_config)
     target = 2 * n_t * B * (P + R * (K + 1)) + 2 * n_t * B * S
-    return target + spec.opd_flops(target_config, B, P, R, K, S, error_anchors)
+    return int(accumulate) * (target + spec.opd_flops(target_config, B, P, R, K, S, error_anchors))

@@ -23,7 +23,8 @@ Prompts: the trajectories' prompts (`config.opd.data`, default every `DIR/regene
 extended by a random-length prefix of the target's own answer (`prefix = "random"`; "prompt":
 the bare prompt), so rollouts visit states all along the answers, not only their first tokens.
 Rows longer than `prompt_len` are dropped (counted in the log). The order is a seeded
-permutation per epoch; the iterator position is checkpointed.
+permutation per epoch; the iterator position is checkpointed. A step takes `batch_size` x
+`accumulate` prompts (`OPDConfig.accumulate` micro-batches per optimizer update).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
     trainable, frozen = drafter.split()
     run = build_run(config, spec, frozen, target.config, len(eos_ids))
 
-    batches = PromptBatches(prompt_records(folders), P, B, int(config.seed), o.prefix)
+    batches = PromptBatches(prompt_records(folders), P, B * cfg.accumulate, int(config.seed), o.prefix)  # A x B a step
     if batches.dropped:
         logging.warning("opd: %d of %d trajectories have prompts longer than prompt_len %d; skipped",
                         batches.dropped, batches.dropped + len(batches.records), P)
@@ -179,7 +180,7 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
     step_fn = lambda st, tp, fr, b: run(st, tp, fr, b, eos)
     place = lambda b: jax.device_put({k: jnp.asarray(b[k]) for k in run.batch}, run.shardings.batch)
     step_flops = flops.opd_step_flops(spec, target.config, B, P, cfg.num_rounds, cfg.num_draft_tokens, cfg.cache_len(P),
-                                      cfg.loss.error_anchor_weight > 0)
+                                      cfg.loss.error_anchor_weight > 0, cfg.accumulate)
 
     probes = common.probe_prompts(o.probe)
     hooks = []

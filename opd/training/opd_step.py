@@ -14,7 +14,9 @@ drafter, in one `jax.jit` with explicit shardings and the train state donated (D
      are inputs, never outputs).
 
 Batches: {"tokens": int32 [B, P] left-aligned prompts (padding after each prompt),
-"lengths": int32 [B], "valid": bool [B] (False: a padding row, masked out)}.
+"lengths": int32 [B], "valid": bool [B] (False: a padding row, masked out)}; with gradient
+accumulation (`OPDConfig.accumulate` = A) A x B rows, steps 1-4 scanned over A micro-batches of
+B (the memory below is one micro-batch's, plus a float32 gradient accumulator), one update.
 The train state, shardings and checkpoints are SFT's (`opd.training.sft.TrainState`).
 
 Memory held by the step beyond the models (S = P + 1 + (R + 1)(K + 1), rounded up to 16;
@@ -50,9 +52,9 @@ from opd.decoding.sampling import SamplingParams
 from opd.training import chunked_logprobs as cl
 from opd.training import rollout as ro
 from opd.training import sft
-from opd.training.opd_loss import (OPDLossConfig, TokenLogProbs, committed_teacher_logp, error_anchor_config,
-                                   head_divergence, head_token_logprobs, k3_divergence, loss_from_divergences, opd_loss,
-                                   tv_config)
+from opd.training.opd_loss import (OPDLossConfig, OPDLossOut, TokenLogProbs, committed_teacher_logp,
+                                   error_anchor_config, head_divergence, head_token_logprobs, k3_divergence,
+                                   loss_from_divergences, opd_loss, stream_weights, token_stream_weights, tv_config)
 
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
@@ -64,9 +66,13 @@ class OPDConfig:
     # logits (`opd.training.chunked_logprobs`); 0 (or a support no larger): from the full logits,
     # as for kinds without `replay_hidden`
     vocab_chunk: int = 8192
+    # A micro-batches per optimizer update: the step takes A x B prompts, runs rollout + replay +
+    # loss on each B in a `lax.scan`, sums the numerators of the loss and its gradient and their
+    # denominators, divides once (exactly one big batch's loss: `opd_step`)
+    accumulate: int = 1
 
     def __post_init__(self):
-        for name in ("num_rounds", "num_draft_tokens"):
+        for name in ("num_rounds", "num_draft_tokens", "accumulate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -82,42 +88,137 @@ class OPDConfig:
 
 def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_ids, *, spec, target_config,
              optimizer: optax.GradientTransformation, cfg: OPDConfig, cache_len: int):
-    """One Draft-OPD update. Returns (new state, metrics)."""
+    """One Draft-OPD update. Returns (new state, metrics). With `cfg.accumulate` = A > 1 the
+    batch holds A x B prompts: row b * A + a is row b of micro-batch a (so every micro-batch
+    keeps the batch's row sharding), each rolled out with its own key (`_accumulated_grads`)."""
     rng, key = jax.random.split(state.rng)
-    K, R = cfg.num_draft_tokens, cfg.num_rounds
     tparams = jax.lax.stop_gradient(target_params)
     dparams = jax.lax.stop_gradient(spec.join_params(state.params, drafter_frozen, tparams))
-    exact = cfg.loss.needs_teacher_support
-    err_anchors = cfg.loss.error_anchor_weight > 0
-    rec = ro.rollout(tparams, dparams, batch["tokens"], batch["lengths"], key, eos_ids, tconfig=target_config,
-                     dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
-                     cache_len=cache_len, teacher_support="draft" if exact else "none", error_support=err_anchors)
-    active = rec.active_BR & batch["valid"][:, None]
-    aux = ro.target_features(tparams, target_config, spec, rec.seq_BS)
-
-    loss_fn = functools.partial(replay_loss, drafter_frozen=drafter_frozen, tparams=tparams, rec=rec, aux=aux,
-                                active_BR=active, spec=spec, target_config=target_config, cfg=cfg)
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    run = functools.partial(_rollout, tparams, dparams, eos_ids, spec=spec, target_config=target_config, cfg=cfg,
+                            cache_len=cache_len)
+    if cfg.accumulate > 1:
+        grads, loss, out, stats, seq, seq_len = _accumulated_grads(state.params, batch, key, run, dparams,
+                                                                   drafter_frozen, tparams, spec, target_config, cfg)
+    else:
+        rec, active, aux = run(batch, key)
+        loss_fn = functools.partial(replay_loss, drafter_frozen=drafter_frozen, tparams=tparams, rec=rec, aux=aux,
+                                    active_BR=active, spec=spec, target_config=target_config, cfg=cfg)
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        stats, seq, seq_len = _rollout_stats(rec, active, cfg.num_draft_tokens), rec.seq_BS, rec.seq_len_B
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    act = active.astype(jnp.float32)
-    rounds = jnp.maximum(jnp.sum(act), 1.0)
-    n = rec.num_accepted_BR
-    reached = jnp.stack([jnp.sum(act * (n >= i)) for i in range(K + 1)])  # rounds with >= i accepted
+    committed, rounds_sum, reached = stats
+    rounds = jnp.maximum(rounds_sum, 1.0)
     metrics = {
         "loss": loss, "accepted_loss": out.accepted_loss, "rejected_loss": out.rejected_loss,
         "post_loss": out.post_loss, "error_loss": out.error_loss, "divergence": out.divergence_by_offset,
         "response_loss": out.response_loss, "suffix_loss": out.suffix_loss, "acceptance_loss": out.acceptance_loss,
         "expected_accepted": out.expected_accepted,
         "grad_norm": optax.global_norm(grads),
-        "rollout_tau": jnp.sum(act * (n + 1)) / rounds,  # committed tokens per verify round (bonus included)
-        "committed_tokens": jnp.sum(act * (n + 1)),
+        "rollout_tau": committed / rounds,  # committed tokens per verify round (bonus included)
+        "committed_tokens": committed,
         "acceptance": reached[1:] / jnp.maximum(reached[:-1], 1.0),  # P(offset i accepted | i-1 were)
-        "rollout_rounds": jnp.sum(act),
+        "rollout_rounds": rounds_sum,
         # private (train_loop hands "_" keys to its on_step callback, not to the metrics means):
-        "_seq": rec.seq_BS, "_seq_len": rec.seq_len_B,  # the committed text (for SFT-on-rollouts baselines)
+        "_seq": seq, "_seq_len": seq_len,  # the committed text (for SFT-on-rollouts baselines)
     }
     return sft.TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def _rollout(tparams, dparams, eos_ids, batch, key, *, spec, target_config, cfg: OPDConfig, cache_len: int):
+    """Steps 1 and 2 on one (micro-)batch: (`RolloutRecord`, active rounds [B, R], the target's features)."""
+    K, R = cfg.num_draft_tokens, cfg.num_rounds
+    exact = cfg.loss.needs_teacher_support
+    err_anchors = cfg.loss.error_anchor_weight > 0
+    rec = ro.rollout(tparams, dparams, batch["tokens"], batch["lengths"], key, eos_ids, tconfig=target_config,
+                     dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
+                     cache_len=cache_len, teacher_support="draft" if exact else "none", error_support=err_anchors)
+    active = rec.active_BR & batch["valid"][:, None]
+    return rec, active, ro.target_features(tparams, target_config, spec, rec.seq_BS)
+
+
+def _rollout_stats(rec: ro.RolloutRecord, active_BR, K: int):
+    """(committed tokens, active rounds, [K + 1] rounds with >= i accepted), sums over the batch."""
+    act = active_BR.astype(jnp.float32)
+    n = rec.num_accepted_BR
+    reached = jnp.stack([jnp.sum(act * (n >= i)) for i in range(K + 1)])
+    return jnp.sum(act * (n + 1)), jnp.sum(act), reached
+
+
+def token_weight_total(rec: ro.RolloutRecord, active_BR, dparams, spec, cfg: OPDConfig):
+    """The "tokens" normalization's denominator of one batch before its clamp (>= 1): the total
+    weight of every stream's tokens, as `opd_loss.loss_from_divergences` sums it (no gradient)."""
+    L, K = cfg.loss, cfg.num_draft_tokens
+    ws = list(stream_weights(rec.num_accepted_BR, active_BR, K, L))
+    if L.token_streams:
+        _, ok = ro.support_index(dparams, spec, ro.committed_tokens(rec))
+        ws += list(token_stream_weights(rec.num_accepted_BR, active_BR, K, L, ok))
+    return sum(jnp.sum(w) for w in ws)
+
+
+def _accumulated_grads(params, batch, key, run, dparams, drafter_frozen, tparams, spec, target_config,
+                       cfg: OPDConfig):
+    """Rollout + replay + loss of A = `cfg.accumulate` micro-batches in a `lax.scan`, exactly
+    one big batch's loss and gradient: each micro-batch contributes the numerators of its loss
+    terms (its normalised terms times its own denominators, which carry no gradient) and of
+    their gradients, and its raw denominators; they are summed and divided once. Two groups:
+    the streams (divided by the total token weight with "tokens", else by the active rounds)
+    and the error-anchor and expected-acceptance terms (always by the active rounds); with
+    "tokens" and either term on, each micro-batch pulls back both groups (two backward passes).
+    Returns (grads, loss, `OPDLossOut` of the whole batch, rollout sums, seq [A·B, S], seq_len)."""
+    A, L = cfg.accumulate, cfg.loss
+    tokens = L.normalization == "tokens"
+    split = tokens and (L.error_anchor_weight > 0 or L.expected_acceptance_weight > 0)
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // A, A) + x.shape[1:]), 0, 1), batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    f32 = lambda t: jax.tree.map(lambda g: g.astype(jnp.float32), t)
+
+    def body(carry, xs):
+        g_tok, g_rnd, sums = carry
+        mb, k = xs
+        rec, active, aux = run(mb, k)
+        rounds_raw = jnp.sum(active.astype(jnp.float32))
+        tok_raw = token_weight_total(rec, active, dparams, spec, cfg) if tokens else rounds_raw
+        # the denominators `loss_from_divergences` divided this micro-batch's terms by
+        d_rnd = jnp.maximum(rounds_raw, 1.0)
+        d_tok = jnp.where(tok_raw > 0, tok_raw, 1.0) if tokens else d_rnd
+        loss_fn = functools.partial(replay_loss, drafter_frozen=drafter_frozen, tparams=tparams, rec=rec, aux=aux,
+                                    active_BR=active, spec=spec, target_config=target_config, cfg=cfg)
+
+        def numerators(p):
+            _, out = loss_fn(p)
+            streams = out.accepted_loss + out.rejected_loss + out.post_loss + out.response_loss + out.suffix_loss
+            return jnp.stack([streams * d_tok, (out.error_loss + out.acceptance_loss) * d_rnd]), out
+
+        _, pull, out = jax.vjp(numerators, params, has_aux=True)
+        if split:
+            g_tok = jax.tree.map(jnp.add, g_tok, f32(pull(jnp.asarray([1.0, 0.0]))[0]))
+            g_rnd = jax.tree.map(jnp.add, g_rnd, f32(pull(jnp.asarray([0.0, 1.0]))[0]))
+        else:  # one denominator (with "tokens", the second group is 0)
+            g_tok = jax.tree.map(jnp.add, g_tok, f32(pull(jnp.ones((2,), jnp.float32))[0]))
+        new = {"tok": tok_raw, "rounds": rounds_raw,
+               "parts_tok": jnp.stack([out.accepted_loss, out.rejected_loss, out.post_loss, out.response_loss,
+                                       out.suffix_loss]) * d_tok,
+               "parts_rnd": jnp.stack([out.error_loss, out.acceptance_loss, out.expected_accepted]) * d_rnd,
+               "by_offset": out.divergence_by_offset * d_rnd,  # every offset's count is the active rounds
+               "stats": _rollout_stats(rec, active, cfg.num_draft_tokens)}
+        sums = jax.tree.map(jnp.add, sums, new)
+        return (g_tok, g_rnd, sums), (rec.seq_BS, rec.seq_len_B)
+
+    K = cfg.num_draft_tokens
+    z = jnp.zeros((), jnp.float32)
+    sums0 = {"tok": z, "rounds": z, "parts_tok": jnp.zeros((5,)), "parts_rnd": jnp.zeros((3,)),
+             "by_offset": jnp.zeros((K,)), "stats": (z, z, jnp.zeros((K + 1,)))}
+    (g_tok, g_rnd, s), (seq, seq_len) = jax.lax.scan(body, (zeros, zeros, sums0), (micro, jax.random.split(key, A)))
+    D_rnd = jnp.maximum(s["rounds"], 1.0)
+    D_tok = jnp.where(s["tok"] > 0, s["tok"], 1.0) if tokens else D_rnd
+    grads = jax.tree.map(lambda p, a, b: (a / D_tok + b / D_rnd).astype(p.dtype), params, g_tok, g_rnd)
+    pt, pr = s["parts_tok"] / D_tok, s["parts_rnd"] / D_rnd
+    out = OPDLossOut(loss=jnp.sum(pt) + pr[0] + pr[1], accepted_loss=pt[0], rejected_loss=pt[1], post_loss=pt[2],
+                     error_loss=pr[0], divergence_by_offset=s["by_offset"] / D_rnd, response_loss=pt[3],
+                     suffix_loss=pt[4], acceptance_loss=pr[1], expected_accepted=pr[2])
+    unmix = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])  # back to the batch's row order
+    return grads, out.loss, out, s["stats"], unmix(seq), unmix(seq_len)
 
 
 def replay_loss(params, *, drafter_frozen, tparams, rec: ro.RolloutRecord, aux, active_BR, spec, target_config,

@@ -125,9 +125,11 @@ def opd_run(spec: DrafterSpec, drafter_frozen, target_config: TransformerConfig,
             optimizer: optax.GradientTransformation, opd_config: ops.OPDConfig, batch_size: int, prompt_len: int,
             num_eos: int) -> TrainRun:
     """The Draft-OPD step (`opd.training.opd_step.opd_step`) for global batches of `batch_size`
-    prompts padded to `prompt_len`; its last input is the target's `num_eos` EOS ids."""
+    prompts padded to `prompt_len` per micro-batch, `opd_config.accumulate` micro-batches per
+    step (the batch holds batch_size x accumulate rows); its last input is the target's
+    `num_eos` EOS ids."""
     spec.check_num_draft_tokens(opd_config.num_draft_tokens)
-    B, P = int(batch_size), int(prompt_len)
+    B, P = int(batch_size) * int(opd_config.accumulate), int(prompt_len)
     shapes = {"tokens": ((B, P), jnp.int32), "lengths": ((B,), jnp.int32), "valid": ((B,), jnp.bool_)}
     fn = functools.partial(ops.opd_step, spec=spec, target_config=target_config, optimizer=optimizer, cfg=opd_config,
                            cache_len=opd_config.cache_len(P))

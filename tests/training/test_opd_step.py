@@ -86,19 +86,24 @@ import test_sft as t
 from opd import sharding as shd
 from opd.decoding import batching
 from opd.training import run as run_mod
-from opd.training.opd_loss import OPDLossConfig
+from opd.training.opd_loss import OPDLossConfig, preset
 from opd.training.opd_step import OPDConfig
 assert len(jax.devices()) == 8, jax.devices()
 target = t._target(logit_scale=8.0)
-chunk = next(batching.chunks([[5, 9, 2, 5, 9], [17, 3], [1, 2, 3, 4, 5, 6, 7], [40, 41]], 0, None))
-batch = {"tokens": chunk.tokens, "lengths": chunk.lengths, "valid": chunk.valid}
+prompts = [[5, 9, 2, 5, 9], [17, 3], [1, 2, 3, 4, 5, 6, 7], [40, 41]]
 eos = np.asarray([10_000], np.int32)
 optimizer = optax.sgd(1.0)  # params after one step = params - grad: compares the gradients
 result = {}
-for kind, T, div, err in (("eagle3", 1.0, "k3", 1.0), ("dflash", 1.0, "reverse_kl", 1.0)):
+for name, kind, T, loss, A in (
+        ("eagle3", "eagle3", 1.0, OPDLossConfig(divergence="k3", post_rejection_weight=0.5, error_anchor_weight=1.0), 1),
+        ("dflash", "dflash", 1.0, OPDLossConfig(divergence="reverse_kl", post_rejection_weight=0.5,
+                                                error_anchor_weight=1.0), 1),
+        # 2 micro-batches of 4 rows, per-token and per-round denominators summed over both
+        ("eagle3_accumulate2", "eagle3", 1.0, preset("reference_yaml", error_anchor_weight=1.0), 2)):
+    chunk = next(batching.chunks(prompts * A, 0, None))
+    batch = {"tokens": chunk.tokens, "lengths": chunk.lengths, "valid": chunk.valid}
     drafter = t._drafter(target, kind)
-    cfg = OPDConfig(num_rounds=3, num_draft_tokens=3, rollout_temperature=T,
-                    loss=OPDLossConfig(divergence=div, post_rejection_weight=0.5, error_anchor_weight=err))
+    cfg = OPDConfig(num_rounds=3, num_draft_tokens=3, rollout_temperature=T, loss=loss, accumulate=A)
     runs = {}
     for name, mesh in (("one", shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])), ("mesh", shd.make_mesh(2, 2, 2))):
         trainable, frozen = drafter.split()
@@ -114,15 +119,16 @@ for kind, T, div, err in (("eagle3", 1.0, "k3", 1.0), ("dflash", 1.0, "reverse_k
     one, mesh_ = runs["one"], runs["mesh"]
     scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(one[3]))
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one[3]), jax.tree.leaves(mesh_[3])))
-    result[kind] = {"one": one[:3], "mesh": mesh_[:3], "grad_scale": scale, "max_grad_diff": diff, "specs": mesh_[4],
+    result[name] = {"one": one[:3], "mesh": mesh_[:3], "grad_scale": scale, "max_grad_diff": diff, "specs": mesh_[4],
                     "same_rollout": one[5] == mesh_[5]}
 print("RESULT" + json.dumps(result))
 """.replace("TESTS_DIR", repr(os.path.join(TESTS_DIR, "training")))
 
 
-@pytest.mark.slow  # ~2-3 min: two subprocesses, 1 and 8 devices
+@pytest.mark.slow  # ~3-4 min: two subprocesses, 1 and 8 devices
 def test_opd_step_on_8_fake_devices_matches_one_device():
-    """data=2, fsdp=2, tensor=2 vs one device: the same rollout, loss and gradients."""
+    """data=2, fsdp=2, tensor=2 vs one device: the same rollout, loss and gradients (also with
+    gradient accumulation over 2 micro-batches)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
