@@ -186,6 +186,9 @@ class OPDLossOut(NamedTuple):
     suffix_loss: jax.Array = 0.0  # scalar: the suffix stream's
     acceptance_loss: jax.Array = 0.0  # scalar: w_tv * mean (K - E) over active rounds
     expected_accepted: jax.Array = 0.0  # scalar: mean E over active rounds (monitoring; 0 when off)
+    # scalar, no gradient: what the streams' sums were divided by before its clamp to >= 1 (the
+    # total token weight with "tokens", else the active rounds): gradient accumulation sums it
+    stream_denominator: jax.Array = 0.0
 
 
 class TokenLogProbs(NamedTuple):
@@ -439,10 +442,10 @@ def loss_from_divergences(D_BRK, n_accepted_BR, active_BR, cfg: OPDLossConfig, v
     sums = [jnp.sum(jnp.where(w > 0, w * L, 0.0)) for w, L in streams]
     rounds = jnp.maximum(jnp.sum(active_BR.astype(jnp.float32)), 1.0)
     if cfg.normalization == "tokens":  # one denominator: the total token weight of every stream
-        denom = sum(jnp.sum(w) for w, _ in streams)
-        denom = jax.lax.stop_gradient(jnp.where(denom > 0, denom, 1.0))
+        raw = jax.lax.stop_gradient(sum(jnp.sum(w) for w, _ in streams))
+        denom = jnp.where(raw > 0, raw, 1.0)
     else:
-        denom = rounds
+        raw, denom = jnp.sum(active_BR.astype(jnp.float32)), rounds
     parts = [s_ / denom for s_ in sums] + [jnp.zeros((), jnp.float32)] * (5 - len(sums))
     act = active_BR[..., None].astype(jnp.float32) * (1.0 if v is None else v)
     by_offset = jax.lax.stop_gradient(jnp.sum(act * D, axis=(0, 1)) / jnp.maximum(jnp.sum(act, axis=(0, 1)), 1.0))
@@ -464,4 +467,5 @@ def loss_from_divergences(D_BRK, n_accepted_BR, active_BR, cfg: OPDLossConfig, v
         e_mean = jax.lax.stop_gradient(jnp.sum(a * E) / rounds)
     return OPDLossOut(loss=sum(parts) + err + acc_loss, accepted_loss=parts[0], rejected_loss=parts[1],
                       post_loss=parts[2], error_loss=err, divergence_by_offset=by_offset, response_loss=parts[3],
-                      suffix_loss=parts[4], acceptance_loss=acc_loss, expected_accepted=e_mean)
+                      suffix_loss=parts[4], acceptance_loss=acc_loss, expected_accepted=e_mean,
+                      stream_denominator=raw)

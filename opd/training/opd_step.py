@@ -54,7 +54,7 @@ from opd.training import rollout as ro
 from opd.training import sft
 from opd.training.opd_loss import (OPDLossConfig, OPDLossOut, TokenLogProbs, committed_teacher_logp,
                                    error_anchor_config, head_divergence, head_token_logprobs, k3_divergence,
-                                   loss_from_divergences, opd_loss, stream_weights, token_stream_weights, tv_config)
+                                   loss_from_divergences, opd_loss, tv_config)
 
 @dataclasses.dataclass(frozen=True)
 class OPDConfig:
@@ -97,7 +97,7 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
     run = functools.partial(_rollout, tparams, dparams, eos_ids, spec=spec, target_config=target_config, cfg=cfg,
                             cache_len=cache_len)
     if cfg.accumulate > 1:
-        grads, loss, out, stats, seq, seq_len = _accumulated_grads(state.params, batch, key, run, dparams,
+        grads, loss, out, stats, seq, seq_len = _accumulated_grads(state.params, batch, key, run,
                                                                    drafter_frozen, tparams, spec, target_config, cfg)
     else:
         rec, active, aux = run(batch, key)
@@ -145,18 +145,7 @@ def _rollout_stats(rec: ro.RolloutRecord, active_BR, K: int):
     return jnp.sum(act * (n + 1)), jnp.sum(act), reached
 
 
-def token_weight_total(rec: ro.RolloutRecord, active_BR, dparams, spec, cfg: OPDConfig):
-    """The "tokens" normalization's denominator of one batch before its clamp (>= 1): the total
-    weight of every stream's tokens, as `opd_loss.loss_from_divergences` sums it (no gradient)."""
-    L, K = cfg.loss, cfg.num_draft_tokens
-    ws = list(stream_weights(rec.num_accepted_BR, active_BR, K, L))
-    if L.token_streams:
-        _, ok = ro.support_index(dparams, spec, ro.committed_tokens(rec))
-        ws += list(token_stream_weights(rec.num_accepted_BR, active_BR, K, L, ok))
-    return sum(jnp.sum(w) for w in ws)
-
-
-def _accumulated_grads(params, batch, key, run, dparams, drafter_frozen, tparams, spec, target_config,
+def _accumulated_grads(params, batch, key, run, drafter_frozen, tparams, spec, target_config,
                        cfg: OPDConfig):
     """Rollout + replay + loss of A = `cfg.accumulate` micro-batches in a `lax.scan`, exactly
     one big batch's loss and gradient: each micro-batch contributes the numerators of its loss
@@ -178,17 +167,16 @@ def _accumulated_grads(params, batch, key, run, dparams, drafter_frozen, tparams
         mb, k = xs
         rec, active, aux = run(mb, k)
         rounds_raw = jnp.sum(active.astype(jnp.float32))
-        tok_raw = token_weight_total(rec, active, dparams, spec, cfg) if tokens else rounds_raw
-        # the denominators `loss_from_divergences` divided this micro-batch's terms by
+        # the denominators `loss_from_divergences` divided this micro-batch's terms by (no gradient)
         d_rnd = jnp.maximum(rounds_raw, 1.0)
-        d_tok = jnp.where(tok_raw > 0, tok_raw, 1.0) if tokens else d_rnd
+        d_tok = lambda out: jnp.where(out.stream_denominator > 0, out.stream_denominator, 1.0)
         loss_fn = functools.partial(replay_loss, drafter_frozen=drafter_frozen, tparams=tparams, rec=rec, aux=aux,
                                     active_BR=active, spec=spec, target_config=target_config, cfg=cfg)
 
         def numerators(p):
             _, out = loss_fn(p)
             streams = out.accepted_loss + out.rejected_loss + out.post_loss + out.response_loss + out.suffix_loss
-            return jnp.stack([streams * d_tok, (out.error_loss + out.acceptance_loss) * d_rnd]), out
+            return jnp.stack([streams * d_tok(out), (out.error_loss + out.acceptance_loss) * d_rnd]), out
 
         _, pull, out = jax.vjp(numerators, params, has_aux=True)
         if split:
@@ -196,9 +184,9 @@ def _accumulated_grads(params, batch, key, run, dparams, drafter_frozen, tparams
             g_rnd = jax.tree.map(jnp.add, g_rnd, f32(pull(jnp.asarray([0.0, 1.0]))[0]))
         else:  # one denominator (with "tokens", the second group is 0)
             g_tok = jax.tree.map(jnp.add, g_tok, f32(pull(jnp.ones((2,), jnp.float32))[0]))
-        new = {"tok": tok_raw, "rounds": rounds_raw,
+        new = {"tok": out.stream_denominator, "rounds": rounds_raw,
                "parts_tok": jnp.stack([out.accepted_loss, out.rejected_loss, out.post_loss, out.response_loss,
-                                       out.suffix_loss]) * d_tok,
+                                       out.suffix_loss]) * d_tok(out),
                "parts_rnd": jnp.stack([out.error_loss, out.acceptance_loss, out.expected_accepted]) * d_rnd,
                "by_offset": out.divergence_by_offset * d_rnd,  # every offset's count is the active rounds
                "stats": _rollout_stats(rec, active, cfg.num_draft_tokens)}

@@ -85,13 +85,18 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_script(tmp_path, text: str, verbosity):
+    """Runs `text` as a script with a checkpoint directory under `tmp_path` and absl's --verbosity."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    args = [] if verbosity is None else [f"--verbosity={verbosity}"]
+    return subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
 @pytest.mark.parametrize("verbosity", [None, 1])
 def test_library_info_logs_only_with_verbosity(tmp_path, verbosity):
-    script = tmp_path / "lib.py"
-    script.write_text(_SCRIPT)
-    args = [] if verbosity is None else [f"--verbosity={verbosity}"]
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), *args], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = _run_script(tmp_path, _SCRIPT, verbosity)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ("library info line" in out.stderr) == (verbosity == 1)
     assert ("orbax" in out.stderr.lower()) == (verbosity == 1) and (tmp_path / "ckpt" / "0").is_dir()
@@ -129,11 +134,7 @@ _FAILED_SAVE = textwrap.dedent("""
 
 @pytest.mark.parametrize("verbosity", [None, 1])
 def test_orbax_error_tracebacks_of_a_failed_save_only_with_verbosity(tmp_path, verbosity):
-    script = tmp_path / "fail.py"
-    script.write_text(_FAILED_SAVE)
-    args = [] if verbosity is None else [f"--verbosity={verbosity}"]
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), *args], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = _run_script(tmp_path, _FAILED_SAVE, verbosity)
     assert "reported:" in out.stderr, out.stderr[-3000:]
     orbax_errors = re.findall(r"^E\d{4} .*(?:future|checkpoint_manager|async_checkpointer)\.py", out.stderr, re.M)
     if verbosity is None:

@@ -133,6 +133,16 @@ def _record(drafter, exact: bool, seed: int = 0) -> ro.RolloutRecord:
         teacher_support_BRKW=logp(Bt, RR, RK, W) if exact else None, teacher_error_BRW=logp(Bt, RR, W))
 
 
+def replay_loss_and_grad(target, drafter, rec, loss_cfg: OPDLossConfig, vocab_chunk: int):
+    """((loss, `OPDLossOut`), gradients) of `replay_loss` for the record `rec` (R = RR, K = RK)."""
+    trainable, frozen = drafter.split()
+    aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
+    cfg = OPDConfig(num_rounds=RR, num_draft_tokens=RK, loss=loss_cfg, vocab_chunk=vocab_chunk)
+    f = functools.partial(replay_loss, drafter_frozen=frozen, tparams=target.params, rec=rec, aux=aux,
+                          active_BR=rec.active_BR, spec=drafter.spec, target_config=target.config, cfg=cfg)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(trainable)
+
+
 @pytest.mark.parametrize("kind,tied,name,err", [
     pytest.param("dflash", "untied", "k3", 0.0, marks=pytest.mark.slow), ("dflash", "tied", "forward_kl", 1.0),
     pytest.param("eagle3", "untied", "k3", 1.0, marks=pytest.mark.slow), ("eagle3", "untied", "jsd", 0.0)])
@@ -147,18 +157,10 @@ def test_replay_loss_chunked_equals_the_full_logits_path(targets, kind, tied, na
         drafter = opd.init_drafter("dflash", target, seed=2, block_size=RK + 1)
     loss_cfg = OPDLossConfig(divergence=name, error_anchor_weight=err, post_rejection_weight=0.5)
     rec = _record(drafter, exact=name != "k3")
-    trainable, frozen = drafter.split()
+    trainable, _ = drafter.split()
     aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def loss_and_grad(params, vocab_chunk):
-        cfg = OPDConfig(num_rounds=RR, num_draft_tokens=RK, loss=loss_cfg, vocab_chunk=vocab_chunk)
-        f = functools.partial(replay_loss, drafter_frozen=frozen, tparams=target.params, rec=rec, aux=aux,
-                              active_BR=rec.active_BR, spec=drafter.spec, target_config=target.config, cfg=cfg)
-        return jax.value_and_grad(f, has_aux=True)(params)
-
-    (loss0, out0), grads0 = loss_and_grad(trainable, 0)
-    (loss1, out1), grads1 = loss_and_grad(trainable, 7)
+    (loss0, out0), grads0 = replay_loss_and_grad(target, drafter, rec, loss_cfg, 0)
+    (loss1, out1), grads1 = replay_loss_and_grad(target, drafter, rec, loss_cfg, 7)
     assert float(loss0) > 1e-3
     if err:
         assert float(out0.error_loss) > 1e-3

@@ -20,7 +20,7 @@ from opd import configs
 from opd.training import rollout as ro
 from opd.training.opd_loss import (PRESETS, OPDLossConfig, TokenLogProbs, committed_teacher_logp,
                                    loss_from_divergences, opd_loss, preset)
-from opd.training.opd_step import OPDConfig, replay_loss
+from test_chunked_logprobs import RK as _RK, RR as _RR, replay_loss_and_grad
 
 K = 3
 L = math.log
@@ -279,6 +279,7 @@ def test_defaults_are_unchanged_and_bad_options_are_named():
 # ----------------------------------------------------------------------------- rollout and replay
 
 RK, RR, TV, TS = 3, 2, 40, 24  # K, R, the target vocabulary and the text length of the replay test
+assert (RK, RR) == (_RK, _RR)  # replay_loss_and_grad's R and K
 
 
 def _record(drafter, seed=0):
@@ -325,18 +326,8 @@ def test_replay_loss_chunked_equals_the_full_logits_path_for_the_new_terms(kind)
     loss_cfg = OPDLossConfig(divergence="k3", response_weight=1.0, suffix_weight=2.0, reverse_kl_weight=1.0,
                              forward_kl_weight=0.5, k3_clamps=True, loss_max_clamp=10.0, normalization="tokens",
                              expected_acceptance_weight=0.5)
-    trainable, frozen = drafter.split()
-    aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def loss_and_grad(params, vocab_chunk):
-        cfg = OPDConfig(num_rounds=RR, num_draft_tokens=RK, loss=loss_cfg, vocab_chunk=vocab_chunk)
-        f = functools.partial(replay_loss, drafter_frozen=frozen, tparams=target.params, rec=rec, aux=aux,
-                              active_BR=rec.active_BR, spec=drafter.spec, target_config=target.config, cfg=cfg)
-        return jax.value_and_grad(f, has_aux=True)(params)
-
-    (loss0, out0), grads0 = loss_and_grad(trainable, 0)
-    (loss1, out1), grads1 = loss_and_grad(trainable, 7)
+    (loss0, out0), grads0 = replay_loss_and_grad(target, drafter, rec, loss_cfg, 0)
+    (loss1, out1), grads1 = replay_loss_and_grad(target, drafter, rec, loss_cfg, 7)
     assert float(out0.response_loss) > 1e-3 and float(out0.suffix_loss) > 1e-3 and float(out0.acceptance_loss) > 1e-3
     for got, want in zip(out1, out0):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
