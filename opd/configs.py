@@ -131,6 +131,8 @@ def default_config() -> CD:
     c.sft.batch_size = 8  # rows per step (all processes)
     c.sft.num_steps = 200  # optimizer steps
     c.sft.match_flops = ""  # train to the cumulative FLOPs this run dir ended at (overrides num_steps)
+    c.sft.skip_batches = 0  # a new run first skips this many batches of its data order: a leg continued from
+    # an exported drafter (`drafter.init`, same seed and data) whose checkpoints are gone reads on where it stopped
     c.sft.log_every = 10  # steps between metrics rows (means over them)
     c.sft.save_every = 50  # steps between checkpoints (also at the end and on SIGTERM)
     c.sft.keep_checkpoints = 2  # newest checkpoints kept
@@ -333,6 +335,7 @@ def _check_sft(config) -> None:
     if config.drafter.init and not path_exists(config.drafter.init):
         raise ValueError(f"config.drafter.init: no drafter directory at {config.drafter.init!r}")
     _positive(s, ("seq_len", "batch_size", "num_steps", "log_every", "save_every", "keep_checkpoints"), "sft")
+    _positive(s, ("skip_batches",), "sft", minimum=0)
     _check_name(s.name, "sft.name")
     if s.target_features not in TARGET_FEATURES:
         raise ValueError(f"config.sft.target_features must be one of {TARGET_FEATURES}, got {s.target_features!r}")

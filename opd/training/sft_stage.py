@@ -151,6 +151,11 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         state = run.init_state(trainable, seed=int(config.seed))
         counters = {"flops": cache_flops + start_flops}
         logging.info("sft: new run: %d trajectories from %s", len(source), folders)
+        if int(s.skip_batches):  # the batches an earlier leg of the same data order trained on
+            for _ in range(int(s.skip_batches)):
+                next(batches)
+            logging.info("sft: skipped the first %d batches of the data order (config.sft.skip_batches)",
+                         int(s.skip_batches))
     else:
         state, data = restored
         batches.set_state(data["iterator"])

@@ -131,6 +131,32 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, da
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in straight_rows], rtol=1e-6)
 
 
+def test_a_leg_continued_with_skip_batches_reads_on_where_the_first_stopped(target_dir, data_dir, tmp_path,
+                                                                              monkeypatch):
+    # A leg fine-tuned from an exported drafter whose checkpoints are gone (`drafter.init`) skips
+    # the batches the first leg trained on, so it sees new data: the straight run's steps 3-5.
+    real_loop, seen = sft_stage.train_loop, []
+
+    def recording_loop(run, state, frozen, batches, **kw):
+        def spy():
+            for batch in batches:
+                seen[-1].append(np.asarray(batch["tokens"]).copy())
+                yield batch
+        seen.append([])
+        return real_loop(run, state, frozen, spy(), **kw)
+
+    monkeypatch.setattr(sft_stage, "train_loop", recording_loop)
+    sft_stage.stage_sft(_config(target_dir, data_dir, num_steps=5), str(tmp_path / "straight"))
+    sft_stage.stage_sft(_config(target_dir, data_dir, num_steps=3, skip_batches=2), str(tmp_path / "leg"))
+    straight, leg = seen
+    assert len(straight) == 5 and len(leg) == 3
+    for a, b in zip(straight[2:], leg):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(straight[0], leg[0])
+    with pytest.raises(ValueError, match="skip_batches must be >= 0"):
+        configs.validate(_config(target_dir, data_dir, skip_batches=-1))
+
+
 def test_metrics_loss_falls_and_export_round_trips(target_dir, data_dir, tmp_path):
     config = _config(target_dir, data_dir, num_steps=30, save_every=10, log_every=5)
     pipeline.run(config, str(tmp_path))
