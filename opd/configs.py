@@ -12,6 +12,7 @@ Stages: fetch_assets, chat, regenerate, text_corpus, sft, opd, export (or "expor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -39,7 +40,7 @@ TARGET_FEATURES = ("online", "cache")  # SFT: the target runs in every step, or 
 OPD_PREFIXES = ("random", "prompt")
 EVAL_RUN_FIELDS = ("name", "drafter", "prompt_set", "drafter_path")  # besides the eval block's defaults
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-FREE_FORM = ("drafter.overrides", "sft.loss")  # blocks whose keys belong to the drafter kind
+FREE_FORM = ("drafter.overrides", "sft.loss", "branches")  # blocks whose keys belong to the drafter kind
 
 CD = ml_collections.ConfigDict
 
@@ -70,7 +71,10 @@ def default_config() -> CD:
     """Every field of a launch config with its default (module docstring)."""
     c = CD()
     c.seed = 0  # data order, drafter initialisation and sampling
-    c.stages = ()  # stages to run, in order (STAGES; "export:<run>" exports that run)
+    c.stages = ()  # stages to run, in order: `<stage>[@<branch>][:<run>]` (STAGES; "export:<run>" exports
+    # that run; "sft@<branch>" runs the stage with config.branches.<branch> merged on top)
+    c.branches = CD()  # named partial configs, e.g. branches.sft_cont = {"sft": {"name": "sft_cont"}, ...}:
+    # a second run of a stage in the same launch (continued SFT next to Draft-OPD)
     c.assets = ()  # offline assets to fetch (`opd.data.assets`), e.g. ("smollm2_gguf", "mtbench")
     c.distributed = False  # jax.distributed.initialize() before anything else (multi-host slices)
     c.local_workdir = ""  # URL workdirs: the local copy ("" = ~/.cache/opd/workdirs/<url>)
@@ -437,14 +441,65 @@ def check_fields(config, schema=None, where: str = "") -> None:
             check_fields(config[key], value, f"{where}{key}.")
 
 
+def stage_parts(name: str) -> tuple[str, str, str]:
+    """(stage, branch, run) of a stage name `<stage>[@<branch>][:<run>]`, e.g. "export:opd" ->
+    ("export", "", "opd"), "sft@sft_cont" -> ("sft", "sft_cont", "")."""
+    head, _, run = str(name).partition(":")
+    stage, _, branch = head.partition("@")
+    return stage, branch, run
+
+
+def branch_config(config: ml_collections.ConfigDict, branch: str) -> ml_collections.ConfigDict:
+    """`config` with `config.branches[branch]` (a partial config tree) merged on top: the config
+    the stages named `<stage>@<branch>` run with. ValueError naming an unknown branch or field."""
+    if branch not in config.branches:
+        raise ValueError(f"config.stages: no config.branches.{branch} for the stages `...@{branch}` "
+                         f"(branches: {list(config.branches) or 'none'})")
+    c = copy.deepcopy(config)
+
+    def merge(dst, src, where):
+        for key, value in src.items():
+            if key not in dst and where.rstrip(".") not in FREE_FORM:
+                near = difflib.get_close_matches(key, list(dst.keys()), n=1)
+                hint = f"; did you mean {where}{near[0]}?" if near else ""
+                raise ValueError(f"config.branches.{branch}: unknown config field {where}{key}{hint}")
+            if key in dst and isinstance(dst[key], ml_collections.ConfigDict) and hasattr(value, "items"):
+                merge(dst[key], value, f"{where}{key}.")
+            else:
+                dst[key] = value
+
+    with c.unlocked():
+        merge(c, config.branches[branch], "")
+    return c
+
+
+def _stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The config of the plain stages, then one per branch named in config.stages, each holding
+    only its own stages (without the `@<branch>`)."""
+    plain = copy.deepcopy(config)
+    with plain.unlocked():
+        plain.stages = tuple(s for s in config.stages if not stage_parts(s)[1])
+    out = [plain]
+    for branch in dict.fromkeys(stage_parts(s)[1] for s in config.stages if stage_parts(s)[1]):
+        c = branch_config(config, branch)
+        with c.unlocked():
+            c.stages = tuple(s.replace(f"@{branch}", "", 1) for s in config.stages if stage_parts(s)[1] == branch)
+        out.append(c)
+    return out
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every field and value the config's stages read, before any work starts; raises
     ValueError naming the field."""
     check_fields(config)
-    unknown = [s for s in config.stages if s.split(":")[0] not in STAGES]
+    unknown = [s for s in config.stages if stage_parts(s)[0] not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown} in config.stages; available: {list(STAGES)}")
-    stages = {s.split(":")[0] for s in config.stages}
+    if any(stage_parts(s)[1] for s in config.stages):  # each branch's stages under its own config
+        for c in _stage_configs(config):
+            validate(c)
+        return
+    stages = {stage_parts(s)[0] for s in config.stages}
     t = config.target
     for field in ("dtype", "param_dtype"):
         if t[field] not in ("float32", "bfloat16"):
@@ -505,7 +560,11 @@ def validate_launch(config: ml_collections.ConfigDict) -> None:
     """Checks what a launch needs from outside the config: the target checkpoint path, the
     device count, the meshes and batch sizes against the devices present, and K against the
     drafter's limit (e.g. a DFlash block size). Raises ValueError naming the field."""
-    stages = {s.split(":")[0] for s in config.stages}
+    if any(stage_parts(s)[1] for s in config.stages):
+        for c in _stage_configs(config):
+            validate_launch(c)
+        return
+    stages = {stage_parts(s)[0] for s in config.stages}
     path = str(config.target.path)
     if not path:
         raise ValueError("config.target.path is empty: set it to the target's HF checkpoint directory "

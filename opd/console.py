@@ -62,7 +62,7 @@ def run_stage(name: str, fn: Callable[..., Any], *args) -> Any:
     except BaseException:
         logging.error("stage %s: failed after %s", name, elapsed(time.perf_counter() - t0))
         raise
-    summary = stage_summary(name.partition(":")[0], result)
+    summary = stage_summary(name.partition(":")[0].partition("@")[0], result)  # <stage>[@<branch>][:<run>]
     logging.info("stage %s: done in %s%s", name, elapsed(time.perf_counter() - t0), f" ({summary})" if summary else "")
     return result
 

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 from opd import console, remote
-from opd.configs import eval_runs, validate, validate_launch
+from opd.configs import branch_config, eval_runs, stage_parts, validate, validate_launch
 from opd.data import regenerate as regen
 from opd.data import text_corpus
 from opd.data.assets import asset_path, load_prompt_set
@@ -262,9 +262,11 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str) -> None:
                 with open(os.path.join(workdir, rel), "w") as f:
                     f.write(config.to_json_best_effort(indent=2))
         for name in config.stages:
-            base, _, source = name.partition(":")
+            base, branch, source = stage_parts(name)
+            # "<stage>@<branch>": config.branches.<branch> merged on top for this stage only
+            stage_config = branch_config(config, branch) if branch else config
             # "export:<run>": export that run (config.export.source for this stage only)
-            stage_config = _with_export_source(config, source) if source else config
+            stage_config = _with_export_source(stage_config, source) if source else stage_config
             console.run_stage(name, STAGES[base], stage_config, workdir)  # start / end lines, elapsed time
             barrier(f"stage {name} done")  # multi-host: the next stage reads what every process wrote
     finally:

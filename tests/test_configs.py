@@ -84,6 +84,31 @@ def test_the_schemas_stages_are_the_launchers():
     assert tuple(pipeline.STAGES) == configs.STAGES
 
 
+def test_a_branch_runs_a_stage_again_with_its_partial_config_on_top():
+    c = configs.load_config(os.path.join(REPO, "experiments", "quickstart.py:tiny"))
+    assert configs.stage_parts("sft@sft_cont") == ("sft", "sft_cont", "")
+    assert configs.stage_parts("export:opd") == ("export", "", "opd")
+    b = configs.branch_config(c, "sft_cont")
+    assert (b.sft.name, b.sft.match_flops, b.drafter.init) == ("sft_cont", "workdir:opd/eagle3", "shipped:smollm2_eagle3")
+    assert b.sft.seq_len == c.sft.seq_len and b.sft.probe.every == 1000 and b.sft.probe.num_prompts == c.sft.probe.num_prompts
+    assert (c.sft.name, c.drafter.init) == ("sft", "")  # the plain stages keep theirs
+    configs.validate(c)
+    with pytest.raises(ValueError, match=r"no config.branches.nope .*branches: \['sft_cont'\]"):
+        configs.validate(_with(c, stages=("sft@nope",)))
+    c.branches.sft_cont.sft.seqlen = 64
+    with pytest.raises(ValueError, match=r"config.branches.sft_cont: unknown config field sft.seqlen; did you mean sft.seq_len\?"):
+        configs.validate(c)
+    del c.branches.sft_cont.sft["seqlen"]
+    c.branches.sft_cont.sft.seq_len = 0  # the branch's stage is validated under the merged config
+    with pytest.raises(ValueError, match=r"config.sft.seq_len must be >= 1"):
+        configs.validate(c)
+
+
+def _with(c, **fields):
+    c = c.copy_and_resolve_references()
+    for k, v in fields.items():
+        c[k] = v
+    return c
 
 
 def test_a_missing_shipped_drafter_is_named_at_config_time():

@@ -27,27 +27,35 @@ def test_quickstart_tiny_runs_and_resumes(tmp_path):
         records = [json.loads(line) for line in f]
     assert len(records) == 2 and all(r["num_tokens"] > 0 and r["response"] for r in records)
     assert json.load(open(tmp_path / "fetch_assets" / "paths.json"))["smollm2_gguf"].endswith(".gguf")
-    for run in ("ngram_mtbench", "eagle3_sft_mtbench", "eagle3_opd_mtbench"):
+    for run in ("ngram_mtbench", "eagle3_sft_mtbench", "eagle3_opd_mtbench", "eagle3_sft_cont_mtbench"):
         m = json.load(open(tmp_path / "eval" / run / "metrics.json"))
         assert m["num_prompts"] == 2 and m["greedy_matches_ar"] is True
         assert m["tau"] >= 1.0 and m["speedup"] > 0
-    opd = json.load(open(tmp_path / "eval" / "eagle3_opd_mtbench" / "metrics.json"))
-    sft = json.load(open(tmp_path / "eval" / "eagle3_sft_mtbench" / "metrics.json"))
+    opd, sft, cont = (json.load(open(tmp_path / "eval" / f"eagle3_{r}_mtbench" / "metrics.json"))
+                      for r in ("opd", "sft", "sft_cont"))
     assert opd["training"] == "opd (4 steps)" and opd["training_flops"] > sft["training_flops"] > 0
     report = json.load(open(tmp_path / "report" / "results.json"))
-    assert {(r["drafter"], r["method"]) for r in report["rows"]} == {("none", "-"), ("ngram", "-"), ("eagle3", "sft"),
-                                                                     ("eagle3", "opd"), ("eagle3", "sft_scale")}
+    assert {(r["drafter"], r["method"]) for r in report["rows"]} == {
+        ("none", "-"), ("ngram", "-"), ("eagle3", "sft"), ("eagle3", "opd"), ("eagle3", "sft_scale"), ("eagle3", "sft_cont")}
     shipped = json.load(open(tmp_path / "eval" / "eagle3_shipped_mtbench" / "metrics.json"))
     assert shipped["greedy_matches_ar"] is True and shipped["tau"] > 1.0  # the drafter shipped in the repo
-    sft_curve, opd_curve = report["curves"]["eagle3"]["sft"], report["curves"]["eagle3"]["opd"]
-    assert [p["step"] for p in sft_curve] == [0, 20, 40] and [p["step"] for p in opd_curve] == [0, 2, 4]
-    assert opd_curve[0]["flops"] == sft_curve[-1]["flops"]  # one cumulative FLOPs axis
+    curves = report["curves"]["eagle3"]
+    assert [p["step"] for p in curves["sft"]] == [0, 20, 40] and [p["step"] for p in curves["opd"]] == [0, 2, 4]
+    # Draft-OPD (the reference preset) and continued SFT both start from the shipped drafter's
+    # cumulative FLOPs, and continued SFT stops once it has spent what Draft-OPD did
+    start = json.load(open(os.path.join(REPO, "experiments", "drafters", "smollm2_eagle3", "export.json")))["flops"]
+    assert curves["opd"][0]["flops"] == curves["sft_cont"][0]["flops"] == start
+    assert curves["opd"][-1]["flops"] <= curves["sft_cont"][-1]["flops"]
+    assert cont["training"].startswith("sft_cont (") and cont["training_flops"] >= opd["training_flops"]
+    opd_config = json.load(open(tmp_path / "opd" / "eagle3" / "opd_config.json"))
+    assert opd_config["loss_preset"] == "reference_yaml" and opd_config["rollout_temperature"] == 0.0
     assert (tmp_path / "report" / "curves.png").exists()
     assert "| eagle3 | opd |" in first.stdout
     second = _launch(tmp_path)  # everything is there: nothing is generated or trained again
     assert second.returncode == 0, second.stderr[-3000:]
     for message in ("2 responses already in", "0 of this process's 2 shards to write", "sft: already at step 40",
-                    "opd: already at step 4", "eval: run eagle3_opd_mtbench already done"):
+                    "opd: already at step 4", "eval: run eagle3_opd_mtbench already done",
+                    "eval: run eagle3_sft_cont_mtbench already done"):
         assert message in second.stderr, message
     assert records[0]["response"] in second.stdout and "| eagle3 | opd |" in second.stdout
 
