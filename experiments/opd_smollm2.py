@@ -80,7 +80,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         if branch == "sft_cont":
             c.sft.feature_cache_dir = f"workdir:sft/{kind}/features"  # the warm-up's cache (same data)
         else:
-            c.sft.data = (f"workdir:{opd_run}/{kind}/rollouts",)  # features cached once (FLOPs counted then)
+            c.sft.data = (f"workdir:{opd_run}/{kind}/rollouts",)  # features cached once (charged per step)
             # a rollout row is prompt + answer prefix (<= P) + R (K + 1) committed tokens at most
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
     c.eval.runs = []

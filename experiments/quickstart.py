@@ -74,7 +74,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.opd.optimizer.update(learning_rate=3e-4, warmup_steps=3)
     c.opd.probe.update(probe)
     # continued SFT from the same drafter, to the cumulative FLOPs Draft-OPD ended at (its own
-    # feature cache: the shipped drafter's draft vocabulary; the cache's target pass is charged)
+    # feature cache: the shipped drafter's draft vocabulary; each step charged its target forward)
     c.branches.sft_cont = dict(
         drafter=dict(init=shipped),
         sft=dict(name="sft_cont", match_flops="workdir:opd/eagle3", save_every=1000,

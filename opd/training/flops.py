@@ -10,6 +10,13 @@ element-wise ops are ignored):
     6 * N_drafter * B * T * ttt_steps).
 Total per step = target forward + drafter term.
 
+Accounting (what matched-FLOPs comparisons price): every method is charged the target forwards
+it uses. An SFT step that reads cached target features is charged the target forward over its
+rows as if it computed them (the cache saves wall-clock, not FLOPs), so SFT pays for its feature
+extraction at every read, like Draft-OPD pays for its rollouts and teacher passes.
+`sft_step_flops(..., cached_features=True)` is the compute a cached step actually performs
+(the throughput benchmark's model GFLOP/s), not what it is charged.
+
 A Draft-OPD step (`opd_step_flops`; prompts padded to P, R rounds of K drafts, buffer S):
   * rollout (forward only): the target's prefill 2 * N_target * B * P and R verify passes of
     K + 1 positions;
@@ -48,8 +55,8 @@ def target_forward_flops(config: TransformerConfig, batch: int, seq_len: int) ->
 
 def sft_step_flops(spec, target_config: TransformerConfig, batch: int, seq_len: int, loss_config,
                    cached_features: bool = False) -> int:
-    """Total training FLOPs of one SFT step (module docstring). With `cached_features` the
-    target forward was paid once when the cache was built (counted then); the step pays only
+    """Total training FLOPs of one SFT step (module docstring). With `cached_features`: the
+    compute a step on cached features performs (the accounting charges the online count): only
     the target LM head's columns it reads over the cached last hidden state (2 * D * W per
     token, W = `spec.teacher_columns` or V) when the drafter's loss reads the target's logits
     (`spec.needs_final_hidden`)."""

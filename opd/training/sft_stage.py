@@ -116,26 +116,22 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     loss_cfg = registry.get_kind(d.kind).loss_config(s.loss)
     cached = s.target_features == "cache"
     B, T = int(s.batch_size), int(s.seq_len)
-    step_flops = flops.sft_step_flops(spec, target.config, B, T, loss_cfg, cached_features=cached)
+    # fair accounting (flops module docstring): every step is charged the target forward over its
+    # rows, cached features or not (a cache saves wall-clock, not the FLOPs a comparison prices)
+    step_flops = flops.sft_step_flops(spec, target.config, B, T, loss_cfg)
 
     source = training_source(folders, workdir, tuple(s.data_repeats))
-    cache_flops = 0
     if cached:
-        # a shared cache (e.g. the warm-up's, `workdir:sft/<kind>/features`) is reused when it
-        # matches (its FLOPs were counted by the run that built it)
+        # a shared cache (e.g. the warm-up's, `workdir:sft/<kind>/features`) is reused when it matches
         cache_dir = resolve_path(s.feature_cache_dir, workdir) if s.feature_cache_dir else os.path.join(stage_dir, "features")
-        info = feature_cache.build(target, spec, source, folders, T, cache_dir, dtype=s.feature_cache_dtype,
-                                   batch_size=B)
-        cache_flops = info["flops"]
+        feature_cache.build(target, spec, source, folders, T, cache_dir, dtype=s.feature_cache_dtype, batch_size=B)
         source = dp.IndexedSource(source)
     # fine-tuning an exported drafter continues its FLOP count (one cumulative axis for every
-    # branch from a warm-up); building the feature cache is training compute too
+    # branch from a warm-up)
     start_flops = common.init_flops(resolve_path(d.init, workdir)) if d.init else 0
     num_steps = int(s.num_steps)
     if s.match_flops:  # a baseline trained to the cumulative FLOPs another run ended at
-        # this run's own cache is part of its budget, whether built now or before a restart
-        own_cache = info["build_flops"] if cached and not s.feature_cache_dir else 0
-        num_steps = matched_steps(resolve_path(s.match_flops, workdir), start_flops + own_cache, step_flops)
+        num_steps = matched_steps(resolve_path(s.match_flops, workdir), start_flops, step_flops)
     ocfg = optim_config(s, num_steps)
     trainable, frozen = drafter.split()
     run = build_run(config, spec, frozen, target.config, num_steps)
@@ -149,7 +145,7 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     restored = common.restore_state(manager, run)
     if restored is None:
         state = run.init_state(trainable, seed=int(config.seed))
-        counters = {"flops": cache_flops + start_flops}
+        counters = {"flops": start_flops}
         logging.info("sft: new run: %d trajectories from %s", len(source), folders)
         if int(s.skip_batches):  # the batches an earlier leg of the same data order trained on
             for _ in range(int(s.skip_batches)):

@@ -321,28 +321,22 @@ def test_cached_target_features_train_like_online_ones(target_dir, data_dir, tmp
     rows = {name: [r for r in read_jsonl(str(tmp_path / name / "sft" / kind / "metrics.jsonl")) if "loss" in r]
             for name in ("online", "cached")}
     np.testing.assert_allclose([r["loss"] for r in rows["cached"]], [r["loss"] for r in rows["online"]], rtol=2e-4)
-    # FLOPs: the cache's one target pass over all 12 records (each run in a row of T = 24, the
-    # one build shape here) is counted up front; then the steps are cheaper than online ones (no
-    # target forward).
-    from opd.training.flops import target_forward_flops
-    tconfig = load_target_from_config(online).config
-    up_front = target_forward_flops(tconfig, 12, 24)
-    per_step = {n: (rows[n][-1]["flops"] - rows[n][0]["flops"]) / 3 for n in rows}
-    assert rows["cached"][0]["flops"] - per_step["cached"] == pytest.approx(up_front, rel=1e-9)
-    assert per_step["cached"] < per_step["online"]
+    # Fair accounting: a cached step is charged the target forward over its rows as an online
+    # step computes it (the cache saves wall-clock, not FLOPs), and the build is not charged again.
+    np.testing.assert_array_equal([r["flops"] for r in rows["cached"]], [r["flops"] for r in rows["online"]])
     # A cache built from other settings is refused, not silently reused.
     other = _config(target_dir, data_dir, kind, num_steps=6, target_features="cache", feature_cache_dtype="float16")
     with pytest.raises(ValueError, match="feature cache .* was built from"):
         sft_stage.stage_sft(other, str(tmp_path / "cached"))
 
 
-def test_matched_steps_count_the_runs_own_feature_cache(tmp_path):
-    """A matched-FLOPs baseline stops at the other run's FLOPs, its own feature cache included."""
+def test_matched_steps_start_from_the_runs_own_flops(tmp_path):
+    """A matched-FLOPs baseline stops at the other run's FLOPs, counting from where it starts."""
     from opd.training.sft_stage import matched_steps
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "flops": 1000.0}\n')
     assert matched_steps(str(tmp_path), 0, 100) == 10
-    assert matched_steps(str(tmp_path), 300, 100) == 7  # its own feature cache (or a warm-up) counts
+    assert matched_steps(str(tmp_path), 300, 100) == 7  # e.g. a warm-up's FLOPs it continues
 
 
 def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_path, monkeypatch):
