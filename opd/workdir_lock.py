@@ -13,8 +13,17 @@ this host, or any process on another host, keeps the workdir; a dead one on this
 Who locks (multi-host launches run one process per host, `opd.sharding`):
   * a local workdir (one disk every process shares): process 0 only, `<workdir>/.opd_lock`;
   * a URL workdir (gs://...): every process locks its own local copy (`opd.remote`),
-    `.opd_lock.process-<i>` when there are several processes. The bucket itself is not
-    locked: two launches on different machines against one bucket are not detected.
+    `.opd_lock.process-<i>` when there are several processes; and process 0 holds a lease in
+    the bucket (`bucket_lease`), so a launch on another machine against the same bucket is
+    refused too.
+
+The bucket lease is `<url>/.opd_sync/lease.json` (holder, a launch id, the time it was last
+renewed), renewed every `RENEW_S` by a background thread and removed on exit. A lease not
+renewed for `LEASE_TTL_S` (its VM was deleted or preempted) is stale and taken over with a
+warning. Object stores have no compare-and-swap through fsspec, so a launch writes the lease,
+waits `SETTLE_S` and reads it back: of two launches starting together the later writer keeps
+it and the other is refused. (Two launches whose check and write are more than `SETTLE_S`
+apart on one side can both pass; hosts' clocks are assumed within minutes of each other.)
 """
 
 from __future__ import annotations
@@ -24,9 +33,12 @@ import errno
 import fcntl
 import json
 import os
+import posixpath
 import socket
 import sys
+import threading
 import time
+import uuid
 
 from absl import logging
 import jax
@@ -35,6 +47,10 @@ from opd import remote
 from opd.training.loop import Stopped
 
 LOCK_NAME = ".opd_lock"
+LEASE_NAME = f"{remote.MANIFEST_DIR}/lease.json"  # in the bucket, never mirrored
+LEASE_TTL_S = 900.0  # a lease not renewed for this long is stale
+RENEW_S = 60.0  # the holder renews its lease this often
+SETTLE_S = 2.0  # written, then read back after this long: the later of two writers keeps it
 # flock errors that mean "this filesystem has no flock", not "someone holds it"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -90,8 +106,103 @@ def _refuse(path: str, holder: dict, workdir: str) -> WorkdirLocked:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, local_workdir: str = ""):
-    """Holds this process's lock of `workdir` for the `with` body (module docstring); raises
-    `WorkdirLocked` naming the live holder."""
+    """Holds this process's lock of `workdir` for the `with` body, and for a URL workdir the
+    bucket's lease (module docstring); raises `WorkdirLocked` naming the live holder."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_local_lock(workdir, local_workdir))
+        if remote.is_url(workdir):
+            stack.enter_context(_launch_lease(str(workdir)))
+        yield
+
+
+@contextlib.contextmanager
+def _launch_lease(url: str):
+    """Process 0 holds the bucket lease; every process of the launch stops if it is refused."""
+    from opd import sharding as shd
+
+    refused = None
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(bucket_lease(url))
+            except WorkdirLocked as e:
+                refused = e
+        if shd.any_process(refused is not None):
+            raise refused or WorkdirLocked(f"workdir {url} is in use by another launch (process 0's lease was refused)")
+        yield
+
+
+def _read_lease(fs, path: str) -> dict:
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return {}
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {"launch": "?", "renewed": 0.0, "command": f"unreadable lease ({text[:40]!r})"}
+
+
+@contextlib.contextmanager
+def bucket_lease(url: str, ttl_s: float | None = None, renew_s: float | None = None, settle_s: float | None = None):
+    """Holds `<url>/.opd_sync/lease.json` for the `with` body (module docstring); raises
+    `WorkdirLocked` naming the holder of a live lease. None: the module's LEASE_TTL_S, RENEW_S,
+    SETTLE_S."""
+    ttl_s = LEASE_TTL_S if ttl_s is None else ttl_s
+    renew_s = RENEW_S if renew_s is None else renew_s
+    settle_s = SETTLE_S if settle_s is None else settle_s
+    fs, root = remote._filesystem(url)
+    path = posixpath.join(root.rstrip("/"), LEASE_NAME)
+    me = {**_holder(), "launch": uuid.uuid4().hex}
+
+    def refuse(held: dict) -> WorkdirLocked:
+        age = time.time() - float(held.get("renewed", 0.0))
+        return WorkdirLocked(
+            f"workdir {url} is in use by {_describe(held)}, whose lease in the bucket was renewed {age:.0f} s ago; "
+            f"two launches on one bucket would overwrite each other's checkpoints. Wait for it to finish (or stop "
+            f"it: it saves and exits on SIGTERM / Ctrl-C), or use another --workdir. If that machine is gone, the "
+            f"lease expires {max(ttl_s - age, 0):.0f} s from now, or delete {url}/{LEASE_NAME}.")
+
+    def write() -> None:
+        fs.pipe_file(path, json.dumps({**me, "renewed": time.time()}).encode())
+
+    held = _read_lease(fs, path)
+    if held and time.time() - float(held.get("renewed", 0.0)) < ttl_s:
+        raise refuse(held)
+    if held:
+        logging.warning("workdir %s: taking over the stale lease of %s (not renewed for %.0f s)", url,
+                        _describe(held), time.time() - float(held.get("renewed", 0.0)))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    write()
+    time.sleep(settle_s)
+    held = _read_lease(fs, path)
+    if held.get("launch") != me["launch"]:  # another launch wrote it at the same moment and keeps it
+        raise refuse(held)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(renew_s):
+            now = _read_lease(fs, path)
+            if now.get("launch") != me["launch"]:
+                logging.error("workdir %s: the bucket lease was taken over by %s: two launches may now write this "
+                              "workdir", url, _describe(now))
+                return
+            write()
+
+    thread = threading.Thread(target=renew, name="opd-bucket-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if _read_lease(fs, path).get("launch") == me["launch"]:
+            fs.rm_file(path)
+
+
+@contextlib.contextmanager
+def _local_lock(workdir: str, local_workdir: str = ""):
+    """This process's flock of its (local copy of the) workdir."""
     path = lock_path(workdir, local_workdir)
     if path is None:
         yield

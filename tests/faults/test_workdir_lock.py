@@ -100,3 +100,77 @@ def test_who_locks_in_multi_process_and_url_launches(tmp_path, monkeypatch):
     assert wl.lock_path(local) is None
     assert wl.lock_path(url, str(tmp_path / "vm1")) == str(tmp_path / "vm1" / ".opd_lock.process-1")
     assert not remote.RemoteWorkdir.mirrored(".opd_lock.process-1")
+
+
+# ----------------------------------------------------------------------------- the bucket lease
+def _other_machine(url, renewed_ago=0.0):
+    """The lease another machine's launch holds in the bucket (as `bucket_lease` writes it)."""
+    import time
+
+    fs, root = remote._filesystem(url)
+    path = f"{root.rstrip('/')}/{wl.LEASE_NAME}"
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps({"host": "vm-other", "pid": 4242, "started": "earlier", "command": "a launch",
+                                   "launch": "theirs", "renewed": time.time() - renewed_ago}).encode())
+    return fs, path
+
+
+def test_a_launch_on_another_machine_against_the_same_bucket_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(wl, "SETTLE_S", 0.0)
+    url = "file://" + str(tmp_path / "bucket" / "run")
+    config = sft_config(str(tmp_path / "no_target"), str(tmp_path / "no_data"))
+    config.target.path = str(tmp_path)  # exists: validation passes, the lease refuses before any stage
+    config.local_workdir = str(tmp_path / "vm2")  # this machine's copy: its own local lock is free
+    fs, path = _other_machine(url)
+    with pytest.raises(WorkdirLocked, match=r"workdir file://.* is in use by pid 4242 on host vm-other .*lease in the "
+                                            r"bucket was renewed \d+ s ago.*delete file://.*/\.opd_sync/lease\.json"):
+        pipeline.run(config, url)
+    assert not os.path.exists(tmp_path / "vm2" / "config.json")  # refused before anything was pulled or written
+    assert json.loads(fs.cat_file(path))["launch"] == "theirs"  # and their lease is left alone
+    fs.rm_file(path)  # that launch exits: the bucket is free
+    with workdir_lock(url, str(tmp_path / "vm2")):
+        mine = json.loads(fs.cat_file(path))
+        assert mine["pid"] == os.getpid() and mine["launch"] != "theirs"
+        assert not remote.RemoteWorkdir.mirrored(wl.LEASE_NAME)  # never synced as a workdir file
+    assert not fs.exists(path)  # released on exit
+
+
+def test_a_stale_bucket_lease_is_taken_over_and_a_live_one_renewed(tmp_path, monkeypatch, caplog):
+    import time
+
+    url = f"memory://bucket-{os.getpid()}/lease"
+    fs, path = _other_machine(url, renewed_ago=1000.0)  # its VM was deleted 1000 s ago
+    with wl.bucket_lease(url, ttl_s=900.0, renew_s=0.05, settle_s=0.0):
+        first = json.loads(fs.cat_file(path))
+        assert first["launch"] != "theirs"
+        time.sleep(0.3)
+        assert json.loads(fs.cat_file(path))["renewed"] > first["renewed"]  # the holder renews it
+        with pytest.raises(WorkdirLocked, match=r"in use by pid"):  # live: refused
+            with wl.bucket_lease(url, settle_s=0.0):
+                pass
+    assert "taking over the stale lease of pid 4242 on host vm-other" in caplog.text
+    assert not fs.exists(path)
+
+
+def test_of_two_launches_writing_the_lease_at_once_one_goes_ahead(tmp_path):
+    import threading
+
+    url = f"memory://bucket-{os.getpid()}/race"
+    barrier, results = threading.Barrier(2), []
+
+    def launch():
+        barrier.wait()
+        try:
+            with wl.bucket_lease(url, settle_s=0.5):
+                results.append("ran")
+                barrier.wait()  # both have decided before the winner releases it
+        except WorkdirLocked:
+            results.append("refused")
+            barrier.wait()
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["ran", "refused"]
