@@ -67,6 +67,17 @@ def test_report_rows_tables_and_curve(tmp_path):
     assert saved["provenance"]["command"] and len(saved["rows"]) == len(out["rows"])
 
 
+def test_curve_panels_group_the_runs_that_start_from_one_drafter():
+    def run(*flops):
+        return [{"step": i, "flops": f, "probe_tau": 1.0} for i, f in enumerate(flops)]
+
+    # a small SFT run from scratch and its Draft-OPD continuation; two branches from a shipped
+    # drafter 1000x further along the FLOPs axis; an unrelated run
+    runs = {"sft": run(0.0, 1e12), "opd_warm": run(1e12, 2e12), "opd": run(8e14, 8.1e14),
+            "sft_cont": run(8e14, 8.2e14), "other": run(5e13, 6e13)}
+    assert report._curve_groups(runs) == [["sft", "opd_warm"], ["opd", "sft_cont"], ["other"]]
+
+
 def test_report_names_the_missing_eval_run(tmp_path):
     runs = [dict(name="ng", drafter="ngram", prompt_set="mtbench")]
     with pytest.raises(FileNotFoundError, match="eval run 'ng' has no .*run the `eval` stage first"):

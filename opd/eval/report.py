@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -144,19 +145,36 @@ def probe_curves(workdir: str, runs: Sequence[str], kinds: Sequence[str]) -> dic
     return out
 
 
+def _curve_groups(runs: dict) -> list[list[str]]:
+    """The runs of one drafter kind in groups that share an x range: a run joins the group of a
+    run it starts where that run starts or ends (branches from one drafter, a continuation)."""
+    groups: list[list[str]] = []
+    for run, rows in runs.items():
+        start = rows[0]["flops"]
+        near = [g for g in groups if any(math.isclose(start, runs[r][i]["flops"], rel_tol=1e-9) for r in g for i in (0, -1))]
+        if near:
+            near[0].append(run)
+        else:
+            groups.append([run])
+    return groups
+
+
 def plot_curves(data: dict, path: str) -> list[dict]:
-    """The training-curve figure (probe τ against cumulative training FLOPs, one panel per
-    drafter kind); returns a row per curve (start/end τ and FLOPs)."""
+    """The training-curve figure (probe τ against cumulative training FLOPs; a panel per drafter
+    kind and per group of runs that start from one drafter, so branches from a shipped drafter
+    are not squeezed next to a small run from scratch); returns a row per curve (start/end τ
+    and FLOPs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(data), figsize=(6 * len(data), 4.2), squeeze=False)
+    panels = [(kind, {r: runs[r] for r in group}) for kind, runs in data.items() for group in _curve_groups(runs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     names = list(dict.fromkeys(run for runs in data.values() for run in runs))
     color = {run: plt.get_cmap("tab10" if len(names) <= 10 else "tab20")(i) for i, run in enumerate(names)}  # one per run
     table = []
-    for ax, (kind, runs) in zip(axes[0], data.items()):
+    for ax, (kind, runs) in zip(axes[0], panels):
         for run, rows in runs.items():
             ax.plot([r["flops"] / 1e15 for r in rows], [r["probe_tau"] for r in rows], marker="o", label=run,
                     color=color[run])
