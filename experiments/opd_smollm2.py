@@ -18,6 +18,14 @@ it: the `reference_yaml` loss preset, greedy rollouts (T = 0) from bare prompts,
 prompt, gradient accumulation to >= 4k supervised positions per update; its runs are named
 `opd_reference`, `sft_cont_reference`, `sft_rollouts_reference` (e.g. `:dflash,reference`,
 `:eagle3,sft_cont,reference`), next to the default runs in one DIR.
+`plateau` (issue 16's decisive experiment): every branch starts from the plateaued drafter shipped
+in the repo (`shipped:smollm2_<kind>`, issue 15) instead of a warm-up; Draft-OPD rolls out the
+AlpacaEval-train prompts, continued SFT trains on the plateau run's data mix (a fresh shuffle:
+partly data the drafter read, as continuing SFT on one's dataset does), and every run is probed
+on 64 held-out prompts x 128 tokens. Run it in the plateau run's DIR (the data is there), with a
+seed part `s0`/`s1`/`s2` (config.seed 1/2/3, and a run-name suffix), e.g.
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,reference,s1 --workdir=workdirs/smollm2_scale
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,reference,sft_cont,s1 --workdir=workdirs/smollm2_scale
 Every stage resumes from DIR and logs cumulative FLOPs from the same warm-up, so the curves
 (metrics.jsonl: `flops`, `probe_tau`) share one axis. Builds on experiments/sft_smollm2.py (the
 warm-up); every field and its default: `opd.configs.default_config`.
@@ -28,24 +36,35 @@ import ml_collections
 from opd.configs import sibling_config, variant_parts
 
 BRANCHES = ("opd", "sft_cont", "sft_rollouts")
+SEEDS = ("s0", "s1", "s2")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, BRANCHES + ("eagle3", "dflash", "tiny", "reference"), "experiments/opd_smollm2.py")
+    parts = variant_parts(variant, BRANCHES + SEEDS + ("eagle3", "dflash", "tiny", "reference", "plateau"),
+                          "experiments/opd_smollm2.py")
     branches = [p for p in parts if p in BRANCHES]
-    if len(branches) > 1 or ("eagle3" in parts and "dflash" in parts):
+    seeds = [p for p in parts if p in SEEDS]
+    if len(branches) > 1 or len(seeds) > 1 or ("eagle3" in parts and "dflash" in parts):
         raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: use eagle3|dflash, "
-                         f"at most one of {BRANCHES}, optionally reference and tiny")
+                         f"at most one of {BRANCHES} and one of {SEEDS}, optionally reference, plateau and tiny")
     kind = "dflash" if "dflash" in parts else "eagle3"
     branch = branches[0] if branches else "opd"
     tiny = "tiny" in parts
     reference = "reference" in parts
-    tag = "_reference" if reference else ""  # the run names: opd{tag}, sft_cont{tag}, sft_rollouts{tag}
+    plateau = "plateau" in parts
+    # the run names: opd{tag}, sft_cont{tag}, sft_rollouts{tag}
+    tag = ("_plateau" if plateau else "") + ("_reference" if reference else "") + (f"_{seeds[0]}" if seeds else "")
     opd_run = f"opd{tag}"
-    # the SFT warm-up: seed, assets, target, regenerate, drafter, sft, eval
-    c = sibling_config(__file__, "sft_smollm2.py", ",".join([kind] + (["tiny"] if tiny else [])))
-    warmup = f"workdir:export/sft_{kind}"
+    # the SFT warm-up (seed, assets, target, regenerate, drafter, sft, eval), or the plateau run's
+    c = sibling_config(__file__, "sft_smollm2.py", ",".join([kind] + (["scale"] if plateau else [])
+                                                            + (["tiny"] if tiny else [])))
+    warmup = f"shipped:smollm2_{kind}" if plateau else f"workdir:export/sft_{kind}"
     K = 4 if kind == "eagle3" else 7
+    if seeds:  # sN: config.seed = N + 1 (seed 0 is the data order the plateau runs read)
+        c.seed = int(seeds[0][1:]) + 1
+    if plateau:  # every run probed as the plateau run was (64 held-out prompts x 128 tokens)
+        c.opd.probe = ml_collections.ConfigDict(c.sft.probe.to_dict())
+        c.opd.probe.every = 10
 
     c.opd.init = warmup  # the SFT warm-up drafter (HF layout)
     c.opd.num_draft_tokens = K
@@ -54,9 +73,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # tau on a fixed held-out probe set: the last prompts of AlpacaEval's held-out split (the eval
     # stage reports the first ones), every `every` steps and at step 0; greedy (the rollout
     # temperature optimises acceptance at that temperature: probe there too to see it)
-    c.opd.probe.num_prompts = 8
+    if not plateau:
+        c.opd.probe.num_prompts = 8
+    c.opd.name = opd_run
     if reference:
-        c.opd.name = opd_run
         c.opd.loss_preset = "reference_yaml"
         c.opd.rollout_temperature = 0.0  # greedy, as the reference rolls out
         c.opd.prefix = "prompt"  # bare prompts: the rollout is the answer from its first token
@@ -67,7 +87,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # DFlash (K = 7) 8 * 2 * 64 * 8 = 8192; >= 4096 even when a third of the rounds end early
         c.opd.accumulate = 3 if kind == "eagle3" else 2
 
-    if branch == "opd":
+    if branch == "opd" and plateau:  # from the shipped drafter: no warm-up; AlpacaEval-train prompts
+        c.stages = ("fetch_assets", "regenerate", "opd", f"export:{opd_run}", "eval")
+        c.opd.data = ("workdir:regenerate/alpacaeval",)
+    elif branch == "opd":
         c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", f"export:{opd_run}", "eval")
     else:  # a baseline: SFT from the warm-up to the OPD run's cumulative FLOPs
         c.stages = ("fetch_assets", "sft", f"export:{branch}{tag}", "eval")
@@ -77,10 +100,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.sft.match_flops = f"workdir:{opd_run}/{kind}"
         c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
         c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps
-        if branch == "sft_cont":
+        if branch == "sft_cont" and plateau:  # the plateau run's data mix, shuffled by the seed
+            c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft", f"export:{branch}{tag}", "eval")
+        elif branch == "sft_cont":
             c.sft.feature_cache_dir = f"workdir:sft/{kind}/features"  # the warm-up's cache (same data)
         else:
             c.sft.data = (f"workdir:{opd_run}/{kind}/rollouts",)  # features cached once (charged per step)
+            c.sft.data_repeats = ()
             # a rollout row is prompt + answer prefix (<= P) + R (K + 1) committed tokens at most
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
     c.eval.runs = []

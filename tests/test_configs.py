@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # every experiment config with a few variants each
     "regenerate_smollm2.py": ["", "tiny", "scale", "text"],
     "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny"],
-    "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny"],
+    "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
+                       "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny"],
     "quickstart.py": ["", "tiny"],
     "main_table_smollm2.py": ["", "shipped", "shipped,quick"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
@@ -109,6 +110,23 @@ def _with(c, **fields):
     for k, v in fields.items():
         c[k] = v
     return c
+
+
+def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
+    def load(variant):
+        return configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{variant}"))
+
+    opd = load("dflash,plateau,reference,s1")
+    assert (opd.opd.name, opd.opd.init, opd.seed) == ("opd_plateau_reference_s1", "shipped:smollm2_dflash", 2)
+    assert "sft" not in opd.stages and opd.opd.data == ("workdir:regenerate/alpacaeval",)
+    assert (opd.opd.probe.num_prompts, opd.opd.probe.max_new_tokens) == (64, 128)  # as the plateau run's probe
+    assert opd.opd.loss_preset == "reference_yaml" and opd.opd.rollout_temperature == 0.0
+    cont = load("dflash,plateau,reference,sft_cont,s1")
+    assert (cont.sft.name, cont.drafter.init, cont.seed) == ("sft_cont_plateau_reference_s1", "shipped:smollm2_dflash", 2)
+    assert cont.sft.match_flops == "workdir:opd_plateau_reference_s1/dflash"
+    assert cont.sft.data == load("dflash,plateau").sft.data and len(cont.sft.data) == 4  # the plateau run's mix
+    with pytest.raises(ValueError, match="at most one of"):
+        load("eagle3,plateau,s1,s2")
 
 
 def test_a_missing_shipped_drafter_is_named_at_config_time():
