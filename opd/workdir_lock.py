@@ -44,6 +44,7 @@ from absl import logging
 import jax
 
 from opd import remote
+from opd import sharding as shd
 from opd.training.loop import Stopped
 
 LOCK_NAME = ".opd_lock"
@@ -118,8 +119,6 @@ def workdir_lock(workdir: str, local_workdir: str = ""):
 @contextlib.contextmanager
 def _launch_lease(url: str):
     """Process 0 holds the bucket lease; every process of the launch stops if it is refused."""
-    from opd import sharding as shd
-
     refused = None
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:
