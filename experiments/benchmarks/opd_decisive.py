@@ -1,0 +1,136 @@
+"""Issue 16's decisive experiment, summarised: every method trained from the shipped plateau
+drafter (`experiments/opd_smollm2.py:<kind>,plateau,...`) over seeds s0-s2, compared with
+continued SFT at matched fairly priced FLOPs and at matched optimizer steps.
+
+  python experiments/benchmarks/opd_decisive.py --workdir=workdirs/smollm2_scale --drafters=eagle3 \
+      --methods=opd_plateau_reference,opd_plateau,sft_cont_plateau_reference,sft_rollouts_plateau_reference \
+      --baseline=sft_cont_plateau_reference   # -> experiments/results/opd_decisive/
+
+For each drafter kind and method it reads DIR/<method>_<seed>/<kind>/metrics.jsonl (the probe
+rows: held-out τ with the cumulative FLOPs and the step) and reports
+  * τ at the common FLOPs budget (the smallest final FLOPs of any run, the curve interpolated
+    linearly there) and at the common step count, as the mean over seeds with a 95 % t interval;
+  * the ratio to the baseline at matched FLOPs, paired by seed, with its interval (the issue's
+    goal: >= 1.10);
+and plots τ against the FLOPs each run spent beyond the shipped drafter (mean over seeds, the
+seeds' range shaded).
+"""
+
+import os
+
+import numpy as np
+from absl import app, flags
+from scipy import stats
+
+from opd.eval.report import RESULTS_ROOT, markdown_table, write_results
+from opd.paths import read_jsonl
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/smollm2_scale", "DIR holding DIR/<method>_<seed>/<kind>/")
+_METHODS = flags.DEFINE_list("methods", ["opd_plateau_reference", "opd_plateau", "sft_cont_plateau_reference",
+                                         "sft_rollouts_plateau_reference"], "run names without the seed suffix")
+_SEEDS = flags.DEFINE_list("seeds", ["s0", "s1", "s2"], "seed suffixes")
+_KINDS = flags.DEFINE_list("drafters", ["eagle3", "dflash"], "drafter kinds")
+_BASELINE = flags.DEFINE_string("baseline", "sft_cont_plateau_reference", "the method the ratio is taken against")
+_NAME = flags.DEFINE_string("name", "opd_decisive", "experiments/results/<name>/")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "where the results go (default experiments/results/<name>/)")
+
+
+def load_runs(workdir: str, methods, seeds, kind: str) -> dict:
+    """{method: {seed: [(step, flops, tau), ...]}} of the runs that exist (probe rows, by step)."""
+    out: dict = {}
+    for m in methods:
+        for s in seeds:
+            path = os.path.join(workdir, f"{m}_{s}", kind, "metrics.jsonl")
+            if os.path.isfile(path):
+                rows = sorted((r["step"], r["flops"], r["probe_tau"]) for r in read_jsonl(path)
+                              if r.get("probe_tau") is not None)
+                if rows:
+                    out.setdefault(m, {})[s] = rows
+    return out
+
+
+def at(rows, x: float, axis: int) -> float:
+    """τ of one run's probe curve at `x` on axis 0 (steps) or 1 (FLOPs), linearly interpolated."""
+    xs, taus = [r[axis] for r in rows], [r[2] for r in rows]
+    if not xs[0] <= x <= xs[-1] * (1 + 1e-12):
+        raise ValueError(f"{x:.4g} is outside the run's probes ({xs[0]:.4g}..{xs[-1]:.4g})")
+    return float(np.interp(x, xs, taus))
+
+
+def interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95 % t interval; nan for one value)."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
+    """The table rows (one per method) and the common budgets, for one drafter kind."""
+    every = [rows for seeds in runs.values() for rows in seeds.values()]
+    budget = {"flops": min(r[-1][1] for r in every), "step": min(r[-1][0] for r in every)}
+    table = []
+    for method, seeds in runs.items():
+        f = {s: at(rows, budget["flops"], 1) for s, rows in seeds.items()}
+        st = {s: at(rows, budget["step"], 0) for s, rows in seeds.items()}
+        row = {"method": method, "seeds": len(seeds), "start_tau": interval([r[0][2] for r in seeds.values()])[0]}
+        row["tau_matched_flops"], row["ci95_flops"] = interval(list(f.values()))
+        row["tau_matched_steps"], row["ci95_steps"] = interval(list(st.values()))
+        row["tau_final"], row["ci95_final"] = interval([r[-1][2] for r in seeds.values()])
+        base = runs.get(baseline, {})
+        paired = [f[s] / at(base[s], budget["flops"], 1) for s in f if s in base]
+        row["ratio_vs_baseline"], row["ci95_ratio"] = interval(paired) if paired else (float("nan"), float("nan"))
+        table.append(row)
+    return table, budget
+
+
+COLUMNS = ("drafter", "method", "seeds", "start_tau", "tau_matched_flops", "ci95_flops", "tau_matched_steps",
+           "ci95_steps", "tau_final", "ci95_final", "ratio_vs_baseline", "ci95_ratio")
+
+
+def plot(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
+    for ax, (kind, runs) in zip(axes[0], curves.items()):
+        for i, (method, seeds) in enumerate(runs.items()):
+            start = min(r[0][1] for r in seeds.values())
+            end = min(r[-1][1] for r in seeds.values())
+            x = np.linspace(start, end, 50)
+            ys = np.array([[at(rows, v, 1) for v in x] for rows in seeds.values()])
+            ax.plot((x - start) / 1e15, ys.mean(0), label=f"{method} ({len(seeds)} seeds)", color=f"C{i}")
+            ax.fill_between((x - start) / 1e15, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+        ax.set(title=f"{kind}: held-out probe τ from the plateau drafter", ylabel="τ",
+               xlabel="training PFLOPs beyond the plateau drafter (target forwards included)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    curves, table, budgets = {}, [], {}
+    for kind in _KINDS.value:
+        runs = load_runs(_WORKDIR.value, _METHODS.value, _SEEDS.value, kind)
+        if runs:
+            rows, budgets[kind] = summarise(runs, _BASELINE.value)
+            table += [{"drafter": kind, **r} for r in rows]
+            curves[kind] = runs
+    if not table:
+        raise SystemExit(f"no probe rows under {_WORKDIR.value}/<method>_<seed>/<kind>/metrics.jsonl")
+    out_dir = _OUT_DIR.value or os.path.join(RESULTS_ROOT, _NAME.value)
+    os.makedirs(out_dir, exist_ok=True)
+    plot(curves, os.path.join(out_dir, f"{_NAME.value}.png"))
+    md = markdown_table(table, COLUMNS, "{:.3f}")
+    md += "\nCommon budgets (the smallest final FLOPs / step of any run): " + ", ".join(
+        f"{k}: {b['flops']:.4g} FLOPs, step {b['step']}" for k, b in budgets.items()) + "\n"
+    write_results(_NAME.value, {"rows": table, "budgets": budgets, "curves": curves}, md, out_dir)
+    print(md)
+
+
+if __name__ == "__main__":
+    app.run(main)

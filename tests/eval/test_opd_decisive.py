@@ -1,0 +1,61 @@
+"""`experiments/benchmarks/opd_decisive.py`: τ at matched FLOPs / steps over seeds with t
+intervals, and the seed-paired ratio to the baseline, on hand-made probe curves."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "opd_decisive.py")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("opd_decisive", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(workdir, run, kind, rows):
+    os.makedirs(workdir / run / kind)
+    with open(workdir / run / kind / "metrics.jsonl", "w") as f:
+        for step, flops, tau in rows:
+            f.write(json.dumps({"step": step, "flops": flops, "probe_tau": tau}) + "\n")
+            f.write(json.dumps({"step": step, "flops": flops, "loss": 1.0}) + "\n")  # not a probe row
+
+
+def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
+    mod = _module()
+    F0 = 8e14  # both start from the shipped drafter's FLOPs
+    for i, s in enumerate(("s0", "s1", "s2")):
+        # Draft-OPD: 10 steps of 2e12 FLOPs, tau 1.30 -> 1.40 + 0.01 i; continued SFT: 40 steps of
+        # 1e12 FLOPs, tau 1.30 -> 1.34 + 0.01 i at 4e13 (so 1.32 + 0.005 i at OPD's 2e13)
+        _write(tmp_path, f"opd_{s}", "eagle3", [(0, F0, 1.30), (10, F0 + 2e13, 1.40 + 0.01 * i)])
+        _write(tmp_path, f"sft_{s}", "eagle3", [(0, F0, 1.30), (40, F0 + 4e13, 1.34 + 0.01 * i)])
+    runs = mod.load_runs(str(tmp_path), ["opd", "sft", "missing"], ["s0", "s1", "s2"], "eagle3")
+    assert set(runs) == {"opd", "sft"} and runs["opd"]["s1"] == [(0, F0, 1.30), (10, F0 + 2e13, 1.41)]
+    rows, budget = mod.summarise(runs, "sft")
+    assert budget == {"flops": F0 + 2e13, "step": 10}
+    opd, sft = rows
+    assert opd["tau_matched_flops"] == pytest.approx(1.41) and sft["tau_matched_flops"] == pytest.approx(1.325)
+    t = 4.302652729749464  # t(0.975, 2 dof)
+    assert opd["ci95_flops"] == pytest.approx(t * 0.01 / np.sqrt(3))
+    assert sft["tau_matched_steps"] == pytest.approx(1.31 + 0.0025)  # step 10 of 40
+    want = [(1.40 + 0.01 * i) / (1.32 + 0.005 * i) for i in range(3)]
+    assert opd["ratio_vs_baseline"] == pytest.approx(np.mean(want))
+    assert opd["ci95_ratio"] == pytest.approx(t * np.std(want, ddof=1) / np.sqrt(3))
+    assert sft["ratio_vs_baseline"] == pytest.approx(1.0) and sft["ci95_ratio"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="outside the run's probes"):
+        mod.at(runs["opd"]["s0"], F0 + 3e13, 1)
+
+    out = subprocess.run([sys.executable, SCRIPT, f"--workdir={tmp_path}", "--methods=opd,sft", "--baseline=sft",
+                          "--drafters=eagle3,dflash", f"--out_dir={tmp_path / 'out'}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert [r["method"] for r in saved["rows"]] == ["opd", "sft"] and (tmp_path / "out" / "opd_decisive.png").exists()
