@@ -58,7 +58,7 @@ def test_check_overrides_walks_nested_paths():
     with pytest.raises(ValueError, match=r"config.drafter.overrides.ttt_steps in .* \(a free-form block: new keys "
                                          r"go in the config file\); config.drafter.overrides has: draft_vocab_size"):
         check("--config.drafter.overrides.ttt_steps=3")
-    with pytest.raises(ValueError, match=r"config.zzz in --config.zzz; config has: assets, chat, .*seed, "):
+    with pytest.raises(ValueError, match=r"config.zzz in --config.zzz; config has: assets, branches, chat, .*seed, "):
         check("--config.zzz=1")
 
 
