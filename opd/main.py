@@ -22,6 +22,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup(flags.FLAGS.verbosity)
     try:
+        configs.validate(_CONFIG.value)  # a bad config value: one line naming the field, not a traceback
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    try:
         pipeline.run(_CONFIG.value, _WORKDIR.value)
     except Stopped as e:  # preempted, a failed save, a refused launch: the message says it all, no traceback
         sys.exit(f"opd: {e}")

@@ -41,6 +41,14 @@ def test_unknown_config_key_is_one_line(tmp_path, override, message):
     assert not (tmp_path / "wd").exists()  # nothing ran
 
 
+def test_a_bad_config_value_is_one_line(tmp_path):
+    out = _launch(f"--config={TINY}", "--config.opd.optimizer.warmup_steps=9", f"--workdir={tmp_path / 'wd'}")
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "error: optimizer warmup_steps (9) exceeds total_steps (4)", out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "wd").exists()
+
+
 def test_check_overrides_walks_nested_paths():
     def check(*overrides, config=TINY):
         configs.check_overrides(["opd.main", "--config", config, *overrides, "--workdir=/tmp/x"])
