@@ -91,8 +91,8 @@ def _batches(lengths: np.ndarray, seq_len: int, budget: int) -> list[tuple[int, 
 def build(target, spec, source, folders, seq_len: int, directory: str, dtype: str = "float16",
           batch_size: int = 8) -> dict:
     """Writes the cache for every record of `source` (skipped when a matching one exists); returns
-    its meta with "flops", the target-forward FLOPs spent now (0 when it already existed), and
-    "build_flops", those its build spent (a reused cache's too)."""
+    its meta, with "build_flops", the target-forward FLOPs its build spent (a record: SFT steps on
+    the cache are charged their target forward, `opd.training.flops`)."""
     if dtype not in DTYPES:
         raise ValueError(f"feature cache dtype must be one of {DTYPES}, got {dtype!r}")
     meta = _meta(target, spec, folders, seq_len, dtype, len(source))
@@ -101,7 +101,7 @@ def build(target, spec, source, folders, seq_len: int, directory: str, dtype: st
         with open(meta_path) as f:
             old = json.load(f)
         if {k: v for k, v in old.items() if k not in _BUILT} == meta:
-            return {**old, "flops": 0}
+            return old
         raise ValueError(f"the feature cache in {directory} was built from {old}, not {meta}; delete it to rebuild")
     os.makedirs(directory, exist_ok=True)
     N, T, D = len(source), int(seq_len), target.config.hidden_size
@@ -148,7 +148,7 @@ def build(target, spec, source, folders, seq_len: int, directory: str, dtype: st
     meta = {**meta, "tokens": L, "build_flops": build_flops}
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
-    return {**meta, "flops": build_flops}
+    return meta
 
 
 _ATTACHED = {"aux": np.float32, "final": np.float32, "top": np.int32}  # cache file -> batch dtype
