@@ -4,15 +4,16 @@
 state's step to `num_steps` and owns everything around it:
   * checkpoints (orbax, `opd.training.checkpoint`): every `save_every` steps, at the end, and
     on SIGTERM / SIGINT; each holds the train state and a JSON "data" item with the data iterator's
-    position and the cumulative counters (FLOPs, tokens), so a resumed run continues exactly;
+    position and the cumulative counters (FLOPs, tokens, seconds in steps), so a resumed run
+    continues exactly;
   * faults: a non-finite loss raises `FloatingPointError` before anything of that step is
     saved (the last good checkpoint stays the latest); SIGTERM or SIGINT (Ctrl-C; a second
     one aborts at once) finishes the current step, saves, waits for the write and raises
     `Preempted`; a checkpoint write that fails (e.g. a full disk, in orbax's background
     thread) is noticed at the next step and raises `SaveFailed` naming the error and the
     path, while the previous checkpoint is still the latest complete one;
-  * metrics: means over the last `log_every` steps plus tokens/s, learning rate and
-    cumulative FLOPs, written by a `MetricsWriter` (JSONL + TensorBoard); `hooks` add
+  * metrics: means over the last `log_every` steps plus tokens/s, learning rate, cumulative
+    FLOPs and seconds spent in steps (a hook's time, e.g. a probe's, is its row's `hook_seconds`), written by a `MetricsWriter` (JSONL + TensorBoard); `hooks` add
     periodic evaluations (e.g. tau on a probe set);
   * a tqdm progress bar.
 """
@@ -163,7 +164,7 @@ def train_loop(
       manager: an orbax CheckpointManager (`checkpoint.make_manager`).
       place_batch: host batch -> device batch with the step's input shardings.
       step_flops: host batch -> training FLOPs of one step on it.
-      counters: cumulative {"flops", "tokens"} restored from the checkpoint (default zeros);
+      counters: cumulative {"flops", "tokens", "seconds"} restored from the checkpoint (default zeros);
         updated in place.
       data_state: () -> the data iterator's JSON state *after* the batches consumed so far.
       writer: a `metrics.MetricsWriter` (or None).
@@ -185,6 +186,7 @@ def train_loop(
     counters = counters if counters is not None else {}
     counters.setdefault("flops", 0)
     counters.setdefault("tokens", 0)
+    counters.setdefault("seconds", 0.0)  # wall time in steps (hooks such as probes excluded), across resumes
     start = int(jax.device_get(state.step))
     pending, t_log = [], time.perf_counter()
     tokens_since = 0
@@ -248,7 +250,8 @@ def train_loop(
                 if writer is not None and (done % log_every == 0 or done == num_steps):
                     now = time.perf_counter()
                     row = _mean_metrics(pending)
-                    row.update(tokens_per_s=tokens_since / max(now - t_log, 1e-9),
+                    counters["seconds"] = float(counters["seconds"]) + (now - t_log)
+                    row.update(tokens_per_s=tokens_since / max(now - t_log, 1e-9), seconds=counters["seconds"],
                                flops=float(counters["flops"]), tokens=float(counters["tokens"]))
                     if lr_fn is not None:
                         row["learning_rate"] = float(lr_fn(step))
@@ -256,9 +259,12 @@ def train_loop(
                     pending, t_log, tokens_since = [], now, 0
                 for every, hook in hooks:
                     if done % every == 0 or done == num_steps:
+                        t_hook = time.perf_counter()
                         out = hook(done, state)
+                        spent = time.perf_counter() - t_hook
+                        t_log += spent  # not training time: the next row's tokens/s and seconds exclude it
                         if writer is not None and out:
-                            writer.write(done, {**out, "flops": float(counters["flops"])})
+                            writer.write(done, {**out, "flops": float(counters["flops"]), "hook_seconds": spent})
                 finish_save(block=False)  # an earlier checkpoint's write failed: stop here
                 stop = shd.any_process(bool(flag["set"]))  # multi-host: every host stops at this step
                 if done % save_every == 0 or done == num_steps or stop:

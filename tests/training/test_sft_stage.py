@@ -128,6 +128,7 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(target_dir, da
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     straight_rows = [r for r in read_jsonl(str(straight / "sft" / kind / "metrics.jsonl")) if "loss" in r]
     assert [r["flops"] for r in rows] == [r["flops"] for r in straight_rows]
+    assert all(b["seconds"] > a["seconds"] > 0 for a, b in zip(rows, rows[1:]))  # training time, across the restart
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in straight_rows], rtol=1e-6)
 
 
@@ -255,6 +256,33 @@ def test_fine_tuning_keeps_the_draft_vocabulary(target_dir, data_dir, tmp_path):
     moved = [not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(out.params["eagle"]), jax.tree.leaves(pretrained.params["eagle"]))]
     assert any(moved)  # it was trained, from the pretrained weights
+
+
+def test_vocab_data_chooses_a_fresh_drafters_vocabulary(target_dir, data_dir, tmp_path):
+    """`drafter.vocab_data`: the draft vocabulary counts those folders' answers, not the SFT data."""
+    from opd.drafters.eagle3 import model as e3
+    from opd.drafters.eagle3.drafter import special_token_ids
+
+    other = write_pattern_trajectories(_mkdir(tmp_path / "other"), np.random.RandomState(9))
+    config = _config(target_dir, data_dir, num_steps=1, save_every=1)
+    config.drafter.vocab_data = (other,)
+    configs.validate(config)
+    sft_stage.stage_sft(config, str(tmp_path / "run"))
+    target = load_target_from_config(config)
+    init = opd.load_drafter(str(tmp_path / "run" / "sft" / "eagle3" / "init"), target)
+    want = {f: e3.build_draft_vocab(stage_common.response_token_counts([f], V), 32, special_token_ids(target))[0]
+            for f in (other, data_dir)}
+    assert not np.array_equal(want[other], want[data_dir])  # the two choices differ
+    np.testing.assert_array_equal(np.asarray(init.params["vocab"]["d2t"]), want[other])
+
+    config.drafter.init = str(tmp_path / "run" / "sft" / "eagle3" / "init")
+    with pytest.raises(ValueError, match="vocab_data chooses a fresh drafter's vocabulary, but config.drafter.init"):
+        configs.validate(config)
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
 
 
 def test_sft_config_errors_name_the_field(target_dir, data_dir, tmp_path):
