@@ -10,6 +10,11 @@ Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`), `
 
   python -m opd.main --config=experiments/sft_smollm2.py:eagle3,scale --workdir=workdirs/smollm2_scale
 
+`scale,src_<source>` (source: answers, chat, code, docs or mix) trains a fresh drafter for 80 steps
+on that source alone (mix: the scale run's mix), with one draft vocabulary for all of them (the
+whole corpus's, `config.drafter.vocab_data`), into DIR/sft_src_<source>/<kind>/; then
+`experiments/benchmarks/sft_sources.py --workdir=DIR` reports tau per CPU-hour of each.
+
 It trains on SmolLM2's own answers to the 652 AlpacaEval-train prompts (plain batched greedy
 decoding, ~150k tokens, read 4x per epoch) and the offline-text corpus (stdlib code and Python docs
 as assistant turns, ~1.9M answer tokens, `regenerate_smollm2.py:text`; AlpacaEval's reference answers
@@ -28,10 +33,22 @@ import ml_collections
 from opd.configs import default_config, sibling_config, variant_parts
 
 
+# `src_<source>` (issue 15: tau per CPU-hour of each data source): the scale run's settings on one
+# source alone, or the mix, for SOURCE_STEPS steps, probed at the start and the end
+# (experiments/benchmarks/sft_sources.py reads the runs and prices each source's data generation)
+SOURCES = {"answers": "workdir:regenerate/alpacaeval", "chat": "workdir:text_corpus/alpacaeval_outputs",
+           "code": "workdir:text_corpus/stdlib_code", "docs": "workdir:text_corpus/pydocs", "mix": ""}
+SOURCE_STEPS = 80
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("eagle3", "dflash", "tiny", "scale"), "experiments/sft_smollm2.py")
+    parts = variant_parts(variant, ("eagle3", "dflash", "tiny", "scale") + tuple(f"src_{s}" for s in SOURCES),
+                          "experiments/sft_smollm2.py")
     if "eagle3" in parts and "dflash" in parts:
         raise ValueError(f"bad variant {variant!r} of experiments/sft_smollm2.py: eagle3 or dflash, not both")
+    sources = [p[len("src_"):] for p in parts if p.startswith("src_")]
+    if sources and (len(sources) > 1 or "scale" not in parts):
+        raise ValueError(f"bad variant {variant!r} of experiments/sft_smollm2.py: one src_<source> part, with `scale`")
     kind = "dflash" if "dflash" in parts else "eagle3"
     tiny = "tiny" in parts
     c = default_config()
@@ -102,6 +119,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             c.drafter.overrides.update(draft_vocab_size=8192, mask_embedding="learned")
         c.export.source = "sft_scale"
         c.eval.runs = []
+        if sources:  # one source alone (or the mix), short, all with the whole corpus's draft vocabulary
+            c.drafter.vocab_data = c.sft.data
+            if sources[0] != "mix":
+                c.sft.data, c.sft.data_repeats = (SOURCES[sources[0]],), ()
+            c.sft.name = f"sft_src_{sources[0]}"
+            c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft")
+            c.sft.num_steps = SOURCE_STEPS
+            c.sft.probe.every = SOURCE_STEPS
     if tiny:
         c.target.scan_layers = True  # faster compiles
         c.regenerate.sources = ("alpacaeval",)  # its train split; eval uses the held-out split

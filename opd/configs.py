@@ -119,6 +119,9 @@ def default_config() -> CD:
     c.drafter.kind = "eagle3"  # a trainable kind of the registry (eagle3, dflash, ...)
     c.drafter.init = ""  # "" = a fresh drafter; else an HF-layout drafter to fine-tune (its vocabulary kept)
     c.drafter.overrides = CD()  # the kind's hyper-parameters for a fresh drafter (e.g. draft_vocab_size)
+    c.drafter.vocab_data = ()  # trajectory folders whose answer tokens choose a fresh drafter's draft vocabulary
+    # (its `uses_token_counts`, e.g. EAGLE-3); () = the SFT data with its repeats. One vocabulary for
+    # runs on different data: a data-source comparison isolates the data, not the vocabulary
     c.drafter.param_dtype = ""  # trained weights and AdamW moments ("" = as initialised / loaded)
     c.drafter.public = ""  # informational: the public checkpoint `drafter.init` was downloaded from
 
@@ -343,6 +346,9 @@ def _check_sft(config) -> None:
     _check_name(s.name, "sft.name")
     if s.target_features not in TARGET_FEATURES:
         raise ValueError(f"config.sft.target_features must be one of {TARGET_FEATURES}, got {s.target_features!r}")
+    if config.drafter.vocab_data and config.drafter.init:
+        raise ValueError("config.drafter.vocab_data chooses a fresh drafter's vocabulary, but config.drafter.init "
+                         f"loads {config.drafter.init!r} (its vocabulary is kept): set one of them")
     if s.data_repeats:
         if len(s.data_repeats) != len(s.data):
             raise ValueError(f"config.sft.data_repeats needs one count per config.sft.data folder "

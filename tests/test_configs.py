@@ -17,7 +17,7 @@ from opd.training.optim import OptimConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # every experiment config with a few variants each
     "regenerate_smollm2.py": ["", "tiny", "scale", "text"],
-    "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny"],
+    "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny", "eagle3,scale,src_code"],
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
                        "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny"],
     "quickstart.py": ["", "tiny"],

@@ -44,7 +44,7 @@ def _measure(kind: str, variant: str, workdir: str) -> dict:
     eos = batching.eos_array(batching.resolve_eos(target, None))
     run = opd_stage.build_run(config, drafter.spec, frozen, target.config, num_eos=len(eos))  # the stage's step
     state = run.init_state(trainable, seed=0)
-    folders = stage_common.trajectory_folders(o.data, workdir, "opd")
+    folders = stage_common.trajectory_folders(o.data, workdir, "opd.data")
     batches = opd_stage.PromptBatches(opd_stage.prompt_records(folders), int(o.prompt_len),
                                        int(o.batch_size) * cfg.accumulate, 0)
     tp, fr = run.place_frozen(target.params, frozen)

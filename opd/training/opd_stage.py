@@ -147,7 +147,7 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
     # a resume under settings that change what the run computes is refused before any work
     common.check_settings(stage_dir, "opd", o.to_dict(), int(config.seed), manager.latest_step(),
                           config.get("resume_override", ()))
-    folders = common.trajectory_folders(o.data, workdir, "opd")
+    folders = common.trajectory_folders(o.data, workdir, "opd.data")
     drafter = common.initial_drafter(stage_dir, fp, target, kind=kind, init=str(o.init), overrides={},
                                      seed=int(config.seed), param_dtype=config.drafter.param_dtype, workdir=workdir)
     spec, cfg = drafter.spec, opd_config(o)

@@ -108,10 +108,12 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     # a resume under settings that change what the run computes is refused before any work
     common.check_settings(stage_dir, "sft", s.to_dict(), int(config.seed), manager.latest_step(),
                           config.get("resume_override", ()))
-    folders = common.trajectory_folders(s.data, workdir, "sft")
+    folders = common.trajectory_folders(s.data, workdir, "sft.data")
+    vocab_folders, vocab_repeats = (common.trajectory_folders(d.vocab_data, workdir, "drafter.vocab_data"), ()) \
+        if d.vocab_data else (folders, tuple(s.data_repeats))
     drafter = common.initial_drafter(stage_dir, fp, target, kind=d.kind, init=d.init, overrides=dict(d.overrides),
-                                     seed=int(config.seed), param_dtype=d.param_dtype, workdir=workdir, folders=folders,
-                                     repeats=tuple(s.data_repeats))
+                                     seed=int(config.seed), param_dtype=d.param_dtype, workdir=workdir,
+                                     folders=vocab_folders, repeats=vocab_repeats)
     spec = drafter.spec
     loss_cfg = registry.get_kind(d.kind).loss_config(s.loss)
     cached = s.target_features == "cache"

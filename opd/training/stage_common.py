@@ -41,16 +41,16 @@ from opd.training.loop import Stopped
 # ----------------------------------------------------------------------------- data
 
 
-def trajectory_folders(data, workdir: str, what: str = "sft") -> list[str]:
-    """The trajectory folders `config.<what>.data` names, default every DIR/regenerate/<source>/."""
+def trajectory_folders(data, workdir: str, field: str = "sft.data") -> list[str]:
+    """The trajectory folders the config field `field` names, default every DIR/regenerate/<source>/."""
     folders = [resolve_path(p, workdir) for p in data] if data else sorted(
         os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "regenerate", "*", "shard-00000.jsonl")))
     if not folders:
         raise FileNotFoundError(f"no trajectories: run the `regenerate` stage first (nothing in {workdir}/regenerate/*/) "
-                                f"or list trajectory folders in config.{what}.data")
+                                f"or list trajectory folders in config.{field}")
     for f in folders:
         if not glob.glob(os.path.join(f, "shard-*.jsonl")):
-            raise FileNotFoundError(f"config.{what}.data: {f} holds no shard-*.jsonl trajectory files")
+            raise FileNotFoundError(f"config.{field}: {f} holds no shard-*.jsonl trajectory files")
     return folders
 
 
