@@ -17,6 +17,7 @@ for all of them, not charged).
 
 import importlib.util
 import os
+import shutil
 
 from absl import app, flags
 import matplotlib
@@ -64,7 +65,7 @@ def source_row(source: str, run_dir: str, costs: list, repeats: tuple) -> dict:
     train_h = float(last["seconds"]) / 3600
     data_h = data_seconds(costs, repeats, float(last["tokens"])) / 3600
     gain = probes[-1]["probe_tau"] - probes[0]["probe_tau"]
-    return {"source": source, "steps": last["step"], "tokens_read": float(last["tokens"]),
+    return {"source": source, "run_dir": run_dir, "steps": last["step"], "tokens_read": float(last["tokens"]),
             "unique_tokens": sum(c["tokens"] for c in costs), "tau_start": probes[0]["probe_tau"],
             "tau_end": probes[-1]["probe_tau"], "train_cpu_h": train_h, "data_cpu_h": data_h,
             "gain_per_train_h": gain / train_h, "gain_per_cpu_h": gain / (train_h + data_h),
@@ -108,6 +109,9 @@ def main(argv):
     out = write_results(name, {"workdir": os.path.abspath(workdir), "kind": kind, "rows": rows}, md,
                         out_dir=FLAGS.out_dir)
     fig.savefig(os.path.join(out, "sources.png"), dpi=110)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)  # the raw curves, kept with the numbers
+    for r in rows:
+        shutil.copyfile(os.path.join(r["run_dir"], "metrics.jsonl"), os.path.join(out, "runs", f"{r['source']}.metrics.jsonl"))
     print(md)
 
 

@@ -85,3 +85,4 @@ def test_the_script_writes_its_results(tmp_path):
     assert [r["source"] for r in rows] == ["answers", "code"]
     assert rows[1]["gain_per_cpu_h"] == pytest.approx(0.2) and rows[1]["data_cpu_h"] == 0.0
     assert (out / "sources.png").exists() and "skipping chat" in p.stdout
+    assert (out / "runs" / "code.metrics.jsonl").read_text() == (w / "sft_src_code" / "eagle3" / "metrics.jsonl").read_text()
