@@ -7,7 +7,9 @@
 Needs the drafters of `experiments/opd_smollm2.py` in the same DIR: for EAGLE-3 and DFlash the
 Draft-OPD run (`export/opd_<kind>`) and continued SFT to the same cumulative training FLOPs
 (`export/sft_cont_<kind>`), both from one SFT warm-up. The "no drafter" rows are the
-autoregressive throughput measured inside the same runs (each run times both, side by side).
+autoregressive throughput measured inside the same runs: the drafters of one prompt set,
+temperature and batch size decode side by side against one autoregressive timing
+(`config.eval.side_by_side`; runs already written are skipped, so a table can span sessions).
 
 `shipped`: the drafters shipped in the repo (`experiments/drafters/`, issue 15's plateau runs)
 against n-gram, on every prompt of each set (MT-Bench 80, HumanEval 164; AlpacaEval: the 87 held-out prompts the
@@ -49,6 +51,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.stages = ("fetch_assets", "eval", "report")
     c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")
     c.target.path = "asset:smollm2_gguf"
+    c.eval.side_by_side = True  # one AR pass per (prompt set, T, batch), shared by every drafter
 
     # Budget (2 CPU cores): 60 runs of 4 prompts x 64 new tokens, autoregressive + speculative each.
     c.eval.num_prompts = 4  # the first prompts of each set (AlpacaEval: of its held-out split)

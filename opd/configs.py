@@ -186,6 +186,8 @@ def default_config() -> CD:
     c.eval.temperature = 0.0  # 0 = greedy (then outputs are checked identical to autoregressive)
     c.eval.repeats = 1  # timed repetitions per batch (median)
     c.eval.both_turns = False  # MT-Bench: also the second turns
+    c.eval.side_by_side = False  # runs that differ only in their drafter decode together, against one
+    # shared autoregressive timing (one AR pass instead of one per drafter); not a run default
     c.eval.runs = []  # dicts: name, drafter ("none" or a kind), prompt_set, [drafter_path], [overrides]
 
     c.report = CD()  # stage `report`: tables and curves from the eval runs
@@ -392,7 +394,7 @@ def _check_opd(config) -> None:
 def eval_runs(config: ml_collections.ConfigDict) -> list[dict]:
     """`config.eval.runs` with the block's defaults filled in; raises ValueError naming the bad field."""
     e = config.eval
-    defaults = {k: v for k, v in e.items() if k != "runs"}
+    defaults = {k: v for k, v in e.items() if k not in ("runs", "side_by_side")}
     if not e.runs:
         raise ValueError("config.eval.runs is empty: list at least one run (name, drafter, prompt_set)")
     kinds = ("none",) + registry.names()

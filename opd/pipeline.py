@@ -26,7 +26,7 @@ from opd.data.tokenizer import load_tokenizer
 from opd.decoding.generate import generate
 from opd.drafters import registry
 from opd.eval import report
-from opd.eval.harness import SUMMARY_COLUMNS, evaluate, write_eval
+from opd.eval.harness import SUMMARY_COLUMNS, Side, evaluate_side_by_side, write_eval
 from opd.paths import append_jsonl, read_jsonl, resolve_path, write_json
 from opd.sharding import barrier, is_main_process
 from opd.target import load_target_from_config
@@ -99,34 +99,63 @@ def drafter_training(run: dict, workdir: str) -> dict:
     return {"source": f"{info['source']} ({info['step']} steps)", "flops": info.get("flops", 0)}
 
 
+SIDE_BY_SIDE_KEYS = ("prompt_set", "num_prompts", "temperature", "batch_size", "max_new_tokens", "repeats",
+                     "both_turns")  # runs equal in these (and with a drafter) can share one AR timing
+
+
+def eval_groups(runs: list, side_by_side: bool) -> list[list[dict]]:
+    """The runs decoded together: with `side_by_side`, those equal in SIDE_BY_SIDE_KEYS that have
+    a drafter (in config order); otherwise (and for "none" runs) each alone."""
+    groups, index = [], {}
+    for r in runs:
+        key = tuple(str(r[k]) for k in SIDE_BY_SIDE_KEYS) if side_by_side and r["drafter"] != "none" else None
+        if key is None or key not in index:
+            if key is not None:
+                index[key] = len(groups)
+            groups.append([r])
+        else:
+            groups[index[key]].append(r)
+    return groups
+
+
 def stage_eval(config, workdir: str) -> list:
     """Speculative vs autoregressive decoding for each of `config.eval.runs` (opd.eval.evaluate);
-    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written.
-    Multi-host: process i runs runs i, i + P, ... on its own devices, then all wait."""
+    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written. With
+    `config.eval.side_by_side`, runs that differ only in their drafter are decoded in one run
+    against one autoregressive timing (`evaluate_side_by_side`).
+    Multi-host: process i runs groups i, i + P, ... on its own devices, then all wait."""
     runs = eval_runs(config)
     target = None
-    for i, r in enumerate(runs):
-        out_dir = os.path.join(workdir, "eval", r["name"])
-        path = os.path.join(out_dir, "metrics.json")
+    for i, group in enumerate(eval_groups(runs, bool(config.eval.side_by_side))):
         if i % jax.process_count() != jax.process_index():
             continue
-        if os.path.exists(path):
-            logging.info("eval: run %s already done (%s)", r["name"], path)
+        todo = []
+        for r in group:
+            path = os.path.join(workdir, "eval", r["name"], "metrics.json")
+            if os.path.exists(path):
+                logging.info("eval: run %s already done (%s)", r["name"], path)
+            else:
+                todo.append(r)
+        if not todo:
             continue
         if target is None:
             target = load_target_from_config(config)
-        drafter = eval_drafter(r, target, workdir)
-        training = drafter_training(r, workdir)
-        m = evaluate(
-            target, drafter, os.path.expanduser(str(r["prompt_set"])), num_prompts=r["num_prompts"],
-            temperature=r["temperature"], num_draft_tokens=r["num_draft_tokens"],
-            batch_size=r["batch_size"], max_new_tokens=r["max_new_tokens"], seed=config.seed,
-            drafter_name=r["drafter"], training=training["source"], training_flops=training["flops"],
-            both_turns=r["both_turns"], repeats=r["repeats"],
-        )
-        write_eval(m, out_dir)
-        logging.info("eval: %s: tau %s, speedup %s, greedy_matches_ar %s -> %s", r["name"], m["tau"], m["speedup"],
-                     m["greedy_matches_ar"], out_dir)
+        sides = []
+        for r in todo:
+            if r["drafter"] != "none":
+                training = drafter_training(r, workdir)
+                sides.append(Side(eval_drafter(r, target, workdir), r["drafter"], int(r["num_draft_tokens"]),
+                                  training["source"], training["flops"]))
+        r0 = todo[0]
+        ms = evaluate_side_by_side(
+            target, sides, os.path.expanduser(str(r0["prompt_set"])), num_prompts=r0["num_prompts"],
+            temperature=r0["temperature"], batch_size=r0["batch_size"], max_new_tokens=r0["max_new_tokens"],
+            seed=config.seed, both_turns=r0["both_turns"], repeats=r0["repeats"])
+        for r, m in zip(todo, ms):
+            out_dir = os.path.join(workdir, "eval", r["name"])
+            write_eval(m, out_dir)
+            logging.info("eval: %s: tau %s, speedup %s, greedy_matches_ar %s -> %s", r["name"], m["tau"],
+                         m["speedup"], m["greedy_matches_ar"], out_dir)
     barrier("eval: all runs written")
     results = []
     for r in runs:

@@ -113,76 +113,85 @@ def _shape_key(chunk) -> tuple:
     return batching.next_pow2(len(chunk)), batching.bucket_length(max(len(p) for p in chunk))
 
 
+class Side(NamedTuple):
+    """One drafter of an evaluation: decoded on the same prompts, in the same run, as the
+    shared autoregressive timing (and every other side)."""
+
+    drafter: Any  # an opd.Drafter
+    name: str  # a registry kind, recorded as `drafter`
+    num_draft_tokens: int  # K
+    training: str = "none"  # how the drafter was trained (recorded as given)
+    training_flops: float = 0.0
+
+
 class _BatchResult(NamedTuple):
     """One decoding call of each method on the same prompts (seconds: median over repeats)."""
 
     prompts: list
     ar: Any  # GenerateOutput
     ar_seconds: float
-    spec: Any  # GenerateOutput, or None without a drafter
-    spec_seconds: float
+    spec: list  # per side: GenerateOutput
+    spec_seconds: list  # per side
 
-    def summary(self) -> dict:
-        out = self.spec or self.ar
+    def summary(self, side: Optional[int] = None) -> dict:
+        out = self.ar if side is None else self.spec[side]
         return {"prompt_lengths": [len(p) for p in self.prompts], "ar_seconds": self.ar_seconds,
                 "ar_target_forwards": self.ar.stats["target_forwards"],
-                "seconds": self.spec_seconds if self.spec else self.ar_seconds,
+                "seconds": self.ar_seconds if side is None else self.spec_seconds[side],
                 "generated_tokens": out.stats["generated_tokens"], "target_forwards": out.stats["target_forwards"],
                 "verify_rounds": out.stats.get("verify_rounds", 0)}
 
 
 class _Runner:
-    """Runs AR and speculative decoding chunk by chunk with shared settings."""
+    """Runs AR and each side's speculative decoding chunk by chunk with shared settings."""
 
-    def __init__(self, target, drafter, *, temperature, top_k, top_p, num_draft_tokens, max_new_tokens,
-                 seed, eos_token_ids, repeats, desc="eval"):
-        self.target, self.drafter, self.desc = target, drafter, desc
+    def __init__(self, target, sides: Sequence[Side], *, temperature, top_k, top_p, max_new_tokens, seed,
+                 eos_token_ids, repeats, desc="eval"):
+        self.target, self.sides, self.desc = target, list(sides), desc
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        eos_token_ids=eos_token_ids)
-        self.K, self.seed, self.repeats = num_draft_tokens, seed, repeats
+        self.seed, self.repeats = seed, repeats
         self.compiled: set = set()
         self.warmup_seconds = 0.0
 
     def ar(self, chunk, ci):
         return generate(self.target, chunk, seed=self.seed + ci, batch_size=len(chunk), **self.kw)
 
-    def spec(self, chunk, ci):
-        return speculative_generate(self.target, self.drafter, chunk, num_draft_tokens=self.K, seed=self.seed + ci,
-                                    batch_size=len(chunk), **self.kw)
+    def spec(self, chunk, ci, side: int = 0):
+        d = self.sides[side]
+        return speculative_generate(self.target, d.drafter, chunk, num_draft_tokens=d.num_draft_tokens,
+                                    seed=self.seed + ci, batch_size=len(chunk), **self.kw)
 
     def run(self, chunks) -> list["_BatchResult"]:
         """Progress: a bar over the warm-up's new shapes, then one over the timed batches with the
-        tokens/s of both methods so far."""
+        tokens/s of every method so far."""
         from tqdm import tqdm
 
-        new = {}  # warm-up: compile every (batch, prompt-length) bucket once for both
+        new = {}  # warm-up: compile every (batch, prompt-length) bucket once for every method
         for chunk in chunks:
             new.setdefault(_shape_key(chunk), chunk)
         new = {k: c for k, c in new.items() if k not in self.compiled}
         for key, chunk in tqdm(new.items(), desc=f"{self.desc}: compiling", unit="shape", disable=not new):
             self.compiled.add(key)
             self.warmup_seconds += self.ar(chunk, 0).stats["seconds"]
-            if self.drafter is not None:
-                self.warmup_seconds += self.spec(chunk, 0).stats["seconds"]
-        results, tokens, seconds = [], {"ar": 0, "spec": 0}, {"ar": 0.0, "spec": 0.0}
+            for i in range(len(self.sides)):
+                self.warmup_seconds += self.spec(chunk, 0, i).stats["seconds"]
+        labels = ["ar"] + [d.name for d in self.sides]
+        results, tokens, seconds = [], [0] * len(labels), [0.0] * len(labels)
         bar = tqdm(total=len(chunks), desc=self.desc, unit="batch", disable=not chunks)
         for ci, chunk in enumerate(chunks):
-            ar_runs, sp_runs = [], []
-            for _ in range(self.repeats):  # alternate so machine-load drift hits both alike
-                ar_runs.append(self.ar(chunk, ci))
-                if self.drafter is not None:
-                    sp_runs.append(self.spec(chunk, ci))
-            ar_t = [o.stats["seconds"] for o in ar_runs]
-            sp_t = [o.stats["seconds"] for o in sp_runs]
-            results.append(_BatchResult(chunk, ar_runs[0], statistics.median(ar_t),
-                                        sp_runs[0] if sp_runs else None, statistics.median(sp_t) if sp_t else 0.0))
-            for side, out, t in (("ar", ar_runs[0], results[-1].ar_seconds),
-                                 ("spec", sp_runs[0] if sp_runs else None, results[-1].spec_seconds)):
-                if out is not None:
-                    tokens[side] += out.stats["generated_tokens"]
-                    seconds[side] += t
-            bar.set_postfix_str(", ".join(f"{side} {tokens[side] / seconds[side]:.1f} tok/s"
-                                          for side in ("spec", "ar") if seconds[side] > 0))
+            runs = [[] for _ in labels]
+            for _ in range(self.repeats):  # alternate so machine-load drift hits every method alike
+                runs[0].append(self.ar(chunk, ci))
+                for i in range(len(self.sides)):
+                    runs[i + 1].append(self.spec(chunk, ci, i))
+            med = [statistics.median(o.stats["seconds"] for o in r) for r in runs]
+            results.append(_BatchResult(chunk, runs[0][0], med[0], [r[0] for r in runs[1:]], med[1:]))
+            for j, r in enumerate(runs):
+                tokens[j] += r[0].stats["generated_tokens"]
+                seconds[j] += med[j]
+            bar.set_postfix_str(", ".join(f"{label} {tokens[j] / seconds[j]:.1f} tok/s"
+                                          for j, label in enumerate(labels) if seconds[j] > 0))
             bar.update()
         bar.close()
         return results
@@ -197,22 +206,11 @@ def evaluate(
     drafter=None,
     prompt_set: PromptSet = "mtbench",
     *,
-    num_prompts: Optional[int] = None,
-    temperature: float = 0.0,
     num_draft_tokens: int = 4,
-    batch_size: int = 1,
-    max_new_tokens: int = 128,
-    seed: int = 0,
     drafter_name: Optional[str] = None,
     training: str = "none",
     training_flops: float = 0,
-    both_turns: bool = False,
-    heldout_split: bool = True,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_ids: Optional[Sequence[int]] = None,
-    repeats: int = 1,
-    return_tokens: bool = False,
+    **kw,
 ) -> dict:
     """Speculative vs autoregressive decoding of a prompt set; returns the metrics dict.
 
@@ -221,16 +219,10 @@ def evaluate(
       drafter: an `opd.Drafter`, or None to measure autoregressive decoding alone
         (then tau = speedup = 1 and num_draft_tokens = 0).
       prompt_set: a set name, a `.jsonl` path, or a list of records / strings / token-id lists.
-      num_prompts: first N prompts of the set (default: all).
-      batch_size: prompts per decoding call, for both methods.
+      num_draft_tokens: K.
       drafter_name: recorded as `drafter` (default: the drafter's kind, or "none").
       training, training_flops: how the drafter was trained (recorded as given).
-      both_turns: also decode each record's second turn (MT-Bench), its prompt built from the
-        model's own (autoregressive) first answer through the chat template.
-      heldout_split: restrict AlpacaEval to its held-out split (default True).
-      repeats: timed repetitions per chunk (median seconds is used).
-      return_tokens: also return `tokens` (per sequence: the speculative output, or the
-        autoregressive one without a drafter).
+      **kw: `evaluate_side_by_side`'s settings (num_prompts, temperature, batch_size, ...).
 
     Returns:
       A JSON-able dict: tau, acceptance_by_offset, speedup (speculative tokens/s over
@@ -242,21 +234,63 @@ def evaluate(
       per prompt at batch 1), per_batch (lengths, seconds, forwards of each decoding call) and
       the autoregressive side (ar_tokens_per_second, ...).
     """
+    name = drafter_name or (drafter.kind if drafter is not None else "none")
+    if (drafter is None) != (name == "none"):
+        raise ValueError(f"drafter_name={name!r} does not match the drafter passed ({drafter!r})")
+    sides = [] if drafter is None else [Side(drafter, name, int(num_draft_tokens), training, training_flops)]
+    return evaluate_side_by_side(target, sides, prompt_set, **kw)[0]
+
+
+def evaluate_side_by_side(
+    target,
+    sides: Sequence[Side],
+    prompt_set: PromptSet = "mtbench",
+    *,
+    num_prompts: Optional[int] = None,
+    temperature: float = 0.0,
+    batch_size: int = 1,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    both_turns: bool = False,
+    heldout_split: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: Optional[Sequence[int]] = None,
+    repeats: int = 1,
+    return_tokens: bool = False,
+) -> list[dict]:
+    """Every side's speculative decoding and one autoregressive decoding of a prompt set, chunk
+    by chunk, alternating (after a warm-up that compiles every shape, so compile time is
+    excluded); returns one metrics dict per side (`evaluate`'s), each with the same
+    autoregressive measurement and `side_by_side` (the drafters timed in the run), or the
+    autoregressive metrics alone (one dict) without sides.
+
+    Args:
+      sides: the drafters (`Side`): each is timed against the same autoregressive runs.
+      num_prompts: first N prompts of the set (default: all).
+      batch_size: prompts per decoding call, for every method.
+      both_turns: also decode each record's second turn (MT-Bench), its prompt built from the
+        model's own (autoregressive) first answer through the chat template.
+      heldout_split: restrict AlpacaEval to its held-out split (default True).
+      repeats: timed repetitions per chunk (median seconds is used).
+      return_tokens: also return `tokens` (per sequence: the speculative output, or the
+        autoregressive one without a drafter).
+    """
     if batch_size < 1 or max_new_tokens < 1 or repeats < 1:
         raise ValueError(f"batch_size, max_new_tokens and repeats must be >= 1, got {batch_size}, {max_new_tokens}, {repeats}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    name = drafter_name or (drafter.kind if drafter is not None else "none")
-    if name != "none" and name not in registry.names():
-        raise ValueError(f"drafter name must be one of {('none',) + registry.names()}, got {name!r}")
-    if (drafter is None) != (name == "none"):
-        raise ValueError(f"drafter_name={name!r} does not match the drafter passed ({drafter!r})")
+    for d in sides:
+        if d.name == "none" or d.name not in registry.names():
+            raise ValueError(f"drafter name must be one of {registry.names()}, got {d.name!r}")
+        if d.drafter is None:
+            raise ValueError(f"side {d.name!r} has no drafter (evaluate autoregressive decoding with no sides)")
     greedy = temperature == 0.0
-    K = int(num_draft_tokens) if drafter is not None else 0
     set_name, records = load_eval_records(prompt_set, num_prompts, heldout_split)
-    runner = _Runner(target, drafter, temperature=temperature, top_k=top_k, top_p=top_p, num_draft_tokens=K,
-                     max_new_tokens=max_new_tokens, seed=seed, eos_token_ids=eos_token_ids, repeats=repeats,
-                     desc=f"eval {name} on {set_name}")
+    names = [d.name for d in sides] or ["none"]
+    runner = _Runner(target, sides, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                     seed=seed, eos_token_ids=eos_token_ids, repeats=repeats,
+                     desc=f"eval {'+'.join(names)} on {set_name}")
 
     def chunked(ids):
         return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -276,58 +310,68 @@ def evaluate(
     ar_seconds = sum(b.ar_seconds for b in results)
     ar_generated = sum(len(t) for t in ar_tokens)
     ar_forwards = sum(b.ar.stats["target_forwards"] for b in results)
-    m: dict[str, Any] = {
-        "drafter": name, "training": training, "training_flops": float(training_flops),
+    base: dict[str, Any] = {
         "prompt_set": set_name, "num_prompts": len(records), "num_sequences": len(seq_ids),
         "turns": 2 if both_turns else 1, "prompt_ids": seq_names,
         "heldout_split": bool(heldout_split) if set_name == "alpacaeval" else None,
         "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
-        "num_draft_tokens": K, "batch_size": int(batch_size), "max_new_tokens": int(max_new_tokens),
+        "batch_size": int(batch_size), "max_new_tokens": int(max_new_tokens),
         "seed": int(seed), "repeats": int(repeats), "model": getattr(target, "source", None),
         "ar_seconds": ar_seconds, "ar_generated_tokens": ar_generated, "ar_target_forwards": ar_forwards,
         "ar_tokens_per_second": ar_generated / ar_seconds if ar_seconds > 0 else None,
-        "warmup_seconds": runner.warmup_seconds, "per_batch": [b.summary() for b in results],
+        "warmup_seconds": runner.warmup_seconds, "side_by_side": names,
     }
-    if drafter is None:
+    if not sides:
+        m = {"drafter": "none", "training": "none", "training_flops": 0.0, **base, "num_draft_tokens": 0,
+             "per_batch": [b.summary() for b in results]}
         m.update(tau=1.0, acceptance_by_offset=[], speedup=1.0, tokens_per_second=m["ar_tokens_per_second"],
                  target_forwards=ar_forwards, generated_tokens=ar_generated, seconds=ar_seconds, verify_rounds=0,
                  round_accept_hist=[], tau_per_batch=[1.0] * len(results),
                  greedy_matches_ar=True if greedy else None, greedy_mismatches=[])
         if return_tokens:
             m["tokens"] = ar_tokens
-        return m
+        return [m]
+    return [_side_metrics(i, d, base, results, ar_tokens, seq_names, greedy, return_tokens)
+            for i, d in enumerate(sides)]
 
-    spec_tokens = [t for b in results for t in b.spec.tokens]
-    spec_seconds = sum(b.spec_seconds for b in results)
-    hist = sum(_accept_hist(b.spec.stats, K) for b in results)
+
+def _side_metrics(i: int, d: Side, base: dict, results, ar_tokens, seq_names, greedy: bool, return_tokens: bool) -> dict:
+    """The metrics of side `i` (its speculative runs) against the shared autoregressive ones."""
+    K = d.num_draft_tokens
+    m = {"drafter": d.name, "training": d.training, "training_flops": float(d.training_flops), **base,
+         "num_draft_tokens": K, "per_batch": [b.summary(i) for b in results]}
+    spec = [b.spec[i] for b in results]
+    spec_tokens = [t for o in spec for t in o.tokens]
+    spec_seconds = sum(b.spec_seconds[i] for b in results)
+    hist = sum(_accept_hist(o.stats, K) for o in spec)
     rounds = int(hist.sum())
-    committed = sum(int(b.spec.stats.get("committed_tokens", 0)) for b in results)
+    committed = sum(int(o.stats.get("committed_tokens", 0)) for o in spec)
     reached = hist[::-1].cumsum()[::-1]
     generated = sum(len(t) for t in spec_tokens)
     tps = generated / spec_seconds if spec_seconds > 0 else None
     mismatches = []
     if greedy:
-        for i, (s, a) in enumerate(zip(spec_tokens, ar_tokens)):
+        for j, (s, a) in enumerate(zip(spec_tokens, ar_tokens)):
             if s != a:
-                pos = next((j for j, (x, y) in enumerate(zip(s, a)) if x != y), min(len(s), len(a)))
-                mismatches.append({"prompt_index": i, "id": seq_names[i], "position": pos,
+                pos = next((k for k, (x, y) in enumerate(zip(s, a)) if x != y), min(len(s), len(a)))
+                mismatches.append({"prompt_index": j, "id": seq_names[j], "position": pos,
                                    "speculative": s[pos] if pos < len(s) else None, "ar": a[pos] if pos < len(a) else None})
         if mismatches:
             first = mismatches[0]
             logging.error(
                 "GREEDY MISMATCH: speculative output differs from autoregressive output for %d of %d sequences "
                 "(%s, %s); first: prompt %d (id %s) at position %d: speculative %s vs autoregressive %s",
-                len(mismatches), len(spec_tokens), name, set_name, first["prompt_index"], first["id"], first["position"],
-                first["speculative"], first["ar"])
+                len(mismatches), len(spec_tokens), d.name, m["prompt_set"], first["prompt_index"], first["id"],
+                first["position"], first["speculative"], first["ar"])
     m.update(
         tau=committed / rounds if rounds else None,
-        acceptance_by_offset=[float(reached[i + 1] / reached[i]) if reached[i] else None for i in range(K)],
+        acceptance_by_offset=[float(reached[k + 1] / reached[k]) if reached[k] else None for k in range(K)],
         speedup=(tps / m["ar_tokens_per_second"]) if tps and m["ar_tokens_per_second"] else None,
         tokens_per_second=tps,
-        target_forwards=sum(b.spec.stats["target_forwards"] for b in results),
+        target_forwards=sum(o.stats["target_forwards"] for o in spec),
         generated_tokens=generated, seconds=spec_seconds, verify_rounds=rounds,
         round_accept_hist=[int(x) for x in hist],
-        tau_per_batch=[_none_if_nan(float(b.spec.stats["tau"])) for b in results],
+        tau_per_batch=[_none_if_nan(float(o.stats["tau"])) for o in spec],
         greedy_matches_ar=(not mismatches) if greedy else None,
         greedy_mismatches=mismatches,
     )

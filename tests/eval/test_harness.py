@@ -74,8 +74,8 @@ def test_write_eval_files_and_plots(greedy_metrics, tmp_path):
 def test_greedy_mismatch_is_loud_and_recorded(target, prompt_file, monkeypatch, caplog):
     real_spec = harness._Runner.spec
 
-    def corrupted(self, chunk, ci):
-        out = real_spec(self, chunk, ci)
+    def corrupted(self, chunk, ci, side=0):
+        out = real_spec(self, chunk, ci, side)
         out.tokens[0] = out.tokens[0][:5] + [(out.tokens[0][5] + 1) % 128] + out.tokens[0][6:]
         return out
 
@@ -95,6 +95,26 @@ def test_sampling_and_no_drafter(target):
     ar = harness.evaluate(target, None, PROMPTS[:2], batch_size=2, max_new_tokens=6)
     assert ar["drafter"] == "none" and ar["tau"] == 1.0 and ar["speedup"] == 1.0 and ar["greedy_matches_ar"] is True
     assert ar["num_draft_tokens"] == 0 and ar["acceptance_by_offset"] == []
+
+
+def test_side_by_side_shares_one_autoregressive_timing(target, prompt_file, greedy_metrics):
+    """Two drafters in one run: each side's metrics equal its own run's (greedy: same tokens,
+    rounds, tau), against one autoregressive measurement common to both."""
+    ngram, eagle = opd.init_drafter("ngram", target), opd.init_drafter("eagle3", target, seed=1)
+    both = harness.evaluate_side_by_side(
+        target, [harness.Side(ngram, "ngram", 3), harness.Side(eagle, "eagle3", 2, "sft", 5.0)], prompt_file,
+        num_prompts=4, batch_size=2, max_new_tokens=12, return_tokens=True)
+    alone = harness.evaluate(target, eagle, prompt_file, num_prompts=4, num_draft_tokens=2, batch_size=2,
+                             max_new_tokens=12, return_tokens=True)
+    assert [m["drafter"] for m in both] == ["ngram", "eagle3"] and both[1]["training_flops"] == 5.0
+    assert all(m["side_by_side"] == ["ngram", "eagle3"] for m in both)
+    assert both[0]["ar_seconds"] == both[1]["ar_seconds"] and both[0]["seconds"] != both[1]["seconds"]
+    for key in ("tau", "round_accept_hist", "verify_rounds", "target_forwards", "greedy_matches_ar"):
+        assert both[0][key] == greedy_metrics[key], key
+        assert both[1][key] == alone[key], key
+    assert both[1]["tokens"] == alone["tokens"] and both[1]["num_draft_tokens"] == 2
+    with pytest.raises(ValueError, match="drafter name must be one of"):
+        harness.evaluate_side_by_side(target, [harness.Side(ngram, "medusa", 3)], prompt_file)
 
 
 def test_bad_arguments_are_clear_errors(target, prompt_file):
