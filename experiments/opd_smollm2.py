@@ -26,6 +26,10 @@ on 64 held-out prompts x 128 tokens. Run it in the plateau run's DIR (the data i
 seed part `s0`/`s1`/`s2` (config.seed 1/2/3, and a run-name suffix), e.g.
   python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,reference,s1 --workdir=workdirs/smollm2_scale
   python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,reference,sft_cont,s1 --workdir=workdirs/smollm2_scale
+An ablation part (`abl_correction`, `abl_suffix`, `abl_clamps`, `abl_tokens`, `abl_greedy`,
+`abl_update`: `ABLATIONS`) switches one difference of the reference on alone in our default
+Draft-OPD from the plateaued drafter (run `opd_plateau_<part>[_sN]`), e.g.
+  python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,abl_correction,s0 --workdir=workdirs/smollm2_scale
 Every stage resumes from DIR and logs cumulative FLOPs from the same warm-up, so the curves
 (metrics.jsonl: `flops`, `probe_tau`) share one axis. Builds on experiments/sft_smollm2.py (the
 warm-up); every field and its default: `opd.configs.default_config`.
@@ -37,23 +41,40 @@ from opd.configs import sibling_config, variant_parts
 
 BRANCHES = ("opd", "sft_cont", "sft_rollouts")
 SEEDS = ("s0", "s1", "s2")
+# issue 16 §5: one difference of the reference switched on alone, on our default Draft-OPD from the
+# plateaued drafter (`plateau`), so the source of a gain is known; run name opd_plateau_<part>[_sN]
+ABLATIONS = {
+    "abl_correction": dict(loss=dict(response_weight=1.0)),  # + the response stream: committed tokens and
+    # the target's correction token at the first rejected position
+    "abl_suffix": dict(loss=dict(suffix_weight=1.0)),  # + every rejected draft n+1..K, decay^(offset-1)
+    "abl_clamps": dict(loss=dict(k3_clamps=True, loss_max_clamp=10.0)),  # verl's k3 clamps + the loss clamp
+    "abl_tokens": dict(loss=dict(normalization="tokens")),  # per-token mean, one shared denominator
+    "abl_greedy": dict(rollout_temperature=0.0),  # greedy rollouts (ours: T = 1)
+    "abl_update": dict(accumulate=4),  # a 4x larger update (the reference's ~50x: beyond this CPU)
+}
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, BRANCHES + SEEDS + ("eagle3", "dflash", "tiny", "reference", "plateau"),
-                          "experiments/opd_smollm2.py")
+    parts = variant_parts(variant, BRANCHES + SEEDS + tuple(ABLATIONS) + ("eagle3", "dflash", "tiny", "reference",
+                                                                          "plateau"), "experiments/opd_smollm2.py")
     branches = [p for p in parts if p in BRANCHES]
     seeds = [p for p in parts if p in SEEDS]
+    ablations = [p for p in parts if p in ABLATIONS]
     if len(branches) > 1 or len(seeds) > 1 or ("eagle3" in parts and "dflash" in parts):
         raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: use eagle3|dflash, "
                          f"at most one of {BRANCHES} and one of {SEEDS}, optionally reference, plateau and tiny")
+    if ablations and (len(ablations) > 1 or "plateau" not in parts or "reference" in parts
+                      or branches not in ([], ["opd"])):
+        raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: an ablation ({', '.join(ABLATIONS)}) "
+                         "is one Draft-OPD run with `plateau`, without `reference`")
     kind = "dflash" if "dflash" in parts else "eagle3"
     branch = branches[0] if branches else "opd"
     tiny = "tiny" in parts
     reference = "reference" in parts
     plateau = "plateau" in parts
     # the run names: opd{tag}, sft_cont{tag}, sft_rollouts{tag}
-    tag = ("_plateau" if plateau else "") + ("_reference" if reference else "") + (f"_{seeds[0]}" if seeds else "")
+    tag = (("_plateau" if plateau else "") + ("_reference" if reference else "") + (f"_{ablations[0]}" if ablations else "")
+           + (f"_{seeds[0]}" if seeds else ""))
     opd_run = f"opd{tag}"
     # the SFT warm-up (seed, assets, target, regenerate, drafter, sft, eval), or the plateau run's
     c = sibling_config(__file__, "sft_smollm2.py", ",".join([kind] + (["scale"] if plateau else [])
@@ -87,6 +108,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # DFlash (K = 7) 8 * 2 * 64 * 8 = 8192; >= 4096 even when a third of the rounds end early
         c.opd.accumulate = 3 if kind == "eagle3" else 2
 
+    for part in ablations:
+        change = dict(ABLATIONS[part])
+        c.opd.loss.update(change.pop("loss", {}))
+        c.opd.update(change)
+        c.opd.probe.every = 20  # every ablation is probed at steps 0, 20, 40, 60
+
     if branch == "opd" and plateau:  # from the shipped drafter: no warm-up; AlpacaEval-train prompts
         c.stages = ("fetch_assets", "regenerate", "opd", f"export:{opd_run}", "eval")
         c.opd.data = ("workdir:regenerate/alpacaeval",)
@@ -110,10 +137,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             # a rollout row is prompt + answer prefix (<= P) + R (K + 1) committed tokens at most
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
     c.eval.runs = []
+    # the start (the warm-up's export, or the shipped drafter) next to the run
+    start = ("shipped", warmup) if plateau else ("sft", f"workdir:export/sft_{kind}")
     for ps in ("alpacaeval", "mtbench", "humaneval"):
-        for run in (("sft", opd_run) if branch == "opd" else (f"{branch}{tag}",)):
-            c.eval.runs.append(dict(name=f"{kind}_{run}_{ps}", drafter=kind, drafter_path=f"workdir:export/{run}_{kind}",
-                                    prompt_set=ps))
+        for run, path in (((start, (opd_run, f"workdir:export/{opd_run}_{kind}"))) if branch == "opd"
+                          else ((f"{branch}{tag}", f"workdir:export/{branch}{tag}_{kind}"),)):
+            c.eval.runs.append(dict(name=f"{kind}_{run}_{ps}", drafter=kind, drafter_path=path, prompt_set=ps))
+    if ablations:  # measured by their probe curves alone
+        c.stages = tuple(st for st in c.stages if st != "eval")
 
     if tiny:
         c.opd.prompt_len = 96

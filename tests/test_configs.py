@@ -19,7 +19,7 @@ VARIANTS = {  # every experiment config with a few variants each
     "regenerate_smollm2.py": ["", "tiny", "scale", "text"],
     "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny", "eagle3,scale,src_code"],
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
-                       "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny"],
+                       "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny", "eagle3,plateau,abl_suffix,s0"],
     "quickstart.py": ["", "tiny"],
     "main_table_smollm2.py": ["", "shipped", "shipped,quick"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
@@ -127,6 +127,17 @@ def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
     assert cont.sft.data == load("dflash,plateau").sft.data and len(cont.sft.data) == 4  # the plateau run's mix
     with pytest.raises(ValueError, match="at most one of"):
         load("eagle3,plateau,s1,s2")
+    # the plateau run's evaluation compares the shipped drafter (its start) with the run
+    assert [r["drafter_path"] for r in opd.eval.runs[:2]] == ["shipped:smollm2_dflash",
+                                                              "workdir:export/opd_plateau_reference_s1_dflash"]
+    # an ablation: one reference difference on our default, its own run name, probe curves only
+    default, abl = load("eagle3,plateau,s0"), load("eagle3,plateau,abl_correction,s0")
+    assert abl.opd.name == "opd_plateau_abl_correction_s0" and "eval" not in abl.stages
+    changed = {k for k in default.opd.loss if default.opd.loss[k] != abl.opd.loss[k]}
+    assert changed == {"response_weight"} and abl.opd.loss_preset == ""
+    assert load("eagle3,plateau,abl_update").opd.accumulate == 4
+    with pytest.raises(ValueError, match="an ablation"):
+        load("eagle3,plateau,reference,abl_suffix")
 
 
 def test_a_missing_shipped_drafter_is_named_at_config_time():
