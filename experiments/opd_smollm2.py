@@ -12,6 +12,8 @@ Variants (comma-separated): the drafter kind (`eagle3`, default, or `dflash`); t
                 training FLOPs the OPD run ended at;
   sft_rollouts  SFT from the same warm-up on the OPD rollouts' committed text (DIR/sft_rollouts/
                 <kind>/), also to the OPD run's FLOPs;
+  ttt_rollouts  (EAGLE-3) the reference's EAGLE-3 recipe: the same, with full TTT (7 unrolled
+                steps of soft cross-entropy; the SFT runs here unroll 4);
 and `tiny` (a few steps of everything, for tests). Both baselines need the OPD run first.
 `reference` (issue 16): Draft-OPD as the reference implementation (bingyang-lei/Draft-OPD) runs
 it: the `reference_yaml` loss preset, greedy rollouts (T = 0) from bare prompts, 64 rounds per
@@ -38,8 +40,9 @@ warm-up); every field and its default: `opd.configs.default_config`.
 import ml_collections
 
 from opd.configs import sibling_config, variant_parts
+from opd.drafters.eagle3.training import TTT_STEPS
 
-BRANCHES = ("opd", "sft_cont", "sft_rollouts")
+BRANCHES = ("opd", "sft_cont", "sft_rollouts", "ttt_rollouts")
 SEEDS = ("s0", "s1", "s2")
 # issue 16 §5: one difference of the reference switched on alone, on our default Draft-OPD from the
 # plateaued drafter (`plateau`), so the source of a gain is known; run name opd_plateau_<part>[_sN]
@@ -69,6 +72,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                          "is one Draft-OPD run with `plateau`, without `reference`")
     kind = "dflash" if "dflash" in parts else "eagle3"
     branch = branches[0] if branches else "opd"
+    if branch == "ttt_rollouts" and kind != "eagle3":
+        raise ValueError(f"bad variant {variant!r} of experiments/opd_smollm2.py: ttt_rollouts is EAGLE-3's recipe")
     tiny = "tiny" in parts
     reference = "reference" in parts
     plateau = "plateau" in parts
@@ -136,6 +141,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             c.sft.data_repeats = ()
             # a rollout row is prompt + answer prefix (<= P) + R (K + 1) committed tokens at most
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
+            if branch == "ttt_rollouts":
+                c.sft.loss.ttt_steps = TTT_STEPS
     c.eval.runs = []
     # the start (the warm-up's export, or the shipped drafter) next to the run
     start = ("shipped", warmup) if plateau else ("sft", f"workdir:export/sft_{kind}")
@@ -160,7 +167,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.opd.probe.every = 2
         c.opd.probe.batch_size = 2
         c.opd.optimizer.warmup_steps = 1
-        if branch == "sft_rollouts":
+        if branch in ("sft_rollouts", "ttt_rollouts"):
             c.sft.seq_len = c.opd.prompt_len + c.opd.num_rounds * (K + 1)
         if branch != "opd":
             c.sft.probe.update(num_prompts=2, max_new_tokens=16, every=2, batch_size=2)

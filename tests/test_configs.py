@@ -136,6 +136,11 @@ def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
     changed = {k for k in default.opd.loss if default.opd.loss[k] != abl.opd.loss[k]}
     assert changed == {"response_weight"} and abl.opd.loss_preset == ""
     assert load("eagle3,plateau,abl_update").opd.accumulate == 4
+    ttt, sft = load("eagle3,plateau,reference,ttt_rollouts,s0"), load("eagle3,plateau,reference,sft_rollouts,s0")
+    assert (ttt.sft.loss.ttt_steps, sft.sft.loss.ttt_steps) == (7, 4) and ttt.sft.data == sft.sft.data
+    assert ttt.sft.name == "ttt_rollouts_plateau_reference_s0"
+    with pytest.raises(ValueError, match="EAGLE-3's recipe"):
+        load("dflash,plateau,ttt_rollouts")
     with pytest.raises(ValueError, match="an ablation"):
         load("eagle3,plateau,reference,abl_suffix")
 
