@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,13 +68,10 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 
 
 def test_validate_names_the_bad_field():
-    import importlib.util
 
     from opd import configs
 
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "experiments", "quickstart.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("experiments/quickstart.py")
     for field, value, message in [
         ("stages", ["fetch_assets", "train_everything"], "unknown stage"),
         ("chat.max_new_tokens", 0, "chat.max_new_tokens must be >= 1"),

@@ -1,7 +1,6 @@
 """`experiments/benchmarks/opd_decisive.py`: τ at matched FLOPs / steps over seeds with t
 intervals, and the seed-paired ratio to the baseline, on hand-made probe curves."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,14 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "opd_decisive.py")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("opd_decisive", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/benchmarks/opd_decisive.py")
 
 
 def _write(workdir, run, kind, rows):

@@ -1,21 +1,15 @@
 """`experiments/benchmarks/sft_scale_curves.py`: the plateau test and the log-linear trend that says
 where a probe-tau curve would reach a goal, on hand-made probes."""
 
-import importlib.util
 import math
-import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "sft_scale_curves.py")
+from conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("sft_scale_curves", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/benchmarks/sft_scale_curves.py")
 
 
 def _probes(taus_at):

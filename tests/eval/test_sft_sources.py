@@ -1,7 +1,6 @@
 """`experiments/benchmarks/sft_sources.py`: tau gained per CPU-hour of each data source, with a
 regenerated source's generation time charged for the share of it a run read; hand-made runs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,15 +8,14 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "sft_sources.py")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("sft_sources", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/benchmarks/sft_sources.py")
 
 
 def _jsonl(path, rows):

@@ -4,7 +4,6 @@ continue the warm-up's), rollout text saved as trajectories, and the matched-FLO
 (continued SFT, SFT on the OPD rollouts) that train to the OPD run's cumulative FLOPs."""
 
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from opd.data.builders import read_trajectory_shards
 from opd.target import _load_target_cached, load_target_from_config
 from opd.training import loop, opd_stage, sft_stage, stage_common
 from opd.training.metrics import MetricsWriter, read_jsonl
-from conftest import make_hf_model
+from conftest import make_hf_model, load_script
 from test_sft_stage import V, _save_target, write_pattern_trajectories
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,10 +43,7 @@ def data_dir(tmp_path_factory):
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"experiments/{name}.py")
 
 
 def _config(target_dir, data_dir, kind="eagle3", branch="", **opd):

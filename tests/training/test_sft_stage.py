@@ -3,7 +3,6 @@ NaN stop keeping the last good checkpoint, refusal of corrupt / mismatched check
 draft vocabulary never rebuilt when fine-tuning, metrics (JSONL + TensorBoard) and export."""
 
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import pytest
 import opd
 from opd import configs, pipeline
 from opd.target import load_target_from_config
-from conftest import make_hf_model, run_as_hosts
+from conftest import make_hf_model, run_as_hosts, load_script
 from opd.checkpoints.errors import CheckpointError
 from opd.training import loop, sft_stage
 from opd.training import stage_common
@@ -60,10 +59,7 @@ def write_pattern_trajectories(d, rs=None):
 
 
 def _config(target_dir, data_dir, kind="eagle3", **sft):
-    spec = importlib.util.spec_from_file_location("sft_smollm2", os.path.join(REPO, "experiments", "sft_smollm2.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(f"{kind},tiny")
+    c = load_script("experiments/sft_smollm2.py").get_config(f"{kind},tiny")
     c.stages = ("sft", "export")
     c.target.path = target_dir
     c.target.scan_layers = False
