@@ -41,9 +41,13 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "fake CPU devices (defa
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "compile a reduced target of this many layers")
 _STEPS = flags.DEFINE_list("steps", ["opd", "sft"], "steps to compile: opd, sft")
 _NAME = flags.DEFINE_string("name", None, "results name (default: from the variant and --num_layers)")
+_HOIST = flags.DEFINE_bool("hoist_invariants", True, "let XLA:CPU hoist loop invariants out of the layer loop; "
+                            "--nohoist_invariants keeps its f32 copies of bf16 weight stacks out of the estimate "
+                            "(see opd/training/aot.py)")
 _SET = flags.DEFINE_multi_string("set", [], "what-if: set or add a config field, KEY=VALUE (a Python literal, else a "
                                  "string), e.g. --set=target.param_dtype=bfloat16; --config.KEY=VALUE only sets existing ones")
 
+NO_HOIST_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot")
 
 
@@ -101,6 +105,8 @@ def main(argv):
     n = _NUM_DEVICES.value or int(config.num_devices)
     if not _N:
         _set_devices(n)  # before the first backend call
+    if not _HOIST.value:  # also read when the backend starts
+        os.environ["XLA_FLAGS"] += " " + NO_HOIST_FLAG
     import jax
 
     from opd.eval.report import markdown_table, provenance
@@ -117,7 +123,7 @@ def main(argv):
     os.makedirs(RESULTS, exist_ok=True)
     prov = provenance()
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump({"config": config_arg, "set": _SET.value, "report": report, "provenance": prov,
+        json.dump({"config": config_arg, "set": _SET.value, "hoist_invariants": _HOIST.value, "report": report, "provenance": prov,
                    "launch_config": json.loads(config.to_json_best_effort())}, f, indent=2)
     t, d = report["target"], report["drafter"]
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
@@ -125,7 +131,8 @@ def main(argv):
         f.write(f"Target {t['preset']} ({t['num_layers']} of {t['full_num_layers']} layers, {t['params'] / 1e9:.2f} B "
                 f"params, dtype {t['dtype']}, param_dtype {t['param_dtype']}); drafter {d['kind']} "
                 f"({d['trainable_params'] / 1e6:.0f} M trainable, target layers {d['target_layers']}); "
-                f"{report['num_devices']} fake {report['platform']} devices.\n\n{table}\n")
+                f"{report['num_devices']} fake {report['platform']} devices"
+                f"{'' if _HOIST.value else '; XLA:CPU loop-invariant code motion off (' + NO_HOIST_FLAG + ')'}.\n\n{table}\n")
         f.write("Per device; total = argument + output + temp - alias; GiB = 2^30 bytes. XLA:CPU's memory analysis "
                 "estimates TPU memory (fusion, scheduling and tiling differ; bf16 weights are upcast to f32 on CPU, so "
                 "their temp is an upper bound: see opd/training/aot.py).\n\n")
