@@ -44,6 +44,7 @@ _NAME = flags.DEFINE_string("name", None, "results name (default: from the varia
 _HOIST = flags.DEFINE_bool("hoist_invariants", True, "let XLA:CPU hoist loop invariants out of the layer loop; "
                             "--nohoist_invariants keeps its f32 copies of bf16 weight stacks out of the estimate "
                             "(see opd/training/aot.py)")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "default experiments/results/aot/")
 _SET = flags.DEFINE_multi_string("set", [], "what-if: set or add a config field, KEY=VALUE (a Python literal, else a "
                                  "string), e.g. --set=target.param_dtype=bfloat16; --config.KEY=VALUE only sets existing ones")
 
@@ -56,19 +57,19 @@ def _default_name(config_arg: str, num_layers) -> str:
     return variant.replace(",", "_") + (f"_L{num_layers}" if num_layers else "")
 
 
-def _write_summary() -> str:
-    """summary.md: one table of every report in RESULTS."""
+def _write_summary(results: str) -> str:
+    """summary.md: one table of every report in `results`."""
     import json
 
     from opd.eval.report import markdown_table
     from opd.training import aot
 
     rows = []
-    for f in sorted(os.listdir(RESULTS)):
+    for f in sorted(os.listdir(results)):
         if f.endswith(".json"):
-            with open(os.path.join(RESULTS, f)) as fh:
+            with open(os.path.join(results, f)) as fh:
                 rows += aot.table_rows(json.load(fh)["report"], f[:-5])
-    path = os.path.join(RESULTS, "summary.md")
+    path = os.path.join(results, "summary.md")
     with open(path, "w") as fh:
         fh.write("# AOT compile plans (per-device memory, XLA:CPU estimate of TPU memory)\n\n"
                  "total = argument + output + temp - alias (opd.training.aot); `layers` = compiled / full; "
@@ -120,13 +121,14 @@ def main(argv):
     rows = aot.table_rows(report, name)
     table = markdown_table(rows, aot.TABLE_COLUMNS)
     print(table)
-    os.makedirs(RESULTS, exist_ok=True)
+    results = _OUT_DIR.value or RESULTS
+    os.makedirs(results, exist_ok=True)
     prov = provenance()
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    with open(os.path.join(results, f"{name}.json"), "w") as f:
         json.dump({"config": config_arg, "set": _SET.value, "hoist_invariants": _HOIST.value, "report": report, "provenance": prov,
                    "launch_config": json.loads(config.to_json_best_effort())}, f, indent=2)
     t, d = report["target"], report["drafter"]
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(f"# AOT compile: {config_arg}{''.join(' --set=' + x for x in _SET.value)}\n\n")
         f.write(f"Target {t['preset']} ({t['num_layers']} of {t['full_num_layers']} layers, {t['params'] / 1e9:.2f} B "
                 f"params, dtype {t['dtype']}, param_dtype {t['param_dtype']}); drafter {d['kind']} "
@@ -146,7 +148,7 @@ def main(argv):
         f.write(f"\nCommand: `{prov['command']}`  \nCommit: `{prov['git_commit']}`{' (dirty)' if prov['git_dirty'] else ''}  \n"
                 f"Machine: {prov['machine']['platform']}, {prov['machine']['cpu_count']} CPUs, jax {prov['machine']['jax']}  \n"
                 f"Date: {prov['date_utc']}\n")
-    print(f"wrote {os.path.join(RESULTS, name)}.{{json,md}}; {_write_summary()}")
+    print(f"wrote {os.path.join(results, name)}.{{json,md}}; {_write_summary(results)}")
 
 
 if __name__ == "__main__":

@@ -152,3 +152,24 @@ def test_aot_lowers_the_program_the_stage_runs(tmp_path, monkeypatch, step):
     tconfig = load_target_from_config(config).config
     spec, _, frozen = aot.abstract_drafter(config, tconfig)
     assert aot.build(step, config, tconfig, spec, frozen).lower().as_text() == lowered[0]
+
+
+@pytest.mark.slow  # ~1-2 min: two full-width compiles of the SFT step
+def test_script_without_hoisting_drops_the_cpu_only_weight_copies(tmp_path):
+    """`aot_compile.py --nohoist_invariants` turns off XLA:CPU's loop-invariant code motion, which moves
+    f32 copies of the scanned bf16 weight stacks out of the layer loop: less temp, recorded in the report."""
+    temps = {}
+    for name, extra in (("on", []), ("off", ["--nohoist_invariants"])):
+        out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "aot_compile.py"),
+                              "--config=experiments/pod.py:qwen3_8b,dflash,v6e-8", "--num_layers=2", "--steps=sft",
+                              f"--name={name}", f"--out_dir={tmp_path}", *extra],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        with open(tmp_path / f"{name}.json") as f:
+            report = json.load(f)
+        assert report["hoist_invariants"] == (name == "on")
+        temps[name] = report["report"]["steps"]["sft"]["memory_bytes"]["temp"]
+    assert temps["off"] < temps["on"], temps
+    assert "loop-invariant code motion off" in (tmp_path / "off.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| on |" in summary and "| off |" in summary
