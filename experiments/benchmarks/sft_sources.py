@@ -55,12 +55,21 @@ def data_seconds(costs: list, repeats: tuple, tokens_read: float) -> float:
     return sum(c["seconds"] * min(1.0, r * tokens_read / epoch) for r, c in zip(repeats, costs))
 
 
-def source_row(source: str, run_dir: str, costs: list, repeats: tuple) -> dict:
+def _train_and_probes(run_dir: str) -> tuple[list, list]:
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    train = [r for r in rows if "loss" in r]
-    probes = [r for r in rows if "probe_tau" in r]
-    if not train or len(probes) < 2:
+    return [r for r in rows if "loss" in r], [r for r in rows if "probe_tau" in r]
+
+
+def finished(run_dir: str) -> bool:
+    """A run with training rows and its two probes (start and end)."""
+    train, probes = _train_and_probes(run_dir)
+    return bool(train) and len(probes) >= 2
+
+
+def source_row(source: str, run_dir: str, costs: list, repeats: tuple) -> dict:
+    if not finished(run_dir):
         raise FileNotFoundError(f"{run_dir}: the run has not finished (needs training rows and two probes)")
+    train, probes = _train_and_probes(run_dir)
     last = train[-1]
     train_h = float(last["seconds"]) / 3600
     data_h = data_seconds(costs, repeats, float(last["tokens"])) / 3600
@@ -77,15 +86,20 @@ def main(argv):
     FLAGS = flags.FLAGS
     kind, workdir = FLAGS.kind, FLAGS.workdir
     mod, _ = _sft_config(f"{kind},scale")
-    rows = []
+    rows, missing = [], []  # missing: (source, why), named in the table's notes
     for source in mod.SOURCES:
         _, c = _sft_config(f"{kind},scale,src_{source}")
         run_dir = os.path.join(workdir, c.sft.name, kind)
         if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-            print(f"skipping {source}: no run in {run_dir}")
+            missing.append((source, "no run"))
+            continue
+        if not finished(run_dir):
+            missing.append((source, "unfinished"))
             continue
         costs = [folder_cost(resolve_path(f, workdir)) for f in c.sft.data]
         rows.append(source_row(source, run_dir, costs, tuple(c.sft.data_repeats)))
+    for source, why in missing:
+        print(f"skipping {source}: {why}")
     if not rows:
         raise FileNotFoundError(f"no src_<source> runs of {kind} in {workdir}")
     name = FLAGS.name or f"sft_sources_{kind}"
@@ -93,6 +107,8 @@ def main(argv):
                                "train_cpu_h", "data_cpu_h", "gain_per_train_h", "gain_per_cpu_h"), "{:.4g}")
     md += ("\n`gain_per_*`: probe tau gained (64 held-out AlpacaEval prompts x 128 tokens) per CPU-hour of "
            "training, and of training + making the data read.\n")
+    if missing:
+        md += "\nNot measured yet: " + ", ".join(f"{s} ({why})" for s, why in missing) + ".\n"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [r["source"] for r in rows]
     axes[0].bar(names, [r["gain_per_train_h"] for r in rows], label="training only")
@@ -106,7 +122,8 @@ def main(argv):
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{name}: {kind}, {rows[0]['steps']} steps per source", fontsize=9)
     fig.tight_layout()
-    out = write_results(name, {"workdir": os.path.abspath(workdir), "kind": kind, "rows": rows}, md,
+    out = write_results(name, {"workdir": os.path.abspath(workdir), "kind": kind, "rows": rows,
+                               "not_measured": dict(missing)}, md,
                         out_dir=FLAGS.out_dir)
     fig.savefig(os.path.join(out, "sources.png"), dpi=110)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)  # the raw curves, kept with the numbers

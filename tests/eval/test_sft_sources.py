@@ -75,6 +75,7 @@ def test_the_script_writes_its_results(tmp_path):
     _folder(str(w / "text_corpus" / "stdlib_code"), [200] * 50)
     _run(str(w / "sft_src_answers" / "eagle3"), 1.3, 3600.0, 2000.0)
     _run(str(w / "sft_src_code" / "eagle3"), 1.1, 1800.0, 5000.0)
+    _jsonl(str(w / "sft_src_mix" / "eagle3" / "metrics.jsonl"), [{"step": 0, "probe_tau": 1.0, "flops": 0.0}])
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, SCRIPT, f"--workdir={w}", f"--out_dir={out}"], capture_output=True,
                        text=True, cwd=REPO, timeout=300)
@@ -82,5 +83,8 @@ def test_the_script_writes_its_results(tmp_path):
     rows = json.load(open(out / "results.json"))["rows"]
     assert [r["source"] for r in rows] == ["answers", "code"]
     assert rows[1]["gain_per_cpu_h"] == pytest.approx(0.2) and rows[1]["data_cpu_h"] == 0.0
-    assert (out / "sources.png").exists() and "skipping chat" in p.stdout
+    assert (out / "sources.png").exists() and "skipping chat: no run" in p.stdout
+    # a run still training is left out and named, next to the sources never run
+    assert json.load(open(out / "results.json"))["not_measured"] == {"chat": "no run", "docs": "no run", "mix": "unfinished"}
+    assert "Not measured yet: chat (no run), docs (no run), mix (unfinished)." in (out / "results.md").read_text()
     assert (out / "runs" / "code.metrics.jsonl").read_text() == (w / "sft_src_code" / "eagle3" / "metrics.jsonl").read_text()
