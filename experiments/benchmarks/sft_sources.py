@@ -114,7 +114,7 @@ def main(argv):
     axes[0].bar(names, [r["gain_per_train_h"] for r in rows], label="training only")
     axes[0].bar(names, [r["gain_per_cpu_h"] for r in rows], width=0.4, label="training + data")
     axes[0].set_ylabel("probe tau gained per CPU-hour")
-    axes[0].legend()
+    axes[0].legend(loc="lower left", fontsize=8)
     for r in rows:
         axes[1].plot([0, r["train_cpu_h"] + r["data_cpu_h"]], [r["tau_start"], r["tau_end"]], "o-", label=r["source"])
     axes[1].set_xlabel("CPU-hours (training + data)")
