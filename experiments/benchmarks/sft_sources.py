@@ -106,7 +106,8 @@ def main(argv):
     md = markdown_table(rows, ("source", "steps", "tokens_read", "unique_tokens", "tau_start", "tau_end",
                                "train_cpu_h", "data_cpu_h", "gain_per_train_h", "gain_per_cpu_h"), "{:.4g}")
     md += ("\n`gain_per_*`: probe tau gained (64 held-out AlpacaEval prompts x 128 tokens) per CPU-hour of "
-           "training, and of training + making the data read.\n")
+           "training, and of training + making the data read. The probe prompts are chat instructions, so a "
+           "source's gain is measured in that domain.\n")
     if missing:
         md += "\nNot measured yet: " + ", ".join(f"{s} ({why})" for s, why in missing) + ".\n"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
