@@ -200,16 +200,23 @@ def default_config() -> CD:
 # ----------------------------------------------------------------------------- loading
 
 
+def load_module(path: str):
+    """The module of a Python file that is not in a package (a config file, a benchmark script)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Python file at {path!r}")
+    mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`get_config(variant)` of a config file, from "path/to/file.py[:variant]" (the launcher's
     --config syntax), e.g. `load_config("experiments/quickstart.py:tiny")` in a notebook."""
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config file at {path!r}")
-    mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(variant)
+    return load_module(path).get_config(variant)
 
 
 def sibling_config(here: str, name: str, variant: str = "") -> ml_collections.ConfigDict:

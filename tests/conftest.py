@@ -1,12 +1,13 @@
 """Shared pytest setup: strict numerics, tolerances keyed by dtype, tiny HF reference models, and a
 loader for the repo's scripts (experiment configs and benchmarks are files, not a package)."""
 
-import importlib.util
 import os
 
 import jax
 import numpy as np
 import pytest
+
+from opd.configs import load_module
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -16,11 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_script(relpath: str):
     """The module of a script of the repo, e.g. `experiments/benchmarks/sft_sources.py` (flags defined
     under `__main__` stay undefined, so several scripts load into one test process)."""
-    path = os.path.join(REPO, relpath)
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(os.path.join(REPO, relpath))
 
 
 # One tolerance table for the whole suite (max |Δ| on logits / activations).

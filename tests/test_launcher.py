@@ -68,7 +68,6 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 
 
 def test_validate_names_the_bad_field():
-
     from opd import configs
 
     mod = load_script("experiments/quickstart.py")

@@ -15,13 +15,13 @@ min(1, repeats x tokens read / tokens per epoch); the text sources are tokenised
 for all of them, not charged).
 """
 
-import importlib.util
 import os
 import shutil
 
 from absl import app, flags
 import matplotlib
 
+from opd.configs import load_module
 from opd.data.builders import read_trajectory_shards
 from opd.eval.report import markdown_table, write_results
 from opd.paths import read_jsonl, resolve_path
@@ -30,13 +30,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _sft_config(variant: str):
-    spec = importlib.util.spec_from_file_location("sft_smollm2", os.path.join(REPO, "experiments", "sft_smollm2.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod, mod.get_config(variant)
 
 
 def folder_cost(folder: str) -> dict:
@@ -85,10 +78,10 @@ def main(argv):
     del argv
     FLAGS = flags.FLAGS
     kind, workdir = FLAGS.kind, FLAGS.workdir
-    mod, _ = _sft_config(f"{kind},scale")
+    mod = load_module(os.path.join(REPO, "experiments", "sft_smollm2.py"))  # the src_<source> runs' configs
     rows, missing = [], []  # missing: (source, why), named in the table's notes
     for source in mod.SOURCES:
-        _, c = _sft_config(f"{kind},scale,src_{source}")
+        c = mod.get_config(f"{kind},scale,src_{source}")
         run_dir = os.path.join(workdir, c.sft.name, kind)
         if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
             missing.append((source, "no run"))
