@@ -120,7 +120,8 @@ def eval_groups(runs: list, side_by_side: bool) -> list[list[dict]]:
 
 def stage_eval(config, workdir: str) -> list:
     """Speculative vs autoregressive decoding for each of `config.eval.runs` (opd.eval.evaluate);
-    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written. With
+    writes `eval/<run>/metrics.json` (+ metrics.md, plots) and skips runs already written; an
+    unfinished run resumes at its next batch (`eval/<first run>/batches.jsonl`). With
     `config.eval.side_by_side`, runs that differ only in their drafter are decoded in one run
     against one autoregressive timing (`evaluate_side_by_side`).
     Multi-host: process i runs groups i, i + P, ... on its own devices, then all wait."""
@@ -150,7 +151,8 @@ def stage_eval(config, workdir: str) -> list:
         ms = evaluate_side_by_side(
             target, sides, os.path.expanduser(str(r0["prompt_set"])), num_prompts=r0["num_prompts"],
             temperature=r0["temperature"], batch_size=r0["batch_size"], max_new_tokens=r0["max_new_tokens"],
-            seed=config.seed, both_turns=r0["both_turns"], repeats=r0["repeats"])
+            seed=config.seed, both_turns=r0["both_turns"], repeats=r0["repeats"],
+            journal=os.path.join(workdir, "eval", r0["name"], "batches.jsonl"))
         for r, m in zip(todo, ms):
             out_dir = os.path.join(workdir, "eval", r["name"])
             write_eval(m, out_dir)

@@ -30,7 +30,7 @@ import numpy as np
 from opd.data.assets import load_prompt_set
 from opd.data.splits import alpaca_split
 from opd.decoding import batching
-from opd.decoding.generate import generate
+from opd.decoding.generate import GenerateOutput, generate
 from opd.decoding.speculative import speculative_generate
 from opd.drafters import registry
 from opd.eval.report import markdown_table, provenance
@@ -162,14 +162,19 @@ class _Runner:
         return speculative_generate(self.target, d.drafter, chunk, num_draft_tokens=d.num_draft_tokens,
                                     seed=self.seed + ci, batch_size=len(chunk), **self.kw)
 
-    def run(self, chunks) -> list["_BatchResult"]:
+    def run(self, chunks, journal: Optional["_Journal"] = None, tag: str = "") -> list["_BatchResult"]:
         """Progress: a bar over the warm-up's new shapes, then one over the timed batches with the
-        tokens/s of every method so far."""
+        tokens/s of every method so far. With a `journal`, chunks it holds (under `tag`) are
+        read back instead of decoded, and every new chunk is appended to it once timed."""
         from tqdm import tqdm
 
+        done = journal.done(tag, chunks) if journal is not None else {}
+        if done:
+            logging.info("%s: %d of %d batches read back from %s", self.desc, len(done), len(chunks), journal.path)
         new = {}  # warm-up: compile every (batch, prompt-length) bucket once for every method
-        for chunk in chunks:
-            new.setdefault(_shape_key(chunk), chunk)
+        for ci, chunk in enumerate(chunks):
+            if ci not in done:
+                new.setdefault(_shape_key(chunk), chunk)
         new = {k: c for k, c in new.items() if k not in self.compiled}
         for key, chunk in tqdm(new.items(), desc=f"{self.desc}: compiling", unit="shape", disable=not new):
             self.compiled.add(key)
@@ -180,21 +185,78 @@ class _Runner:
         results, tokens, seconds = [], [0] * len(labels), [0.0] * len(labels)
         bar = tqdm(total=len(chunks), desc=self.desc, unit="batch", disable=not chunks)
         for ci, chunk in enumerate(chunks):
-            runs = [[] for _ in labels]
-            for _ in range(self.repeats):  # alternate so machine-load drift hits every method alike
-                runs[0].append(self.ar(chunk, ci))
-                for i in range(len(self.sides)):
-                    runs[i + 1].append(self.spec(chunk, ci, i))
-            med = [statistics.median(o.stats["seconds"] for o in r) for r in runs]
-            results.append(_BatchResult(chunk, runs[0][0], med[0], [r[0] for r in runs[1:]], med[1:]))
-            for j, r in enumerate(runs):
-                tokens[j] += r[0].stats["generated_tokens"]
-                seconds[j] += med[j]
+            if ci in done:
+                res = done[ci]
+            else:
+                runs = [[] for _ in labels]
+                for _ in range(self.repeats):  # alternate so machine-load drift hits every method alike
+                    runs[0].append(self.ar(chunk, ci))
+                    for i in range(len(self.sides)):
+                        runs[i + 1].append(self.spec(chunk, ci, i))
+                med = [statistics.median(o.stats["seconds"] for o in r) for r in runs]
+                res = _BatchResult(chunk, runs[0][0], med[0], [r[0] for r in runs[1:]], med[1:])
+                if journal is not None:
+                    journal.append(tag, ci, res)
+            results.append(res)
+            for j, (out, sec) in enumerate(zip([res.ar] + res.spec, [res.ar_seconds] + res.spec_seconds)):
+                tokens[j] += out.stats["generated_tokens"]
+                seconds[j] += sec
             bar.set_postfix_str(", ".join(f"{label} {tokens[j] / seconds[j]:.1f} tok/s"
                                           for j, label in enumerate(labels) if seconds[j] > 0))
             bar.update()
         bar.close()
         return results
+
+
+class _Journal:
+    """Append-only JSON lines of finished batches, so an interrupted evaluation resumes at its
+    next batch (each batch's methods were timed side by side in one process, so batches from
+    different sessions still give fair ratios). The first line holds the settings; a journal
+    written with other settings is moved aside (`.stale`) and the run starts over."""
+
+    def __init__(self, path: str, settings: dict):
+        self.path = path
+        self.batches: dict = {}
+        header = {"settings": settings}
+        if os.path.exists(path):
+            lines = []
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        lines.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line cut short by a kill: that batch is redone
+                        break
+            if lines and lines[0] == header:
+                self.batches = {(r["tag"], r["ci"]): r for r in lines[1:]}
+                with open(path, "w", encoding="utf-8") as f:  # drop a torn last line
+                    f.writelines(json.dumps(r) + "\n" for r in lines)
+                return
+            logging.warning("eval journal %s was written with other settings; moved to %s.stale", path, path)
+            os.replace(path, path + ".stale")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header) + "\n")
+
+    def done(self, tag: str, chunks) -> dict:
+        """{chunk index: _BatchResult} for the journal's batches of these exact prompts."""
+        out = {}
+        for ci, chunk in enumerate(chunks):
+            r = self.batches.get((tag, ci))
+            if r is not None and r["prompts"] == [list(map(int, p)) for p in chunk]:
+                out[ci] = _BatchResult(chunk, GenerateOutput(r["ar"]["tokens"], r["ar"]["stats"]), r["ar_seconds"],
+                                       [GenerateOutput(o["tokens"], o["stats"]) for o in r["spec"]], r["spec_seconds"])
+        return out
+
+    def append(self, tag: str, ci: int, res: "_BatchResult") -> None:
+        def out(o):
+            return {"tokens": [[int(t) for t in seq] for seq in o.tokens], "stats": o.stats}
+
+        rec = {"tag": tag, "ci": ci, "prompts": [list(map(int, p)) for p in res.prompts], "ar": out(res.ar),
+               "ar_seconds": res.ar_seconds, "spec": [out(o) for o in res.spec], "spec_seconds": res.spec_seconds}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _none_if_nan(x):
@@ -258,6 +320,7 @@ def evaluate_side_by_side(
     eos_token_ids: Optional[Sequence[int]] = None,
     repeats: int = 1,
     return_tokens: bool = False,
+    journal: Optional[str] = None,
 ) -> list[dict]:
     """Every side's speculative decoding and one autoregressive decoding of a prompt set, chunk
     by chunk, alternating (after a warm-up that compiles every shape, so compile time is
@@ -275,6 +338,8 @@ def evaluate_side_by_side(
       repeats: timed repetitions per chunk (median seconds is used).
       return_tokens: also return `tokens` (per sequence: the speculative output, or the
         autoregressive one without a drafter).
+      journal: a `.jsonl` path: finished batches are appended to it and, on a rerun with the
+        same settings, read back instead of decoded (resume after a kill or a session's end).
     """
     if batch_size < 1 or max_new_tokens < 1 or repeats < 1:
         raise ValueError(f"batch_size, max_new_tokens and repeats must be >= 1, got {batch_size}, {max_new_tokens}, {repeats}")
@@ -297,14 +362,21 @@ def evaluate_side_by_side(
 
     seq_ids = batching.encode_prompts(target, [_first_turn_prompt(r) for r in records])
     seq_names = [f"{r['id']}" for r in records]
-    results = runner.run(chunked(seq_ids))
+    jr = None
+    if journal is not None:
+        jr = _Journal(journal, {"sides": [[d.name, d.num_draft_tokens, d.training] for d in sides],
+                                "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
+                                "batch_size": int(batch_size), "max_new_tokens": int(max_new_tokens),
+                                "seed": int(seed), "repeats": int(repeats), "prompt_ids": seq_names,
+                                "eos_token_ids": None if eos_token_ids is None else [int(t) for t in eos_token_ids]})
+    results = runner.run(chunked(seq_ids), jr, "turn1")
     if both_turns:
         ar_first = [t for b in results for t in b.ar.tokens]
         two = [(r, a) for r, a in zip(records, ar_first) if len(r.get("turns", [])) >= 2]
         turn2 = [_second_turn_ids(target, r, a) for r, a in two]
         seq_ids += turn2
         seq_names += [f"{r['id']}/turn2" for r, _ in two]
-        results += runner.run(chunked(turn2))
+        results += runner.run(chunked(turn2), jr, "turn2")
 
     ar_tokens = [t for b in results for t in b.ar.tokens]
     ar_seconds = sum(b.ar_seconds for b in results)

@@ -117,6 +117,37 @@ def test_side_by_side_shares_one_autoregressive_timing(target, prompt_file, gree
         harness.evaluate_side_by_side(target, [harness.Side(ngram, "medusa", 3)], prompt_file)
 
 
+def test_an_interrupted_evaluation_resumes_at_its_next_batch(target, prompt_file, greedy_metrics, monkeypatch, tmp_path):
+    """A kill after the first batch: the rerun reads that batch back from the journal, decodes only
+    the second, and gives the uninterrupted run's metrics; other settings start the journal over."""
+    journal = str(tmp_path / "batches.jsonl")
+    kw = dict(num_prompts=4, num_draft_tokens=3, batch_size=2, max_new_tokens=12, journal=journal)
+    real_ar, calls, kill = harness._Runner.ar, [], [True]
+
+    def ar_killed_at_batch_1(self, chunk, ci):
+        calls.append(ci)
+        if kill[0] and len(calls) == 4:  # warm-up of the two shapes (ci 0), batch 0, then the kill at batch 1
+            raise RuntimeError("killed")
+        return real_ar(self, chunk, ci)
+
+    monkeypatch.setattr(harness._Runner, "ar", ar_killed_at_batch_1)
+    with pytest.raises(RuntimeError, match="killed"):
+        harness.evaluate(target, opd.init_drafter("ngram", target), prompt_file, **kw)
+    with open(journal, "a") as f:
+        f.write('{"tag": "turn1", "ci": 1, "promp')  # a line torn by the kill
+    calls.clear()
+    kill[0] = False
+    m = harness.evaluate(target, opd.init_drafter("ngram", target), prompt_file, **kw)
+    assert calls == [0, 1]  # warm-up of the one shape, then batch 1 alone
+    for key in ("tau", "round_accept_hist", "verify_rounds", "target_forwards", "generated_tokens",
+                "ar_generated_tokens", "greedy_matches_ar", "tau_per_batch"):
+        assert m[key] == greedy_metrics[key], key
+    assert len(open(journal).read().splitlines()) == 3  # settings + both batches, the torn line gone
+    calls.clear()
+    harness.evaluate(target, opd.init_drafter("ngram", target), prompt_file, **{**kw, "max_new_tokens": 10})
+    assert calls == [0, 0, 0, 1] and (tmp_path / "batches.jsonl.stale").exists()
+
+
 def test_bad_arguments_are_clear_errors(target, prompt_file):
     drafter = opd.init_drafter("ngram", target)
     with pytest.raises(ValueError, match="has only 4 prompts"):
