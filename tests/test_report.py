@@ -15,7 +15,7 @@ def _eval_metrics(drafter, training, prompt_set, temperature, batch, tau, speedu
             "temperature": temperature, "batch_size": batch, "num_draft_tokens": 4, "num_prompts": 4,
             "max_new_tokens": 64, "seed": 0, "tau": tau, "speedup": speedup, "tokens_per_second": ar_tps * speedup,
             "ar_tokens_per_second": ar_tps, "greedy_matches_ar": True if temperature == 0 else None,
-            "tau_per_batch": [tau - 0.1, tau + 0.1]}
+            "tau_per_batch": [tau - 0.1, tau + 0.1], "acceptance_by_offset": [0.25, 0.5, None, 1.0]}
 
 
 def _config(runs, curve_runs=("sft", "opd")):
@@ -61,7 +61,10 @@ def test_report_rows_tables_and_curve(tmp_path):
     assert {(r["run"], r["end_tau"]) for r in out["curve_rows"]} == {("sft", 1.2), ("opd", 1.3)}
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| none | - | 0.000 | 22.0 tok/s | 30.0 tok/s |" in md
-    assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40±0.10 / 0.80× | 1.60±0.10 / 0.90× |" in md
+    assert by_run["e3_opd"]["tau_ci95"] == pytest.approx([1.4 - 0.196, 1.4 + 0.196])
+    assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40 (1.20–1.60) / 0.80× | 1.60 (1.40–1.80) / 0.90× |" in md
+    assert "| eagle3 | opd | humaneval | 0.250 | 0.500 | - | 1.000 |" in md  # acceptance by offset
+    assert "Greedy output identical to autoregressive output: yes (4 of 4 runs, 16 prompts in all)" in md
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     assert saved["provenance"]["command"] and len(saved["rows"]) == len(out["rows"])
@@ -98,6 +101,22 @@ def test_report_config_is_validated():
     c.report.results_nmae = "x"  # a typo: named, with the field it was meant to be
     with pytest.raises(ValueError, match=r"unknown config field config\.report\.results_nmae; did you mean config\.report\.results_name\?"):
         configs.validate(c)
+
+
+def test_tau_interval_weights_each_batch_by_its_rounds():
+    """τ = Σ committed / Σ rounds; its standard error treats batches as clusters (ratio estimator),
+    checked against the formula written out for three batches."""
+    m = _eval_metrics("eagle3", "sft", "mtbench", 0.0, 1, 0.0, 0.7, 20.0)
+    m["tau_per_batch"], m["per_batch"] = [1.0, 2.0, None, 1.5], [{"verify_rounds": r} for r in (10, 30, 0, 20)]
+    c, r = [10.0, 60.0, 30.0], [10, 30, 20]
+    tau = sum(c) / sum(r)  # 5/3
+    m["tau"] = tau
+    var = sum((ci - tau * ri) ** 2 for ci, ri in zip(c, r)) / (3 * 2) / 20.0 ** 2
+    row = report.summary_row("r", m)
+    assert row["tau_sem"] == pytest.approx(var ** 0.5)
+    assert row["tau_ci95"] == pytest.approx([tau - 1.96 * var ** 0.5, tau + 1.96 * var ** 0.5])
+    m["tau_per_batch"] = [1.2]
+    assert report.summary_row("r", m)["tau_ci95"] is None  # one batch: no interval
 
 
 def test_summary_row_method_of_an_untrained_drafter():

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from typing import Sequence
@@ -72,7 +71,7 @@ def write_results(name: str, payload: dict, table_md: str, out_dir: str | None =
 
 SUMMARY_ROW_FIELDS = ("run", "drafter", "method", "training_flops", "tau", "speedup", "prompt_set", "temperature",
                       "batch_size", "num_draft_tokens", "num_prompts", "max_new_tokens", "seed", "tokens_per_second",
-                      "ar_tokens_per_second", "greedy_matches_ar")
+                      "ar_tokens_per_second", "greedy_matches_ar", "acceptance_by_offset")
 
 
 def summary_row(run: str, metrics: dict) -> dict:
@@ -82,9 +81,27 @@ def summary_row(run: str, metrics: dict) -> dict:
     source = str(metrics.get("training", "none")).split(" (")[0]
     method = source if source != "none" else ("untrained" if metrics["drafter"] in registry.names(trainable=True) else "-")
     row = {k: metrics.get(k) for k in SUMMARY_ROW_FIELDS if k not in ("run", "method")}
-    taus = [t for t in metrics.get("tau_per_batch") or [] if t is not None]  # per prompt at batch 1
-    sem = statistics.stdev(taus) / len(taus) ** 0.5 if len(taus) > 1 else None
-    return {"run": run, "method": method, **row, "tau_sem": sem}
+    sem = tau_standard_error(metrics)
+    ci = None if sem is None or row["tau"] is None else [row["tau"] - 1.96 * sem, row["tau"] + 1.96 * sem]
+    return {"run": run, "method": method, **row, "tau_sem": sem, "tau_ci95": ci}
+
+
+def tau_standard_error(metrics: dict):
+    """Standard error of τ = Σ committed / Σ rounds over the run's batches (prompts at batch 1),
+    each batch a cluster: the ratio estimator's linearised variance,
+    Σ (c_i − τ r_i)² / (n (n − 1) r̄²). Batches without rounds recorded count equally
+    (then it is the standard error of the mean of the per-batch τ). None below 2 batches."""
+    taus = metrics.get("tau_per_batch") or []
+    per = metrics.get("per_batch") or []
+    rounds = [b.get("verify_rounds") for b in per] if len(per) == len(taus) else [1] * len(taus)
+    pairs = [(t * r, r) for t, r in zip(taus, rounds) if t is not None and r]
+    n = len(pairs)
+    if n < 2:
+        return None
+    c_sum, r_sum = sum(c for c, _ in pairs), sum(r for _, r in pairs)
+    tau = c_sum / r_sum
+    var = sum((c - tau * r) ** 2 for c, r in pairs) / (n * (n - 1)) / (r_sum / n) ** 2
+    return math.sqrt(var)
 
 
 def autoregressive_rows(rows: Sequence[dict]) -> list[dict]:
@@ -115,7 +132,8 @@ def main_tables(rows: Sequence[dict]) -> str:
                 if (r["drafter"], r["method"]) == (d, m):
                     line["train PFLOPs"] = f"{(r.get('training_flops') or 0) / 1e15:.3f}"
                     tau, sp = r.get("tau"), r.get("speedup")
-                    pm = f"±{r['tau_sem']:.2f}" if r.get("tau_sem") is not None else ""
+                    ci = r.get("tau_ci95")
+                    pm = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
                     if d == "none":  # the reference: its measured throughput
                         line[r["prompt_set"]] = f"{r['tokens_per_second']:.1f} tok/s"
                     elif tau is not None and sp is not None:
@@ -123,9 +141,25 @@ def main_tables(rows: Sequence[dict]) -> str:
                     else:
                         line[r["prompt_set"]] = "n/a"
             table.append(line)
-        out.append(f"**T = {t:g}, batch {b}** (τ ± its standard error over the batches / wall-clock speed-up over "
+        out.append(f"**T = {t:g}, batch {b}** (τ (its 95 % interval over the batches) / wall-clock speed-up over "
                    "autoregressive decoding; the `none` row: autoregressive tokens/s)\n\n")
         out.append(markdown_table(table, ("drafter", "method", "train PFLOPs", *sets)) + "\n")
+        acc = [r for r in sub if r.get("acceptance_by_offset")]
+        if acc:
+            K = max(len(r["acceptance_by_offset"]) for r in acc)
+            cols = [f"d{i + 1}" for i in range(K)]
+            lines = [{"drafter": r["drafter"], "method": r["method"], "prompt_set": r["prompt_set"],
+                      **{c: ("-" if a is None else f"{a:.3f}") for c, a in zip(cols, r["acceptance_by_offset"])}}
+                     for r in acc]
+            out.append("\nAcceptance by offset, P(d_i accepted | d_<i accepted):\n\n")
+            out.append(markdown_table(lines, ("drafter", "method", "prompt_set", *cols)) + "\n")
+        greedy = [r for r in sub if r["drafter"] != "none" and r.get("greedy_matches_ar") is not None]
+        if greedy:
+            bad = [f"{r['drafter']} on {r['prompt_set']}" for r in greedy if not r["greedy_matches_ar"]]
+            n = sum(r.get("num_prompts") or 0 for r in greedy)
+            out.append(f"\nGreedy output identical to autoregressive output: {'no, in ' + ', '.join(bad) if bad else 'yes'} "
+                       f"({len(greedy) - len(bad)} of {len(greedy)} runs, {n} prompts in all).\n")
+        out.append("\n")
     return "".join(out)
 
 
