@@ -10,10 +10,10 @@ On a CPU host (what CI and this repository's results have) it
   No bandwidth is reported: nothing ran on a device.
 
 On a TPU or GPU it compiles the kernel (the formulation the platform picks) and the reference
-at the pod shapes, checks their decisions agree on a few keys, and times both: each timed
-program is `--inner` verify calls unrolled in one jit (the logits pass through an
-optimization barrier with the call index, so XLA cannot hoist or merge the calls; no host
-dispatch or loop overhead between them), median of `--repeats` runs.  Achieved bandwidth =
+at the pod shapes, checks their decisions agree, and times both beside a read roofline (`jnp.max`
+over the logits): each timed program is `--inner` verify calls unrolled in one jit on as many
+distinct copies of the inputs (no call can be merged with another, none finds its input in L2;
+no host dispatch between them), median of `--repeats` runs.  Achieved bandwidth =
 bytes the round must read from HBM / time per call:
   greedy    B (K+1) V x itemsize                 (every target logit once)
   sampling  B (K+1) V x itemsize + 2 B V x itemsize   (+ row n of the logits and of log q)
@@ -188,7 +188,12 @@ def lowering(shapes: dict, dtypes, modes) -> list:
 
 
 def timing(shapes, dtypes, modes, peak, **sizes) -> list:
-    """Rows: compiled kernel and reference, time per call and achieved HBM bandwidth."""
+    """Rows: compiled kernel, reference and a read roofline; time per call and achieved HBM bandwidth.
+
+    Each timed program makes `--inner` calls on `--inner` distinct copies of the round's inputs
+    (generated from different keys, so no call can be merged with another and no input stays
+    in L2 between calls), keeping every output. `roofline` is `jnp.max` over the target logits
+    alone: what a plain XLA reduction that reads the same bytes achieves on this device."""
     import jax
     import jax.numpy as jnp
 
@@ -198,14 +203,16 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
 
     def program(fn):
         @jax.jit
-        def many(x, d, lq, key):
+        def many(xs, ds, lqs, keys):
             out = []
-            for i in range(inner):  # unrolled: no loop overhead; the barrier makes each call distinct
-                xi, _ = jax.lax.optimization_barrier((x, i))
-                r = fn(xi, d, lq, None if key is None else jax.random.fold_in(key, i))
-                out.append(r.num_accepted)
-            return jnp.stack(out)
+            for i in range(inner):
+                r = fn(xs[i], ds[i], None if lqs is None else lqs[i], None if keys is None else keys[i])
+                out += [r.num_accepted, r.next_token]
+            return out
         return many
+
+    def roofline(x, d, lq, key):
+        return verify_result_like(jnp.max(x, axis=-1))
 
     rows = []
     for (b, k, v) in shapes:
@@ -214,34 +221,46 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
                 temperature, top_k, top_p = MODES[mode]
                 sp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
                 head = {"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": mode}
+                gen = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))
+                inputs = [gen(jax.random.key(100 + i)) for i in range(inner)]
+                xs, ds, lqs = ([t[j] for t in inputs] for j in range(3))
+                lqs = None if lqs[0] is None else lqs
+                keys = [jax.random.key(200 + i) for i in range(inner)] if temperature else None
+                kern = functools.partial(verify, **sp, **sizes)
+                ref = functools.partial(verify_reference, **sp)
                 try:
-                    x, d, lq = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))(
-                        jax.random.key(7))
-                    key = jax.random.key(8) if temperature else None
-                    kern = functools.partial(verify, **sp, **sizes)
-                    ref = functools.partial(verify_reference, **sp)
-                    bad = _mismatched_rows(jax.jit(kern)(x, d, lq, key), jax.jit(ref)(x, d, lq, key))
+                    bad = _mismatched_rows(jax.jit(kern)(xs[0], ds[0], lqs and lqs[0], keys and keys[0]),
+                                           jax.jit(ref)(xs[0], ds[0], lqs and lqs[0], keys and keys[0]))
                 except Exception as e:  # a device run reports every shape it could not compile, then goes on
                     rows.append({**head, "impl": "kernel", "error": f"{type(e).__name__}: {e}"[:400]})
                     print(rows[-1], flush=True)
                     continue
-                nbytes = bytes_read(b, k, v, mode, jnp.dtype(dtype).itemsize)
-                for impl, fn in (("kernel", kern), ("reference", ref)):
+                itemsize = jnp.dtype(dtype).itemsize
+                for impl, fn, nbytes in (("kernel", kern, bytes_read(b, k, v, mode, itemsize)),
+                                         ("reference", ref, bytes_read(b, k, v, mode, itemsize)),
+                                         ("roofline", roofline, b * (k + 1) * v * itemsize)):
                     run = program(fn)
-                    run(x, d, lq, key).block_until_ready()  # compile
+                    jax.block_until_ready(run(xs, ds, lqs, keys))  # compile
                     times = []
                     for _ in range(_REPEATS.value):
                         t0 = time.perf_counter()
-                        run(x, d, lq, key).block_until_ready()
+                        jax.block_until_ready(run(xs, ds, lqs, keys))
                         times.append((time.perf_counter() - t0) / inner)
                     t = statistics.median(times)
                     gbps = nbytes / t / 1e9
-                    rows.append({**head, "impl": impl, "mismatched_rows": bad, "us_per_call": t * 1e6,
-                                 "bytes_read_MB": nbytes / 1e6, "GB_per_s": gbps,
+                    rows.append({**head, "impl": impl, "mismatched_rows": bad if impl != "roofline" else "-",
+                                 "us_per_call": t * 1e6, "bytes_read_MB": nbytes / 1e6, "GB_per_s": gbps,
                                  "peak_fraction": gbps / peak if peak else float("nan")})
                     print(rows[-1], flush=True)
-                del x, d, lq
+                del inputs, xs, ds, lqs
     return rows
+
+
+def verify_result_like(m_BK1):
+    """A VerifyResult-shaped stand-in for the roofline (its fields hold the row maxima)."""
+    from pallas_kernels.verify import VerifyResult
+
+    return VerifyResult(**{f: m_BK1 for f in VerifyResult._fields})
 
 
 def main(_):
