@@ -55,6 +55,7 @@ _CPU_BLOCK_V = flags.DEFINE_integer("cpu_block_v", 256, "CPU agreement check: ti
 _CPU_CHUNK_V = flags.DEFINE_integer("cpu_chunk_v", 768, "CPU agreement check: split chunk (3 tiles of 256)")
 _PEAK = flags.DEFINE_float("peak_gbps", None, "peak HBM GB/s of the device (default: PEAK_GBPS by device_kind)")
 _OUT = flags.DEFINE_string("out_dir", None, "default: experiments/results/verify_kernel")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "device: also time the sampling round's two kernel passes alone")
 
 MODES = {"greedy": (0.0, 0, 1.0), "sampling": (0.7, 0, 1.0), "top_k_top_p": (0.7, 50, 0.9)}
 # Peak HBM bandwidth, GB/s (1e9 B/s), from the vendors' data sheets; matched as a substring of
@@ -199,18 +200,6 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
 
     from pallas_kernels.verify import verify, verify_reference
 
-    inner = _INNER.value
-
-    def program(fn):
-        @jax.jit
-        def many(xs, ds, lqs, keys):
-            out = []
-            for i in range(inner):
-                r = fn(xs[i], ds[i], None if lqs is None else lqs[i], None if keys is None else keys[i])
-                out += [r.num_accepted, r.next_token]
-            return out
-        return many
-
     def roofline(x, d, lq, key):
         return verify_result_like(jnp.max(x, axis=-1))
 
@@ -221,11 +210,7 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
                 temperature, top_k, top_p = MODES[mode]
                 sp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
                 head = {"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": mode}
-                gen = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))
-                inputs = [gen(jax.random.key(100 + i)) for i in range(inner)]
-                xs, ds, lqs = ([t[j] for t in inputs] for j in range(3))
-                lqs = None if lqs[0] is None else lqs
-                keys = [jax.random.key(200 + i) for i in range(inner)] if temperature else None
+                xs, ds, lqs, keys = _distinct_inputs(b, k, v, mode, dtype)
                 kern = functools.partial(verify, **sp, **sizes)
                 ref = functools.partial(verify_reference, **sp)
                 try:
@@ -239,20 +224,83 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
                 for impl, fn, nbytes in (("kernel", kern, bytes_read(b, k, v, mode, itemsize)),
                                          ("reference", ref, bytes_read(b, k, v, mode, itemsize)),
                                          ("roofline", roofline, b * (k + 1) * v * itemsize)):
-                    run = program(fn)
-                    jax.block_until_ready(run(xs, ds, lqs, keys))  # compile
-                    times = []
-                    for _ in range(_REPEATS.value):
-                        t0 = time.perf_counter()
-                        jax.block_until_ready(run(xs, ds, lqs, keys))
-                        times.append((time.perf_counter() - t0) / inner)
-                    t = statistics.median(times)
+                    t = _seconds_per_call(fn, xs, ds, lqs, keys)
                     gbps = nbytes / t / 1e9
                     rows.append({**head, "impl": impl, "mismatched_rows": bad if impl != "roofline" else "-",
                                  "us_per_call": t * 1e6, "bytes_read_MB": nbytes / 1e6, "GB_per_s": gbps,
                                  "peak_fraction": gbps / peak if peak else float("nan")})
                     print(rows[-1], flush=True)
-                del inputs, xs, ds, lqs
+                del xs, ds, lqs
+    return rows
+
+
+def _distinct_inputs(b: int, k: int, v: int, mode: str, dtype: str):
+    """`--inner` distinct rounds (logits, drafts, log q or None, key or None), each a list."""
+    import jax
+
+    gen = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))
+    inputs = [gen(jax.random.key(100 + i)) for i in range(_INNER.value)]
+    xs, ds, lqs = ([t[j] for t in inputs] for j in range(3))
+    keys = [jax.random.key(200 + i) for i in range(_INNER.value)] if MODES[mode][0] else None
+    return xs, ds, (None if lqs[0] is None else lqs), keys
+
+
+def _seconds_per_call(fn, xs, ds, lqs, keys) -> float:
+    """Median (over `--repeats`) seconds per call of fn(x, d, lq, key) -> VerifyResult-like, in
+    one jitted program that calls it once on each of the distinct inputs, keeping every output."""
+    import jax
+
+    n = len(xs)
+
+    @jax.jit
+    def many(xs, ds, lqs, keys):
+        out = []
+        for i in range(n):
+            r = fn(xs[i], ds[i], None if lqs is None else lqs[i], None if keys is None else keys[i])
+            out += [r.num_accepted, r.next_token]
+        return out
+
+    jax.block_until_ready(many(xs, ds, lqs, keys))  # compile
+    times = []
+    for _ in range(_REPEATS.value):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(xs, ds, lqs, keys))
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def breakdown(shapes, dtypes, peak, **sizes) -> list:
+    """Rows: the sampling round's two split-kernel passes timed alone (`--breakdown`): the
+    log-sum-exp over every row (reads B (K+1) V) and the draw on row n (reads 2 B V)."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.verify import split
+
+    block_v, chunk_v = sizes.get("block_v", split.DEFAULT_BLOCK_V), sizes.get("chunk_v")
+    temperature = MODES["sampling"][0]
+    rows = []
+    for (b, k, v) in shapes:
+        for dtype in dtypes:
+            xs, ds, lqs, keys = _distinct_inputs(b, k, v, "sampling", dtype)
+            itemsize = jnp.dtype(dtype).itemsize
+            n_B = jnp.arange(b, dtype=jnp.int32) % (k + 1)  # every row index, the bonus row too
+
+            def lse(x, d, lq, key):
+                return verify_result_like(split.logsumexp(x, temperature=temperature, block_v=block_v,
+                                                          chunk_v=chunk_v, interpret=False)[0])
+
+            def draw(x, d, lq, key):
+                zero = jnp.zeros((b,), jnp.float32)
+                return verify_result_like(split.draw(x, lq, n_B, zero, zero, n_B, temperature=temperature,
+                                                     block_v=block_v, chunk_v=chunk_v, interpret=False)[0])
+
+            for part, fn, nbytes in (("logsumexp", lse, b * (k + 1) * v * itemsize), ("draw", draw, 2 * b * v * itemsize)):
+                t = _seconds_per_call(fn, xs, ds, lqs, keys)
+                gbps = nbytes / t / 1e9
+                rows.append({"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": "sampling", "impl": f"split.{part}",
+                             "us_per_call": t * 1e6, "bytes_read_MB": nbytes / 1e6, "GB_per_s": gbps,
+                             "peak_fraction": gbps / peak if peak else float("nan")})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -294,6 +342,8 @@ def main(_):
         shapes = ([parse(s) for s in _SHAPES.value] if _SHAPES.value
                   else sorted({s for s in pods} | {(4 * b, k, v) for (b, k, v) in pods}))
         rows = timing(shapes, _DTYPES.value, _MODES.value, peak, **sizes)
+        if _BREAKDOWN.value:
+            rows += breakdown(shapes, _DTYPES.value, peak, **sizes)
         payload.update(peak_gbps=peak, timing=rows, goal="kernel >= 80 % of peak HBM bandwidth")
         table = (f"## {dev.device_kind} ({backend}): time per verify call, achieved HBM bandwidth (peak {peak} GB/s)\n\n"
                  + markdown_table(rows, ["shape", "dtype", "mode", "impl", "mismatched_rows", "us_per_call", "bytes_read_MB",
