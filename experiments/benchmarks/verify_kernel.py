@@ -42,20 +42,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from absl import app, flags  # noqa: E402
 
-_SHAPES = flags.DEFINE_list("shapes", None, "BxKxV shapes (default: CPU 3x4x1000; device: the pod shapes at "
-                            "B = eval.batch_size and 4x that)")
-_DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "logit dtypes")
-_MODES = flags.DEFINE_list("modes", ["greedy", "sampling", "top_k_top_p"], "greedy | sampling | top_k_top_p")
-_SEEDS = flags.DEFINE_integer("seeds", 4, "keys per shape for the agreement check")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
-_INNER = flags.DEFINE_integer("inner", 10, "verify calls unrolled in one timed program")
-_BLOCK_V = flags.DEFINE_integer("block_v", None, "vocabulary tile (default: the formulation's)")
-_CHUNK_V = flags.DEFINE_integer("chunk_v", None, "split: entries per grid program (default: from the shapes)")
-_CPU_BLOCK_V = flags.DEFINE_integer("cpu_block_v", 256, "CPU agreement check: tile (small, so V spans several)")
-_CPU_CHUNK_V = flags.DEFINE_integer("cpu_chunk_v", 768, "CPU agreement check: split chunk (3 tiles of 256)")
-_PEAK = flags.DEFINE_float("peak_gbps", None, "peak HBM GB/s of the device (default: PEAK_GBPS by device_kind)")
-_OUT = flags.DEFINE_string("out_dir", None, "default: experiments/results/verify_kernel")
-_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "device: also time the sampling round's two kernel passes alone")
 
 MODES = {"greedy": (0.0, 0, 1.0), "sampling": (0.7, 0, 1.0), "top_k_top_p": (0.7, 50, 0.9)}
 # Peak HBM bandwidth, GB/s (1e9 B/s), from the vendors' data sheets; matched as a substring of
@@ -126,8 +112,8 @@ def _mismatched_rows(got, want) -> int:
     return int(bad.sum())
 
 
-def agreement(shapes, dtypes, modes, formulations, interpret: bool, **sizes) -> list:
-    """Rows: decisions of each formulation vs the reference over `--seeds` keys."""
+def agreement(shapes, dtypes, modes, formulations, interpret: bool, seeds: int = 4, **sizes) -> list:
+    """Rows: decisions of each formulation vs the reference over `seeds` keys."""
     import jax
 
     from pallas_kernels.verify import verify, verify_reference
@@ -143,14 +129,14 @@ def agreement(shapes, dtypes, modes, formulations, interpret: bool, **sizes) -> 
                 for f in formulations:
                     kern = functools.partial(verify, **sp, formulation=f, interpret=interpret, **sizes)
                     bad, n_hist, t0 = 0, set(), time.perf_counter()
-                    for seed in range(_SEEDS.value):
+                    for seed in range(seeds):
                         k_data, key = jax.random.split(jax.random.key(1000 + seed))
                         x, d, lq = gen(k_data)
                         want, got = ref(x, d, lq, key), kern(x, d, lq, key)
                         bad += _mismatched_rows(got, want)
                         n_hist |= set(int(n) for n in jax.device_get(want.num_accepted))
                     rows.append({"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": mode, "formulation": f,
-                                 "interpret": interpret, "rows": b * _SEEDS.value, "mismatched_rows": bad,
+                                 "interpret": interpret, "rows": b * seeds, "mismatched_rows": bad,
                                  "accept_counts_seen": sorted(n_hist), "seconds": time.perf_counter() - t0})
                     print(rows[-1], flush=True)
     return rows
@@ -188,10 +174,10 @@ def lowering(shapes: dict, dtypes, modes) -> list:
     return rows
 
 
-def timing(shapes, dtypes, modes, peak, **sizes) -> list:
+def timing(shapes, dtypes, modes, peak, inner: int = 10, repeats: int = 5, **sizes) -> list:
     """Rows: compiled kernel, reference and a read roofline; time per call and achieved HBM bandwidth.
 
-    Each timed program makes `--inner` calls on `--inner` distinct copies of the round's inputs
+    Each timed program makes `inner` calls on `inner` distinct copies of the round's inputs
     (generated from different keys, so no call can be merged with another and no input stays
     in L2 between calls), keeping every output. `roofline` is `jnp.max` over the target logits
     alone: what a plain XLA reduction that reads the same bytes achieves on this device."""
@@ -210,7 +196,7 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
                 temperature, top_k, top_p = MODES[mode]
                 sp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
                 head = {"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": mode}
-                xs, ds, lqs, keys = _distinct_inputs(b, k, v, mode, dtype)
+                xs, ds, lqs, keys = _distinct_inputs(b, k, v, mode, dtype, inner)
                 kern = functools.partial(verify, **sp, **sizes)
                 ref = functools.partial(verify_reference, **sp)
                 try:
@@ -224,7 +210,7 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
                 for impl, fn, nbytes in (("kernel", kern, bytes_read(b, k, v, mode, itemsize)),
                                          ("reference", ref, bytes_read(b, k, v, mode, itemsize)),
                                          ("roofline", roofline, b * (k + 1) * v * itemsize)):
-                    t = _seconds_per_call(fn, xs, ds, lqs, keys)
+                    t = _seconds_per_call(fn, xs, ds, lqs, keys, repeats)
                     gbps = nbytes / t / 1e9
                     rows.append({**head, "impl": impl, "mismatched_rows": bad if impl != "roofline" else "-",
                                  "us_per_call": t * 1e6, "bytes_read_MB": nbytes / 1e6, "GB_per_s": gbps,
@@ -234,19 +220,19 @@ def timing(shapes, dtypes, modes, peak, **sizes) -> list:
     return rows
 
 
-def _distinct_inputs(b: int, k: int, v: int, mode: str, dtype: str):
-    """`--inner` distinct rounds (logits, drafts, log q or None, key or None), each a list."""
+def _distinct_inputs(b: int, k: int, v: int, mode: str, dtype: str, inner: int):
+    """`inner` distinct rounds (logits, drafts, log q or None, key or None), each a list."""
     import jax
 
     gen = jax.jit(functools.partial(round_inputs, b=b, k=k, v=v, mode=mode, dtype=dtype))
-    inputs = [gen(jax.random.key(100 + i)) for i in range(_INNER.value)]
+    inputs = [gen(jax.random.key(100 + i)) for i in range(inner)]
     xs, ds, lqs = ([t[j] for t in inputs] for j in range(3))
-    keys = [jax.random.key(200 + i) for i in range(_INNER.value)] if MODES[mode][0] else None
+    keys = [jax.random.key(200 + i) for i in range(inner)] if MODES[mode][0] else None
     return xs, ds, (None if lqs[0] is None else lqs), keys
 
 
-def _seconds_per_call(fn, xs, ds, lqs, keys) -> float:
-    """Median (over `--repeats`) seconds per call of fn(x, d, lq, key) -> VerifyResult-like, in
+def _seconds_per_call(fn, xs, ds, lqs, keys, repeats: int) -> float:
+    """Median (over `repeats`) seconds per call of fn(x, d, lq, key) -> VerifyResult-like, in
     one jitted program that calls it once on each of the distinct inputs, keeping every output."""
     import jax
 
@@ -262,14 +248,14 @@ def _seconds_per_call(fn, xs, ds, lqs, keys) -> float:
 
     jax.block_until_ready(many(xs, ds, lqs, keys))  # compile
     times = []
-    for _ in range(_REPEATS.value):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(many(xs, ds, lqs, keys))
         times.append((time.perf_counter() - t0) / n)
     return statistics.median(times)
 
 
-def breakdown(shapes, dtypes, peak, **sizes) -> list:
+def breakdown(shapes, dtypes, peak, inner: int = 10, repeats: int = 5, **sizes) -> list:
     """Rows: the sampling round's two split-kernel passes timed alone (`--breakdown`): the
     log-sum-exp over every row (reads B (K+1) V) and the draw on row n (reads 2 B V)."""
     import jax.numpy as jnp
@@ -281,7 +267,7 @@ def breakdown(shapes, dtypes, peak, **sizes) -> list:
     rows = []
     for (b, k, v) in shapes:
         for dtype in dtypes:
-            xs, ds, lqs, keys = _distinct_inputs(b, k, v, "sampling", dtype)
+            xs, ds, lqs, keys = _distinct_inputs(b, k, v, "sampling", dtype, inner)
             itemsize = jnp.dtype(dtype).itemsize
             n_B = jnp.arange(b, dtype=jnp.int32) % (k + 1)  # every row index, the bonus row too
 
@@ -295,7 +281,7 @@ def breakdown(shapes, dtypes, peak, **sizes) -> list:
                                                      block_v=block_v, chunk_v=chunk_v, interpret=False)[0])
 
             for part, fn, nbytes in (("logsumexp", lse, b * (k + 1) * v * itemsize), ("draw", draw, 2 * b * v * itemsize)):
-                t = _seconds_per_call(fn, xs, ds, lqs, keys)
+                t = _seconds_per_call(fn, xs, ds, lqs, keys, repeats)
                 gbps = nbytes / t / 1e9
                 rows.append({"shape": f"{b}x{k}x{v}", "dtype": dtype, "mode": "sampling", "impl": f"split.{part}",
                              "us_per_call": t * 1e6, "bytes_read_MB": nbytes / 1e6, "GB_per_s": gbps,
@@ -314,19 +300,21 @@ def verify_result_like(m_BK1):
 def main(_):
     import jax
 
+    F = flags.FLAGS
+
     from opd.eval.report import markdown_table, write_results
 
     backend = jax.default_backend()
     dev = jax.devices()[0]
-    sizes = {k: f.value for k, f in (("block_v", _BLOCK_V), ("chunk_v", _CHUNK_V)) if f.value is not None}
+    sizes = {k: F[k].value for k in ("block_v", "chunk_v") if F[k].value is not None}
     parse = lambda s: tuple(int(n) for n in s.lower().split("x"))  # noqa: E731
     pods = pod_shapes()
     payload = {"backend": backend, "device_kind": dev.device_kind, "block_sizes": sizes}
     if backend == "cpu":
-        shapes = [parse(s) for s in (_SHAPES.value or ["3x4x1000"])]
-        agree = agreement(shapes, _DTYPES.value, _MODES.value, ("grid", "split"), interpret=True,
-                          block_v=_CPU_BLOCK_V.value, chunk_v=_CPU_CHUNK_V.value)
-        low = lowering(pods, _DTYPES.value, [m for m in _MODES.value if m != "top_k_top_p"])
+        shapes = [parse(s) for s in (F.shapes or ["3x4x1000"])]
+        agree = agreement(shapes, F.dtypes, F.modes, ("grid", "split"), interpret=True, seeds=F.seeds,
+                          block_v=F.cpu_block_v, chunk_v=F.cpu_chunk_v)
+        low = lowering(pods, F.dtypes, [m for m in F.modes if m != "top_k_top_p"])
         payload.update(agreement=agree, lowering=low, note=(
             "CPU only: both formulations ran in the Pallas interpreter beside the reference (agreement, not speed); "
             "for TPU and CUDA the kernel was lowered (jax.export), not compiled and not run on a device; "
@@ -338,20 +326,34 @@ def main(_):
                  + markdown_table(low, ["shape", "pod", "platform", "dtype", "mode", "lowered", "kernel_calls", "lower_seconds"])
                  + f"\n{payload['note']}.\n")
     else:
-        peak = _PEAK.value or peak_gbps(dev.device_kind)
-        shapes = ([parse(s) for s in _SHAPES.value] if _SHAPES.value
+        peak = F.peak_gbps or peak_gbps(dev.device_kind)
+        shapes = ([parse(s) for s in F.shapes] if F.shapes
                   else sorted({s for s in pods} | {(4 * b, k, v) for (b, k, v) in pods}))
-        rows = timing(shapes, _DTYPES.value, _MODES.value, peak, **sizes)
-        if _BREAKDOWN.value:
-            rows += breakdown(shapes, _DTYPES.value, peak, **sizes)
+        rows = timing(shapes, F.dtypes, F.modes, peak, F.inner, F.repeats, **sizes)
+        if F.breakdown:
+            rows += breakdown(shapes, F.dtypes, peak, F.inner, F.repeats, **sizes)
         payload.update(peak_gbps=peak, timing=rows, goal="kernel >= 80 % of peak HBM bandwidth")
         table = (f"## {dev.device_kind} ({backend}): time per verify call, achieved HBM bandwidth (peak {peak} GB/s)\n\n"
                  + markdown_table(rows, ["shape", "dtype", "mode", "impl", "mismatched_rows", "us_per_call", "bytes_read_MB",
                                          "GB_per_s", "peak_fraction"] + (["error"] if any("error" in r for r in rows) else [])))
-    out = write_results("verify_kernel", payload, table, _OUT.value)
+    out = write_results("verify_kernel", payload, table, F.out_dir)
     print(table)
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: tests import this module next to other scripts
+    flags.DEFINE_list("shapes", None, "BxKxV shapes (default: CPU 3x4x1000; device: the pod shapes at "
+                      "B = eval.batch_size and 4x that)")
+    flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "logit dtypes")
+    flags.DEFINE_list("modes", ["greedy", "sampling", "top_k_top_p"], "greedy | sampling | top_k_top_p")
+    flags.DEFINE_integer("seeds", 4, "keys per shape for the agreement check")
+    flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
+    flags.DEFINE_integer("inner", 10, "verify calls (on as many distinct inputs) in one timed program")
+    flags.DEFINE_integer("block_v", None, "vocabulary tile (default: the formulation's)")
+    flags.DEFINE_integer("chunk_v", None, "split: entries per grid program (default: from the shapes)")
+    flags.DEFINE_integer("cpu_block_v", 256, "CPU agreement check: tile (small, so V spans several)")
+    flags.DEFINE_integer("cpu_chunk_v", 768, "CPU agreement check: split chunk (3 tiles of 256)")
+    flags.DEFINE_float("peak_gbps", None, "peak HBM GB/s of the device (default: PEAK_GBPS by device_kind)")
+    flags.DEFINE_string("out_dir", None, "default: experiments/results/verify_kernel")
+    flags.DEFINE_bool("breakdown", False, "device: also time the sampling round's two kernel passes alone")
     app.run(main)
