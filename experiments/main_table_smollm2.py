@@ -14,9 +14,10 @@ temperature and batch size decode side by side against one autoregressive timing
 `shipped`: the drafters shipped in the repo (`experiments/drafters/`, issue 15's plateau runs)
 on every prompt of each set (MT-Bench 80, HumanEval 164; AlpacaEval: the 87 held-out prompts the
 training probes do not use)
-at 128 new tokens (~6.5 hours on this CPU; n-gram's own table is `experiments/results/ngram_spec/`);
-`shipped,quick`: the shipped drafters alone on the first 16
-prompts of each set at T = 0, batch 1.
+at 128 new tokens (~5 hours on this CPU; n-gram's own table is `experiments/results/ngram_spec/`);
+`shipped,t0` / `shipped,t1`: one temperature's half of it (the same runs, reported alone, e.g.
+while the other half is still running); `shipped,quick`: the shipped drafters alone on the first
+16 prompts of each set at T = 0, batch 1.
 
   python -m opd.main --config=experiments/main_table_smollm2.py:shipped --workdir=workdirs/main_shipped
 
@@ -44,9 +45,11 @@ DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("shipped", "quick"), "experiments/main_table_smollm2.py")
-    if "quick" in parts and "shipped" not in parts:
-        raise ValueError("experiments/main_table_smollm2.py: `quick` is a size of the `shipped` table")
+    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1"), "experiments/main_table_smollm2.py")
+    if ("quick" in parts or "t0" in parts or "t1" in parts) and "shipped" not in parts:
+        raise ValueError("experiments/main_table_smollm2.py: `quick`, `t0` and `t1` are parts of the `shipped` table")
+    if "t0" in parts and "t1" in parts:
+        raise ValueError("experiments/main_table_smollm2.py: `t0` and `t1` are halves of one table: name one (or neither)")
     c = default_config()
     c.stages = ("fetch_assets", "eval", "report")
     c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")
@@ -62,6 +65,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         drafters = SHIPPED
         if "quick" in parts:  # ~10 minutes
             temperatures, batches = (0.0,), (1,)
+        elif "t0" in parts or "t1" in parts:  # one temperature's half (its runs are the full table's)
+            temperatures = (0.0,) if "t0" in parts else (1.0,)
     for temperature in temperatures:
         for batch in batches:
             for drafter, run, K in drafters:
@@ -77,5 +82,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.report.results_name = "main_table"  # (the curves are experiments/benchmarks/opd_curves.py's figure)
     if "shipped" in parts:
-        c.report.results_name = "main_table_shipped" + ("_quick" if "quick" in parts else "")
+        c.report.results_name = "main_table_shipped" + "".join(f"_{p}" for p in ("quick", "t0", "t1") if p in parts)
     return c

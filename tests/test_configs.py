@@ -21,7 +21,7 @@ VARIANTS = {  # every experiment config with a few variants each
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
                        "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny", "eagle3,plateau,abl_suffix,s0"],
     "quickstart.py": ["", "tiny"],
-    "main_table_smollm2.py": ["", "shipped", "shipped,quick"],
+    "main_table_smollm2.py": ["", "shipped", "shipped,quick", "shipped,t0", "shipped,t1"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
 }
 
@@ -150,3 +150,17 @@ def test_a_missing_shipped_drafter_is_named_at_config_time():
     c.eval.runs.append(dict(name="shipped_nope", drafter="eagle3", drafter_path="shipped:nope", prompt_set="mtbench"))
     with pytest.raises(FileNotFoundError, match=r"no shipped drafter 'nope' in .*experiments/drafters"):
         configs.validate(c)
+
+
+def test_a_half_of_the_shipped_main_table_reports_the_full_tables_runs():
+    """`shipped,t0` / `shipped,t1` name the same eval runs (same settings) as `shipped`, split by
+    temperature, so a half can be reported while the other still runs."""
+    path = os.path.join(REPO, "experiments", "main_table_smollm2.py")
+    full = {r["name"]: r for r in configs.load_config(f"{path}:shipped").eval.runs}
+    halves = [configs.load_config(f"{path}:shipped,{t}") for t in ("t0", "t1")]
+    runs = [r for h in halves for r in h.eval.runs]
+    assert sorted(r["name"] for r in runs) == sorted(full) and all(r == full[r["name"]] for r in runs)
+    assert {r["temperature"] for r in halves[0].eval.runs} == {0.0}
+    assert [h.report.results_name for h in halves] == ["main_table_shipped_t0", "main_table_shipped_t1"]
+    with pytest.raises(ValueError, match="halves of one table"):
+        configs.load_config(f"{path}:shipped,t0,t1")
