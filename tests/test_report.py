@@ -64,7 +64,7 @@ def test_report_rows_tables_and_curve(tmp_path):
     assert by_run["e3_opd"]["tau_ci95"] == pytest.approx([1.4 - 0.196, 1.4 + 0.196])
     assert "**T = 0, batch 1**" in md and "| eagle3 | opd | 0.200 | 1.40 (1.20–1.60) / 0.80× | 1.60 (1.40–1.80) / 0.90× |" in md
     assert "| eagle3 | opd | humaneval | 0.250 | 0.500 | - | 1.000 |" in md  # acceptance by offset
-    assert "Greedy output identical to autoregressive output: yes (4 of 4 runs, 16 prompts in all)" in md
+    assert "Greedy output identical to autoregressive output: yes (4 of 4 runs, 16 prompts decoded)" in md
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     assert saved["provenance"]["command"] and len(saved["rows"]) == len(out["rows"])

@@ -158,7 +158,7 @@ def main_tables(rows: Sequence[dict]) -> str:
             bad = [f"{r['drafter']} on {r['prompt_set']}" for r in greedy if not r["greedy_matches_ar"]]
             n = sum(r.get("num_prompts") or 0 for r in greedy)
             out.append(f"\nGreedy output identical to autoregressive output: {'no, in ' + ', '.join(bad) if bad else 'yes'} "
-                       f"({len(greedy) - len(bad)} of {len(greedy)} runs, {n} prompts in all).\n")
+                       f"({len(greedy) - len(bad)} of {len(greedy)} runs, {n} prompts decoded).\n")
         out.append("\n")
     return "".join(out)
 
