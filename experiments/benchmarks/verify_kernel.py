@@ -262,13 +262,14 @@ def breakdown(shapes, dtypes, peak, inner: int = 10, repeats: int = 5, **sizes) 
 
     from pallas_kernels.verify import split
 
-    block_v, chunk_v = sizes.get("block_v", split.DEFAULT_BLOCK_V), sizes.get("chunk_v")
+    chunk_v = sizes.get("chunk_v")
     temperature = MODES["sampling"][0]
     rows = []
     for (b, k, v) in shapes:
         for dtype in dtypes:
             xs, ds, lqs, keys = _distinct_inputs(b, k, v, "sampling", dtype, inner)
             itemsize = jnp.dtype(dtype).itemsize
+            block_v = sizes.get("block_v", split.default_block_v(dtype))  # what `verify` would use
             n_B = jnp.arange(b, dtype=jnp.int32) % (k + 1)  # every row index, the bonus row too
 
             def lse(x, d, lq, key):

@@ -231,6 +231,26 @@ class TestVerifyKernelInterpret(TestVerifyKernel):
     FORMULATION = "grid"
 
 
+@pytest.mark.parametrize("dtype,tile", [("bfloat16", 4096), ("float32", 1024)])
+def test_split_default_tile_follows_the_logits_dtype(monkeypatch, dtype, tile):
+    """No block_v: the GPU formulation tiles 2-byte logits by 4096 and float32 by 1024 (the H200
+    sweep), and still decides as the reference (V = 5000 spans two 4096 tiles)."""
+    from pallas_kernels.verify import split
+
+    tiles = []
+    real_plan = split.plan
+    monkeypatch.setattr(split, "plan", lambda rows, vocab, block_v, chunk_v: tiles.append(block_v)
+                        or real_plan(rows, vocab, block_v, chunk_v))
+    sampling = dict(temperature=0.7, top_k=0, top_p=1.0)
+    k_data, key = jax.random.split(jax.random.key(7))
+    target, d, logq = _round_inputs(k_data, b=2, k=3, v=5000, **sampling, dtype=dtype)
+    got = verify(target, d, logq, key, **sampling, formulation="split", interpret=True)
+    want = _ref(**sampling)(target, d, logq, key)
+    for name, g, w in zip(want._fields, got, want):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    assert tiles and set(tiles) == {tile}
+
+
 class TestSplitKernelInterpret(TestVerifyKernel):
     """The split (GPU) formulation in the Pallas interpreter; chunks of 3 tiles of 256: at
     V = 1000 the second chunk holds the partial tile [768, 1000) and two tiles past V."""
