@@ -40,9 +40,11 @@ def _verify(impl: str, logits_BKV1, d_BK, logq_BKV, key, sp: SamplingParams):
 
 
 def start_state(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *, tconfig: TransformerConfig,
-                dspec: DrafterSpec, sp: SamplingParams, max_new_tokens: int, cache_len: int) -> dict:
+                dspec: DrafterSpec, sp: SamplingParams, max_new_tokens: int, cache_len: int,
+                with_features: bool = False):
     """The decoding state after the prompt: prefill into the target cache, the first token from
-    the target (not a verify round), the drafter's state. Rows with `done_B` never advance."""
+    the target (not a verify round), the drafter's state. Rows with `done_B` never advance.
+    With `with_features`: (state, the prefill's target-layer outputs over the prompt [B, P, D] each)."""
     B, P = tokens_BP.shape
     tcache, last_BD, pre = prefill(tparams, tconfig, tokens_BP, lengths_B, cache_len,
                                    hidden_layers=tuple(dspec.target_hidden_layers))
@@ -54,11 +56,12 @@ def start_state(tparams, dparams, tokens_BP, lengths_B, done_B, key, eos_ids, *,
     dstate = dspec.prefill(dparams, DraftContext(seq_BS[:, : P + 1], seq_len_B), pre.aux_hidden, cache_len)
     n_gen_B = jnp.where(done_B, 0, 1).astype(jnp.int32)
     done_B = done_B | jnp.isin(first_B, eos_ids) | (n_gen_B >= max_new_tokens)
-    return {
+    state = {
         "round": jnp.int32(0), "key": key, "seq": seq_BS, "seq_len": seq_len_B, "tcache": tcache,
         "dstate": dstate, "n_gen": n_gen_B, "done": done_B,
         "rounds": jnp.zeros((B,), jnp.int32), "committed": jnp.zeros((B,), jnp.int32),
     }
+    return (state, pre.aux_hidden) if with_features else state
 
 
 class Round(NamedTuple):
@@ -70,6 +73,9 @@ class Round(NamedTuple):
     logits_BKV1: jax.Array  # the target's logits on the draft-induced prefixes, offsets 1..K+1
     num_accepted_B: jax.Array  # accepted drafts (0 for inactive rows)
     active_B: jax.Array  # the row was still generating in this round
+    # the drafter's target-layer outputs over the round's K + 1 inputs (the pending token at
+    # position seq_len - 1, then d_1..d_K): a tuple of [B, K + 1, D]
+    aux_hidden: tuple = ()
 
 
 def verify_round(s: dict, tparams, dparams, eos_ids, *, tconfig: TransformerConfig, dspec: DrafterSpec,
@@ -109,7 +115,7 @@ def verify_round(s: dict, tparams, dparams, eos_ids, *, tconfig: TransformerConf
         "rounds": s["rounds"] + active.astype(jnp.int32),
         "committed": s["committed"] + count_B,
     }
-    return new, Round(s["seq_len"], d_BK, logq_BKV, logits_BKV1, n_B, active)
+    return new, Round(s["seq_len"], d_BK, logq_BKV, logits_BKV1, n_B, active, tuple(o.aux_hidden))
 
 
 @functools.partial(

@@ -19,8 +19,7 @@ extraction at every read, like Draft-OPD pays for its rollouts and teacher passe
 
 A Draft-OPD step (`opd_step_flops`; prompts padded to P, R rounds of K drafts, buffer S):
   * rollout (forward only): the target's prefill 2 * N_target * B * P and R verify passes of
-    K + 1 positions;
-  * the target's features over the committed text: 2 * N_target * B * S;
+    K + 1 positions; they also give the replay its target features (kept, no third pass);
   * the drafter's drafting in the rollout and the replay (forward + backward):
     `spec.opd_flops`;
   * with gradient accumulation (`OPDConfig.accumulate` = A micro-batches per step): A times that.
@@ -74,5 +73,5 @@ def opd_step_flops(spec, target_config: TransformerConfig, batch: int, prompt_le
     of `batch` prompts each."""
     B, P, R, K, S = batch, prompt_len, num_rounds, num_draft_tokens, seq_len
     n_t = target_matmul_params(target_config)
-    target = 2 * n_t * B * (P + R * (K + 1)) + 2 * n_t * B * S
+    target = 2 * n_t * B * (P + R * (K + 1))  # prefill + verify passes (their features are the replay's)
     return int(accumulate) * (target + spec.opd_flops(target_config, B, P, R, K, S, error_anchors))

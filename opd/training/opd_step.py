@@ -3,7 +3,8 @@ drafter, in one `jax.jit` with explicit shardings and the train state donated (D
 
   1. rollout (no gradient): R recorded rounds of real speculative decoding from the batch's
      prompts with the current drafter at the rollout temperature (`opd.training.rollout`);
-  2. the target's features over the committed text (one more target forward, no gradient);
+  2. the target's features over the committed text: kept from the rollout's prefill and verify
+     forwards (no target forward of its own; the ones the drafter saw while drafting);
   3. replay (gradient): the drafter's logits at offsets 1..K of every round, exactly as it
      drafted them; log q = log-softmax over its support (computed in chunks of the support:
      `vocab_chunk`);
@@ -126,7 +127,8 @@ def opd_step(state: sft.TrainState, target_params, drafter_frozen, batch, eos_id
 
 
 def _rollout(tparams, dparams, eos_ids, batch, key, *, spec, target_config, cfg: OPDConfig, cache_len: int):
-    """Steps 1 and 2 on one (micro-)batch: (`RolloutRecord`, active rounds [B, R], the target's features)."""
+    """Steps 1 and 2 on one (micro-)batch: (`RolloutRecord`, active rounds [B, R], the target's
+    features at the committed positions, as the rollout's own forwards computed them)."""
     K, R = cfg.num_draft_tokens, cfg.num_rounds
     exact = cfg.loss.needs_teacher_support
     err_anchors = cfg.loss.error_anchor_weight > 0
@@ -134,7 +136,7 @@ def _rollout(tparams, dparams, eos_ids, batch, key, *, spec, target_config, cfg:
                      dspec=spec, sp=SamplingParams(cfg.rollout_temperature, 0, 1.0), num_draft_tokens=K, num_rounds=R,
                      cache_len=cache_len, teacher_support="draft" if exact else "none", error_support=err_anchors)
     active = rec.active_BR & batch["valid"][:, None]
-    return rec, active, ro.target_features(tparams, target_config, spec, rec.seq_BS)
+    return rec, active, rec.features
 
 
 def _rollout_stats(rec: ro.RolloutRecord, active_BR, K: int):

@@ -15,11 +15,16 @@ round, so the rollout is exactly inference) in a `lax.scan`, recording per row b
   teacher_commit[b,r] log p (T = 1) of the token committed at offset n + 1 (the target's
                       correction token, or its bonus token when n == K), on the committed prefix:
                       one float per round, for the response stream (`opd_loss`).
+Also kept: the target-layer outputs the drafter reads (`features`, a tuple of [B, S, D]) at every
+committed position, written as the prefill and each round's verify forward computed them (a
+round's K + 1 inputs land at positions seq_len - 1 ..; the ones past the committed text are
+overwritten by the next round, like the KV cache), so the replay needs no target forward of its
+own and sees exactly the features the drafter saw while drafting.
 The token committed at offset i (1 <= i <= n + 1) of round r is seq[b, anchor[b, r] + i - 1].
 Rows that finished (EOS) stay inactive; their rounds are masked.
 
-Replay, from the final committed text and the target's features over it (positions < n are
-committed, so these equal what the verify passes computed): the drafter kind's
+Replay, from the final committed text and the recorded features (`target_features` recomputes
+them in one forward, equal up to float rounding: positions < n are committed): the drafter kind's
 `spec.replay_logits` recomputes its drafting from every recorded anchor exactly as at inference
 (EAGLE-3: its own fed-back features and tokens; DFlash: the block from the anchor), giving its
 logits over its support at offsets 1..K: [B, R, K, W]; `spec.replay_hidden` stops before the
@@ -59,6 +64,7 @@ class RolloutRecord(NamedTuple):
     teacher_support_BRKW: Optional[jax.Array]  # log p over the drafter's support, or None
     teacher_error_BRW: Optional[jax.Array] = None  # log p over the support at the error offset, or None
     teacher_commit_BR: Optional[jax.Array] = None  # log p of the token committed at offset n + 1
+    features: Optional[tuple] = None  # the target-layer outputs at every committed position, [B, S, D] each
 
 
 def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, dspec, sp: SamplingParams,
@@ -72,14 +78,21 @@ def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, ds
     K, R = num_draft_tokens, num_rounds
     N = R * (K + 1) + 1  # never the reason a row stops: R rounds always run
     B = tokens_BP.shape[0]
-    state = start_state(tparams, dparams, tokens_BP, lengths_B, jnp.zeros((B,), bool), key, eos_ids, tconfig=tconfig,
-                        dspec=dspec, sp=sp, max_new_tokens=N, cache_len=cache_len)
+    state, pre_aux = start_state(tparams, dparams, tokens_BP, lengths_B, jnp.zeros((B,), bool), key, eos_ids,
+                                 tconfig=tconfig, dspec=dspec, sp=sp, max_new_tokens=N, cache_len=cache_len,
+                                 with_features=True)
+    P = tokens_BP.shape[1]
+    feats = tuple(jnp.pad(f, ((0, 0), (0, cache_len - P), (0, 0))) for f in pre_aux)  # [B, S, D] each
     sup = dspec.support_ids(dparams) if (teacher_support == "draft" or error_support) else None
     rows = jnp.arange(B)
 
-    def body(s, _):
+    def body(carry, _):
+        s, feats = carry
         new, r = verify_round(s, tparams, dparams, eos_ids, tconfig=tconfig, dspec=dspec, sp=sp, num_draft_tokens=K,
                               max_new_tokens=N, verify_impl="reference")
+        # the inputs' features at seq_len - 1 ..: a finished row rewrites its pending token's (the
+        # same input at the same position over the same cache) and slots past its text
+        feats = tuple(tfm.update_rows(f, a.astype(f.dtype), r.seq_len_B - 1, axis=1) for f, a in zip(feats, r.aux_hidden))
         # log p = logits - logsumexp at the few ids recorded: no [B, K, V] log-softmax array
         logits_BKV = r.logits_BKV1[:, :K].astype(jnp.float32)
         lse_BK = jax.nn.logsumexp(logits_BKV, axis=-1)
@@ -99,17 +112,19 @@ def rollout(tparams, dparams, tokens_BP, lengths_B, key, eos_ids, *, tconfig, ds
         tok = new["seq"][rows, pos]
         commit = jnp.take_along_axis(at_BV, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(at_BV, axis=-1)
         rec = (r.seq_len_B, r.drafts_BK, r.num_accepted_B, r.active_B, logq_tok, teacher_tok, support, err_BW, commit)
-        return new, rec
+        return (new, feats), rec
 
-    s, (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support, err, commit) = jax.lax.scan(
-        body, state, None, length=R)
+    (s, feats), (anchor, drafts, n_acc, active, logq_tok, teacher_tok, support, err, commit) = jax.lax.scan(
+        body, (state, feats), None, length=R)
     swap = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)  # [R, B, ...] -> [B, R, ...]
     return RolloutRecord(s["seq"], s["seq_len"], swap(anchor), swap(drafts), swap(n_acc), swap(active),
-                         swap(logq_tok), swap(teacher_tok), swap(support), swap(err), swap(commit))
+                         swap(logq_tok), swap(teacher_tok), swap(support), swap(err), swap(commit),
+                         jax.lax.stop_gradient(feats))
 
 
 def target_features(tparams, tconfig, spec, seq_BS):
-    """The drafter's target-layer outputs over the committed text (no gradient)."""
+    """The drafter's target-layer outputs over the committed text in one fresh forward (no
+    gradient): what `RolloutRecord.features` holds at committed positions, up to float rounding."""
     out = tfm.forward(tparams, tconfig, seq_BS, hidden_layers=tuple(spec.target_hidden_layers))
     return jax.lax.stop_gradient(out.aux_hidden)
 

@@ -57,6 +57,31 @@ def test_replay_reproduces_the_drafters_q_at_every_offset(target, kind):
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
+def test_recorded_features_are_a_fresh_forwards_at_committed_positions(target, kind):
+    """The rollout keeps the target features its own forwards computed (no third target pass):
+    at every committed position they equal one fresh forward over the committed text, also
+    for a row that stops at EOS mid-rollout, and the replay from them reproduces q."""
+    drafter = _drafter(target, kind)
+    free, _ = _rollout(target, drafter, temperature=1.0)
+    eos = int(free.seq_BS[1, int(free.anchor_BR[1, 1])])  # row 1 ends in its second round
+    rec, _ = _rollout(target, drafter, temperature=1.0, eos=(eos,))
+    fresh = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
+    seq_len = np.asarray(rec.seq_len_B)
+    assert seq_len[1] < seq_len.max()  # the EOS row stopped early
+    assert len(rec.features) == len(fresh) == len(drafter.spec.target_hidden_layers)
+    for kept, want in zip(rec.features, fresh):
+        assert kept.shape == want.shape
+        for b, n in enumerate(seq_len):
+            np.testing.assert_allclose(np.asarray(kept[b, :n]), np.asarray(want[b, :n]), rtol=1e-5, atol=1e-5)
+    trainable, _ = drafter.split()
+    logits = drafter.spec.replay_logits(trainable, drafter.params, target.config, rec, rec.features)
+    idx = ro.drafted_support_index(drafter.params, drafter.spec, rec.drafts_BRK)
+    replayed = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), idx[..., None], -1)[..., 0])
+    active = np.asarray(rec.active_BR)
+    np.testing.assert_allclose(replayed[active], np.asarray(rec.logq_tok_BRK)[active], atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "dflash"])
 def test_recorded_acceptance_and_teacher_logprobs_match_a_recomputation(target, kind):
     if kind == "eagle3":  # the logit lens at the target's last layer: a drafter that gets drafts accepted
         drafter = opd.init_drafter("eagle3", target, seed=1, draft_vocab_size=V, target_layers=(0, 1, 1),
