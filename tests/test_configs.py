@@ -121,6 +121,7 @@ def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
     assert "sft" not in opd.stages and opd.opd.data == ("workdir:regenerate/alpacaeval",)
     assert (opd.opd.probe.num_prompts, opd.opd.probe.max_new_tokens) == (64, 128)  # as the plateau run's probe
     assert opd.opd.loss_preset == "reference_yaml" and opd.opd.rollout_temperature == 0.0
+    assert (opd.opd.prefix, opd.opd.prompt_len) == ("prompt", 128)
     cont = load("dflash,plateau,reference,sft_cont,s1")
     assert (cont.sft.name, cont.drafter.init, cont.seed) == ("sft_cont_plateau_reference_s1", "shipped:smollm2_dflash", 2)
     assert cont.sft.match_flops == "workdir:opd_plateau_reference_s1/dflash"
