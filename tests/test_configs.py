@@ -165,3 +165,35 @@ def test_a_half_of_the_shipped_main_table_reports_the_full_tables_runs():
     assert [h.report.results_name for h in halves] == ["main_table_shipped_t0", "main_table_shipped_t1"]
     with pytest.raises(ValueError, match="halves of one table"):
         configs.load_config(f"{path}:shipped,t0,t1")
+
+
+def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
+    """experiments/opd_decisive_runs.sh with `python` stubbed: every launch is a valid variant
+    of opd_smollm2.py, per seed the reference Draft-OPD and its continued SFT come first, the
+    ablations follow seed s0, and the summaries run last."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "launches.txt"
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    # `python -c ...` (the ablation list) runs for real; launches and summaries are only logged
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\necho "$@" >> {log}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SEEDS": "s0 s1", "PYTHONPATH": REPO}
+    subprocess.run(["bash", os.path.join(REPO, "experiments", "opd_decisive_runs.sh"), str(tmp_path / "w")],
+                   check=True, env=env, cwd=tmp_path)
+    lines = log.read_text().splitlines()
+    variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in lines if "opd.main" in ln]
+    for v in set(variants):
+        configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{v}"))
+    assert all(f"--workdir={tmp_path / 'w'}" in ln for ln in lines if "opd.main" in ln)
+    assert variants[:4] == ["eagle3,plateau,reference,s0", "eagle3,plateau,reference,sft_cont,s0",
+                            "dflash,plateau,reference,s0", "dflash,plateau,reference,sft_cont,s0"]
+    from experiments.opd_smollm2 import ABLATIONS
+
+    abl = [v for v in variants if "abl_" in v]
+    assert abl == [f"eagle3,plateau,{a},s0" for a in ABLATIONS]
+    assert variants.index(abl[-1]) < variants.index("eagle3,plateau,reference,s1")
+    assert len(variants) == len(set(variants)) == 2 * 9 + len(ABLATIONS)
+    assert all("opd_decisive.py" in ln for ln in lines[-2:]) and "--name=opd_ablations_plateau" in lines[-1]

@@ -27,7 +27,8 @@ from opd.paths import read_jsonl
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/smollm2_scale", "DIR holding DIR/<method>_<seed>/<kind>/")
 _METHODS = flags.DEFINE_list("methods", ["opd_plateau_reference", "opd_plateau", "sft_cont_plateau_reference",
-                                         "sft_rollouts_plateau_reference"], "run names without the seed suffix")
+                                         "sft_rollouts_plateau_reference", "ttt_rollouts_plateau_reference"],
+                             "run names without the seed suffix (a drafter kind without runs of one is skipped)")
 _SEEDS = flags.DEFINE_list("seeds", ["s0", "s1", "s2"], "seed suffixes")
 _KINDS = flags.DEFINE_list("drafters", ["eagle3", "dflash"], "drafter kinds")
 _BASELINE = flags.DEFINE_string("baseline", "sft_cont_plateau_reference", "the method the ratio is taken against")
