@@ -21,6 +21,12 @@ while the other half is still running); `shipped,quick`: the shipped drafters al
 
   python -m opd.main --config=experiments/main_table_smollm2.py:shipped --workdir=workdirs/main_shipped
 
+`decisive[,sN]` (issue 16): every method of the decisive experiment (`experiments/opd_smollm2.py`
+`:plateau`, seed sN, default s0) next to the shipped drafter it started from, in that experiment's
+DIR (its exports are there), on the first 16 prompts of each set at 128 new tokens (~2-3 hours).
+
+  python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir=workdirs/smollm2_scale
+
 Every field and its default: `opd.configs.default_config`.
 """
 
@@ -42,10 +48,23 @@ DRAFTERS = (  # (drafter, exported run or "" for n-gram, K)
     ("dflash", "sft_cont", 7),
     ("dflash", "opd", 7),
 )
+# issue 16's methods from the shipped drafters (run names of experiments/opd_smollm2.py without the seed)
+DECISIVE = tuple((kind, run, K) for kind, K, runs in (
+    ("eagle3", 4, ("opd_plateau_reference", "opd_plateau", "sft_cont_plateau_reference", "sft_rollouts_plateau_reference",
+                   "ttt_rollouts_plateau_reference")),
+    ("dflash", 7, ("opd_plateau_reference", "opd_plateau", "sft_cont_plateau_reference",
+                   "sft_rollouts_plateau_reference"))) for run in runs)
+SEEDS = ("s0", "s1", "s2")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1"), "experiments/main_table_smollm2.py")
+    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "decisive") + SEEDS,
+                          "experiments/main_table_smollm2.py")
+    seeds = [p for p in parts if p in SEEDS]
+    if seeds and ("decisive" not in parts or len(seeds) > 1):
+        raise ValueError("experiments/main_table_smollm2.py: a seed (s0, s1, s2) goes with `decisive`, one at a time")
+    if "decisive" in parts and "shipped" in parts:
+        raise ValueError("experiments/main_table_smollm2.py: `decisive` and `shipped` are two tables: name one")
     if ("quick" in parts or "t0" in parts or "t1" in parts) and "shipped" not in parts:
         raise ValueError("experiments/main_table_smollm2.py: `quick`, `t0` and `t1` are parts of the `shipped` table")
     if "t0" in parts and "t1" in parts:
@@ -67,14 +86,23 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             temperatures, batches = (0.0,), (1,)
         elif "t0" in parts or "t1" in parts:  # one temperature's half (its runs are the full table's)
             temperatures = (0.0,) if "t0" in parts else (1.0,)
+    seed = seeds[0] if seeds else "s0"
+    if "decisive" in parts:
+        c.eval.max_new_tokens = 128
+        c.eval.num_prompts = 16
+        drafters = tuple((kind, f"shipped:{run}", K) for kind, run, K in SHIPPED) + tuple(
+            (kind, f"{run}_{seed}", K) for kind, run, K in DECISIVE)
     for temperature in temperatures:
         for batch in batches:
             for drafter, run, K in drafters:
                 for ps in PROMPT_SETS:
-                    r = dict(name=f"main_{drafter}{'_' + run if run else ''}_{ps}_t{temperature:g}_b{batch}",
+                    label = run.replace("shipped:", "shipped_")
+                    r = dict(name=f"main_{drafter}{'_' + label if run else ''}_{ps}_t{temperature:g}_b{batch}",
                              drafter=drafter, prompt_set=ps, temperature=temperature, batch_size=batch,
                              num_draft_tokens=K)
-                    if run:
+                    if run.startswith("shipped:"):  # the decisive table's start
+                        r["drafter_path"] = run
+                    elif run:
                         r["drafter_path"] = f"shipped:{run}" if "shipped" in parts else f"workdir:export/{run}_{drafter}"
                     if "shipped" in parts:
                         r["num_prompts"] = 16 if "quick" in parts else SET_SIZES[ps]
@@ -83,4 +111,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.report.results_name = "main_table"  # (the curves are experiments/benchmarks/opd_curves.py's figure)
     if "shipped" in parts:
         c.report.results_name = "main_table_shipped" + "".join(f"_{p}" for p in ("quick", "t0", "t1") if p in parts)
+    if "decisive" in parts:
+        c.report.results_name = f"main_table_decisive_{seed}"
     return c

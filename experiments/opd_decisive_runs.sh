@@ -9,7 +9,8 @@
 # it stopped when started again. Per seed and drafter: Draft-OPD (the reference preset) and
 # continued SFT at its fairly priced FLOPs first (the goal's ratio), then SFT on the rollouts,
 # EAGLE-3's TTT-on-rollouts recipe and our default Draft-OPD; after seed s0, the EAGLE-3 ablations
-# (one reference difference each, probe curves only). ~1 h per EAGLE-3 run on 2 CPU cores.
+# (one reference difference each, probe curves only) and seed s0's main table of every method
+# (experiments/results/main_table_decisive_s0/). ~1 h per EAGLE-3 run on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-workdirs/smollm2_scale}
@@ -34,6 +35,10 @@ for s in $SEEDS; do
   done
   if [ "$s" = s0 ] && [[ " $KINDS " == *" eagle3 "* ]]; then
     for a in $ABLATIONS; do run "eagle3,plateau,$a,s0"; done
+  fi
+  if [ "$s" = s0 ] && [ "$KINDS" = "eagle3 dflash" ]; then  # seed s0's main table (all methods, both kinds)
+    echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
+    python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"
   fi
 done
 

@@ -21,7 +21,7 @@ VARIANTS = {  # every experiment config with a few variants each
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
                        "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny", "eagle3,plateau,abl_suffix,s0"],
     "quickstart.py": ["", "tiny"],
-    "main_table_smollm2.py": ["", "shipped", "shipped,quick", "shipped,t0", "shipped,t1"],
+    "main_table_smollm2.py": ["", "shipped", "shipped,quick", "shipped,t0", "shipped,t1", "decisive", "decisive,s2"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
 }
 
@@ -167,6 +167,28 @@ def test_a_half_of_the_shipped_main_table_reports_the_full_tables_runs():
         configs.load_config(f"{path}:shipped,t0,t1")
 
 
+def test_the_decisive_main_table_evaluates_what_the_decisive_runs_export():
+    """`decisive,sN` evaluates each method's export of seed sN (the names opd_smollm2.py's runs
+    export under) next to the shipped drafters, at both temperatures and batch sizes."""
+    path = os.path.join(REPO, "experiments", "main_table_smollm2.py")
+    c = configs.load_config(f"{path}:decisive,s1")
+    exported = set()
+    for kind, branches in (("eagle3", ("opd", "sft_cont", "sft_rollouts", "ttt_rollouts")),
+                           ("dflash", ("opd", "sft_cont", "sft_rollouts"))):
+        for b in branches:
+            for ref in (",reference", ""):
+                if b != "opd" and not ref:
+                    continue
+                opd = configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{kind},plateau{ref},{b},s1"))
+                exported |= {f"workdir:export/{st.split(':')[1]}_{kind}" for st in opd.stages if st.startswith("export:")}
+    paths = {r["drafter_path"] for r in c.eval.runs}
+    assert paths == exported | {"shipped:smollm2_eagle3", "shipped:smollm2_dflash"}
+    assert len(paths) == 11 and len(c.eval.runs) == 11 * 3 * 2 * 2
+    assert len({r["name"] for r in c.eval.runs}) == len(c.eval.runs) and c.report.results_name == "main_table_decisive_s1"
+    with pytest.raises(ValueError, match="goes with `decisive`"):
+        configs.load_config(f"{path}:shipped,s1")
+
+
 def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     """experiments/opd_decisive_runs.sh with `python` stubbed: every launch is a valid variant
     of opd_smollm2.py, per seed the reference Draft-OPD and its continued SFT come first, the
@@ -184,7 +206,7 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     subprocess.run(["bash", os.path.join(REPO, "experiments", "opd_decisive_runs.sh"), str(tmp_path / "w")],
                    check=True, env=env, cwd=tmp_path)
     lines = log.read_text().splitlines()
-    variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in lines if "opd.main" in ln]
+    variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in lines if "opd_smollm2.py:" in ln]
     for v in set(variants):
         configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{v}"))
     assert all(f"--workdir={tmp_path / 'w'}" in ln for ln in lines if "opd.main" in ln)
@@ -197,3 +219,5 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     assert variants.index(abl[-1]) < variants.index("eagle3,plateau,reference,s1")
     assert len(variants) == len(set(variants)) == 2 * 9 + len(ABLATIONS)
     assert all("opd_decisive.py" in ln for ln in lines[-2:]) and "--name=opd_ablations_plateau" in lines[-1]
+    table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0" in ln]
+    assert len(table) == 1 and "eagle3,plateau,reference,s1" in lines[table[0] + 1]  # after seed s0's runs
