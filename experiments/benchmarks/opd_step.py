@@ -4,6 +4,9 @@ analysis) and the process's peak RSS, for the EAGLE-3 and DFlash drafters the SF
 exported (`experiments/sft_smollm2.py`), at the `experiments/opd_smollm2.py` settings.
 
   python experiments/benchmarks/opd_step.py --workdir=workdirs/smollm2   # -> experiments/results/opd_step/
+  # the decisive experiment's step (from the shipped drafter, the reference preset), in its DIR:
+  python experiments/benchmarks/opd_step.py --workdir=workdirs/smollm2_scale --drafters=eagle3 \
+      --config_variant=plateau,reference --variants=k3 --name=opd_step_reference
 """
 
 import resource
@@ -28,11 +31,13 @@ _KINDS = flags.DEFINE_list("drafters", ["eagle3", "dflash"], "drafter kinds")
 _VARIANTS = flags.DEFINE_list("variants", ["k3", "reverse_kl", "k3+error_anchors"],
                               "loss variants: a divergence, optionally +error_anchors")
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps (after one compile step)")
+_CONFIG_VARIANT = flags.DEFINE_string("config_variant", "", "more parts of the opd_smollm2.py variant (after the kind)")
+_NAME = flags.DEFINE_string("name", "opd_step", "experiments/results/<name>/")
 _CONFIG = "experiments/opd_smollm2.py"
 
 
 def _measure(kind: str, variant: str, workdir: str) -> dict:
-    config = load_config(f"{_CONFIG}:{kind}")
+    config = load_config(f"{_CONFIG}:{kind}" + (f",{_CONFIG_VARIANT.value}" if _CONFIG_VARIANT.value else ""))
     o = config.opd
     divergence, _, extra = variant.partition("+")
     o.loss.divergence = divergence
@@ -102,7 +107,7 @@ def main(argv):
     cols = ("drafter", "variant", "batch_size", "prompt_len", "num_rounds", "num_draft_tokens", "seq_len", "step_seconds",
             "rollout_seconds", "rollout_tokens_per_s", "rollout_tau", "step_flops", "temp_mib", "argument_mib",
             "peak_rss_mib", "compile_seconds")
-    write_results("opd_step", {"rows": rows}, markdown_table(rows, cols, "{:.3g}"))
+    write_results(_NAME.value, {"rows": rows}, markdown_table(rows, cols, "{:.3g}"))
 
 
 if __name__ == "__main__":
