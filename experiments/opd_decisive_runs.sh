@@ -6,11 +6,13 @@
 #   SEEDS="s0" KINDS="eagle3" bash experiments/opd_decisive_runs.sh
 #
 # Each run resumes from DIR (a finished stage is not redone), so a stopped script continues where
-# it stopped when started again. Per seed and drafter: Draft-OPD (the reference preset) and
-# continued SFT at its fairly priced FLOPs first (the goal's ratio), then SFT on the rollouts,
-# EAGLE-3's TTT-on-rollouts recipe and our default Draft-OPD; after seed s0, the EAGLE-3 ablations
-# (one reference difference each, probe curves only) and seed s0's main table of every method
-# (experiments/results/main_table_decisive_s0/). ~1 h per EAGLE-3 run on 2 CPU cores.
+# it stopped when started again. The order answers the question soonest (~1 h per run on 2 CPU
+# cores): the goal's pair (Draft-OPD with the reference preset, continued SFT at its fairly priced
+# FLOPs) for both drafters at the first seed; our default Draft-OPD and the EAGLE-3 ablations (one
+# reference difference each, probe curves only); the pair at the other seeds; the other methods
+# (SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default) at the first seed and seed
+# s0's main table of every method (experiments/results/main_table_decisive_s0/); the other methods
+# at the other seeds; the summaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-workdirs/smollm2_scale}
@@ -23,24 +25,29 @@ run() {
   python -m opd.main --config="experiments/opd_smollm2.py:$1" --workdir="$DIR"
 }
 
-for s in $SEEDS; do
+pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at its fairly priced FLOPs
+  for k in $KINDS; do run "$k,plateau,reference,$1"; run "$k,plateau,reference,sft_cont,$1"; done
+}
+others() {  # SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default Draft-OPD
   for k in $KINDS; do
-    run "$k,plateau,reference,$s"
-    run "$k,plateau,reference,sft_cont,$s"
+    run "$k,plateau,reference,sft_rollouts,$1"
+    if [ "$k" = eagle3 ]; then run "eagle3,plateau,reference,ttt_rollouts,$1"; fi
+    run "$k,plateau,$1"
   done
-  for k in $KINDS; do
-    run "$k,plateau,reference,sft_rollouts,$s"
-    if [ "$k" = eagle3 ]; then run "eagle3,plateau,reference,ttt_rollouts,$s"; fi
-    run "$k,plateau,$s"
-  done
-  if [ "$s" = s0 ] && [[ " $KINDS " == *" eagle3 "* ]]; then
-    for a in $ABLATIONS; do run "eagle3,plateau,$a,s0"; done
-  fi
-  if [ "$s" = s0 ] && [ "$KINDS" = "eagle3 dflash" ]; then  # seed s0's main table (all methods, both kinds)
-    echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
-    python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"
-  fi
-done
+}
+read -r first rest <<< "$SEEDS"
+pair "$first"
+if [ "$first" = s0 ] && [[ " $KINDS " == *" eagle3 "* ]]; then  # the ablations, against our default
+  run "eagle3,plateau,s0"
+  for a in $ABLATIONS; do run "eagle3,plateau,$a,s0"; done
+fi
+for s in $rest; do pair "$s"; done
+others "$first"
+if [ "$first" = s0 ] && [ "$KINDS" = "eagle3 dflash" ]; then  # seed s0's main table (all methods, both kinds)
+  echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
+  python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"
+fi
+for s in $rest; do others "$s"; done
 
 python experiments/benchmarks/opd_decisive.py --workdir="$DIR" --drafters="${KINDS// /,}" --seeds="${SEEDS// /,}"
 if [[ " $SEEDS " == *" s0 "* ]] && [[ " $KINDS " == *" eagle3 "* ]]; then  # the ablations against our default

@@ -191,10 +191,13 @@ def test_the_decisive_main_table_evaluates_what_the_decisive_runs_export():
 
 def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     """experiments/opd_decisive_runs.sh with `python` stubbed: every launch is a valid variant
-    of opd_smollm2.py, per seed the reference Draft-OPD and its continued SFT come first, the
-    ablations follow seed s0, and the summaries run last."""
+    of opd_smollm2.py; first the goal's pair (reference Draft-OPD, continued SFT) of seed s0, then
+    our default and the ablations, the pair at the other seeds, the other methods and seed s0's
+    main table; the summaries last."""
     import subprocess
     import sys
+
+    from experiments.opd_smollm2 import ABLATIONS
 
     log = tmp_path / "launches.txt"
     stub = tmp_path / "bin" / "python"
@@ -210,14 +213,12 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     for v in set(variants):
         configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{v}"))
     assert all(f"--workdir={tmp_path / 'w'}" in ln for ln in lines if "opd.main" in ln)
-    assert variants[:4] == ["eagle3,plateau,reference,s0", "eagle3,plateau,reference,sft_cont,s0",
-                            "dflash,plateau,reference,s0", "dflash,plateau,reference,sft_cont,s0"]
-    from experiments.opd_smollm2 import ABLATIONS
-
-    abl = [v for v in variants if "abl_" in v]
-    assert abl == [f"eagle3,plateau,{a},s0" for a in ABLATIONS]
-    assert variants.index(abl[-1]) < variants.index("eagle3,plateau,reference,s1")
-    assert len(variants) == len(set(variants)) == 2 * 9 + len(ABLATIONS)
-    assert all("opd_decisive.py" in ln for ln in lines[-2:]) and "--name=opd_ablations_plateau" in lines[-1]
+    pair = lambda s: [f"eagle3,plateau,reference,{s}", f"eagle3,plateau,reference,sft_cont,{s}",
+                      f"dflash,plateau,reference,{s}", f"dflash,plateau,reference,sft_cont,{s}"]
+    abl = [f"eagle3,plateau,{a},s0" for a in ABLATIONS]
+    assert variants[:4 + 1 + len(abl) + 4] == pair("s0") + ["eagle3,plateau,s0"] + abl + pair("s1")
+    assert len(set(variants)) == 2 * 9 + len(ABLATIONS)  # (our default at s0 is relaunched once: a no-op)
     table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0" in ln]
-    assert len(table) == 1 and "eagle3,plateau,reference,s1" in lines[table[0] + 1]  # after seed s0's runs
+    assert len(table) == 1 and "dflash,plateau,s0 " in lines[table[0] - 1] + " "
+    assert "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
+    assert all("opd_decisive.py" in ln for ln in lines[-2:]) and "--name=opd_ablations_plateau" in lines[-1]
