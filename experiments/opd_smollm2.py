@@ -132,6 +132,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.drafter.init = warmup
         c.sft.name = f"{branch}{tag}"
         c.sft.probe = ml_collections.ConfigDict(c.opd.probe.to_dict())
+        if plateau:  # one reference OPD step is priced as 3.6-5.6 SFT steps (217-334 steps to match its 60):
+            c.sft.probe.every = 40  # ~7 probes, spaced in FLOPs like the OPD run's every 10 steps
         c.sft.match_flops = f"workdir:{opd_run}/{kind}"
         c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
         c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps

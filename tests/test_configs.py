@@ -125,6 +125,7 @@ def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
     cont = load("dflash,plateau,reference,sft_cont,s1")
     assert (cont.sft.name, cont.drafter.init, cont.seed) == ("sft_cont_plateau_reference_s1", "shipped:smollm2_dflash", 2)
     assert cont.sft.match_flops == "workdir:opd_plateau_reference_s1/dflash"
+    assert (opd.opd.probe.every, cont.sft.probe.every) == (10, 40)  # about the same FLOPs apart
     assert cont.sft.data == load("dflash,plateau").sft.data and len(cont.sft.data) == 4  # the plateau run's mix
     with pytest.raises(ValueError, match="at most one of"):
         load("eagle3,plateau,s1,s2")
