@@ -35,6 +35,7 @@ import logging as logging_std
 import os
 import sys
 import time
+import warnings
 from typing import Any, Optional
 
 from absl import logging
@@ -174,6 +175,14 @@ def _quiet_failed_restore_leftovers() -> None:
     logging_std.getLogger("asyncio").addFilter(_DropNeverRetrieved())
 
 
+def _quiet_unawaited_coroutines() -> None:
+    """After a failed restore, orbax's abandoned reads can also be collected as coroutines that
+    were never awaited: Python then warns ("coroutine ... was never awaited" and "Enable
+    tracemalloc ...") at collection, possibly after the run's last line. Installed only once a
+    restore has failed (the stage stops or falls back to an older step)."""
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] = None):
     """(state, data_state) of `step` (default: the latest), its checksum verified; None when
     there is no checkpoint.
@@ -198,6 +207,7 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: Optional[int] =
                                           for a, d in zip(leaves, saved_dtypes)])
         out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(as_saved)}))
     except Exception as e:  # orbax raises many kinds (missing / truncated files, bad metadata, shapes)
+        _quiet_unawaited_coroutines()
         raise CorruptCheckpoint(f"{where}: {_short(e)}") from e
     state = sft.TrainState(*out[STATE])
     if want is None:
