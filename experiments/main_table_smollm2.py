@@ -86,24 +86,26 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             temperatures, batches = (0.0,), (1,)
         elif "t0" in parts or "t1" in parts:  # one temperature's half (its runs are the full table's)
             temperatures = (0.0,) if "t0" in parts else (1.0,)
+    # (drafter, run label in the eval run's name, K, drafter_path or None for n-gram)
+    if "shipped" in parts:
+        entries = [(kind, run, K, f"shipped:{run}") for kind, run, K in drafters]
+    else:
+        entries = [(kind, run, K, f"workdir:export/{run}_{kind}" if run else None) for kind, run, K in drafters]
     seed = seeds[0] if seeds else "s0"
     if "decisive" in parts:
         c.eval.max_new_tokens = 128
         c.eval.num_prompts = 16
-        drafters = tuple((kind, f"shipped:{run}", K) for kind, run, K in SHIPPED) + tuple(
-            (kind, f"{run}_{seed}", K) for kind, run, K in DECISIVE)
+        entries = ([(kind, f"shipped_{run}", K, f"shipped:{run}") for kind, run, K in SHIPPED]  # the start
+                   + [(kind, f"{run}_{seed}", K, f"workdir:export/{run}_{seed}_{kind}") for kind, run, K in DECISIVE])
     for temperature in temperatures:
         for batch in batches:
-            for drafter, run, K in drafters:
+            for drafter, run, K, path in entries:
                 for ps in PROMPT_SETS:
-                    label = run.replace("shipped:", "shipped_")
-                    r = dict(name=f"main_{drafter}{'_' + label if run else ''}_{ps}_t{temperature:g}_b{batch}",
+                    r = dict(name=f"main_{drafter}{'_' + run if run else ''}_{ps}_t{temperature:g}_b{batch}",
                              drafter=drafter, prompt_set=ps, temperature=temperature, batch_size=batch,
                              num_draft_tokens=K)
-                    if run.startswith("shipped:"):  # the decisive table's start
-                        r["drafter_path"] = run
-                    elif run:
-                        r["drafter_path"] = f"shipped:{run}" if "shipped" in parts else f"workdir:export/{run}_{drafter}"
+                    if path:
+                        r["drafter_path"] = path
                     if "shipped" in parts:
                         r["num_prompts"] = 16 if "quick" in parts else SET_SIZES[ps]
                     c.eval.runs.append(r)

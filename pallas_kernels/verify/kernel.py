@@ -76,9 +76,8 @@ from pallas_kernels.verify import common, split
 FORMULATIONS = ("grid", "split")
 # grid (TPU): (K+1, 8192) float32 blocks are 0.5 MiB at K = 15, double-buffered well inside
 # the 16 MiB default scoped VMEM, and few enough grid steps (~19 at V = 152k) that the
-# per-step overhead does not dominate.  split (GPU): by the logits' width, `split.default_block_v`
-# (the float32 tile is listed here).
-DEFAULT_BLOCK_V = {"grid": 8192, "split": split.DEFAULT_BLOCK_V}
+# per-step overhead does not dominate.  split (GPU): by the logits' width, `split.default_block_v`.
+GRID_BLOCK_V = 8192
 MIN_BLOCK_V = 128  # TPU lane width; also a power of two as Triton wants
 _NEG_INF = float("-inf")
 
@@ -95,7 +94,7 @@ class BlockSizes:
       tiles (at least one); None picks it from the shapes (`split.plan`).
     """
 
-    block_v: int = DEFAULT_BLOCK_V["grid"]
+    block_v: int = GRID_BLOCK_V
     chunk_v: int | None = None
 
     def __post_init__(self):
@@ -138,7 +137,7 @@ def verify(
       key: PRNG key; may be None when temperature == 0.
       temperature, top_k, top_p: as `opd.decoding.sampling.SamplingParams` (static).
       block_v: vocabulary tile (static), see `BlockSizes`; None: the default of the formulation
-        that runs (grid: `DEFAULT_BLOCK_V`; split: `split.default_block_v` of the logits' dtype).
+        that runs (grid: `GRID_BLOCK_V`; split: `split.default_block_v` of the logits' dtype).
       chunk_v: split formulation only (static), see `BlockSizes`.
       formulation: "grid" | "split" | None (static): None picks by the lowering platform
         (module docstring: TPU grid, CUDA/ROCm split, else grid).
@@ -161,7 +160,7 @@ def verify(
         """The round with the formulation fixed (its block sizes checked now, before tracing)."""
         f = formulation or default_formulation
         interp = default_interpret if interpret is None else interpret
-        default = split.default_block_v(target_logits_BKV1.dtype) if f == "split" else DEFAULT_BLOCK_V[f]
+        default = split.default_block_v(target_logits_BKV1.dtype) if f == "split" else GRID_BLOCK_V
         return functools.partial(_verify, sp=sp, formulation=f, interpret=interp,
                                  sizes=BlockSizes(block_v or default, chunk_v))
 

@@ -43,17 +43,17 @@ DEFAULT_BLOCK_V = 1024  # 4 KiB of float32 per load: 128 threads x 2 x 16-byte v
 # (greedy 0.67 -> 0.73 of HBM peak, sampling 0.33 -> 0.37; experiments/results/verify_kernel_h200/
 # block_v_sweep.txt); float32 at 1024 already reads at 0.81 there.
 DEFAULT_BLOCK_V_2BYTE = 4096
-
-
-def default_block_v(dtype) -> int:
-    """The tile `verify` uses on GPU when none is given: by the logits' width."""
-    return DEFAULT_BLOCK_V_2BYTE if jnp.dtype(dtype).itemsize == 2 else DEFAULT_BLOCK_V
 NUM_WARPS = 4
 NUM_STAGES = 3  # Triton's software pipelining depth of the tile loop
 # Programs a reduction aims for when chunk_v is not given: several per SM of an H100/H200
 # (132 SMs), so that enough loads are in flight to keep HBM busy at small B * K1.
 TARGET_PROGRAMS = 1024
 _NEG_INF = float("-inf")
+
+
+def default_block_v(dtype) -> int:
+    """The tile `verify` uses on GPU when none is given: by the logits' width."""
+    return DEFAULT_BLOCK_V_2BYTE if jnp.dtype(dtype).itemsize == 2 else DEFAULT_BLOCK_V
 
 
 class Plan(NamedTuple):
