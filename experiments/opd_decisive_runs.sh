@@ -12,7 +12,9 @@
 # reference difference each, probe curves only); the pair at the other seeds; the other methods
 # (SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default) at the first seed and seed
 # s0's main table of every method (experiments/results/main_table_decisive_s0/); the other methods
-# at the other seeds; the summaries.
+# at the other seeds. After every run the summaries are rewritten; they keep each run's probe curve
+# in experiments/results/<summary>/runs/, so commit that folder as runs finish: a later session on a
+# machine without DIR summarises from there (DIR's data is rebuilt by the next run's stages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-workdirs/smollm2_scale}
@@ -20,9 +22,19 @@ SEEDS=${SEEDS:-"s0 s1 s2"}
 KINDS=${KINDS:-"eagle3 dflash"}
 ABLATIONS=$(python -c "from experiments.opd_smollm2 import ABLATIONS; print(*ABLATIONS)")
 
+summaries() {  # the decisive summary; the ablations' against our default
+  python experiments/benchmarks/opd_decisive.py --workdir="$DIR" --drafters="${KINDS// /,}" --seeds="${SEEDS// /,}"
+  if [[ " $SEEDS " == *" s0 "* ]] && [[ " $KINDS " == *" eagle3 "* ]]; then
+    abl=opd_plateau; for a in $ABLATIONS; do abl="$abl,opd_plateau_$a"; done
+    python experiments/benchmarks/opd_decisive.py --workdir="$DIR" --drafters=eagle3 --seeds=s0 --methods="$abl" \
+        --baseline=opd_plateau --name=opd_ablations_plateau
+  fi
+}
+
 run() {
   echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$1"
   python -m opd.main --config="experiments/opd_smollm2.py:$1" --workdir="$DIR"
+  summaries || echo "(a summary has no runs yet)"
 }
 
 pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at its fairly priced FLOPs
@@ -48,10 +60,4 @@ if [ "$first" = s0 ] && [ "$KINDS" = "eagle3 dflash" ]; then  # seed s0's main t
   python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"
 fi
 for s in $rest; do others "$s"; done
-
-python experiments/benchmarks/opd_decisive.py --workdir="$DIR" --drafters="${KINDS// /,}" --seeds="${SEEDS// /,}"
-if [[ " $SEEDS " == *" s0 "* ]] && [[ " $KINDS " == *" eagle3 "* ]]; then  # the ablations against our default
-  abl=opd_plateau; for a in $ABLATIONS; do abl="$abl,opd_plateau_$a"; done
-  python experiments/benchmarks/opd_decisive.py --workdir="$DIR" --drafters=eagle3 --seeds=s0 --methods="$abl" \
-      --baseline=opd_plateau --name=opd_ablations_plateau
-fi
+summaries

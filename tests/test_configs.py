@@ -194,7 +194,7 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     """experiments/opd_decisive_runs.sh with `python` stubbed: every launch is a valid variant
     of opd_smollm2.py; first the goal's pair (reference Draft-OPD, continued SFT) of seed s0, then
     our default and the ablations, the pair at the other seeds, the other methods and seed s0's
-    main table; the summaries last."""
+    main table; the summaries after every run and last."""
     import subprocess
     import sys
 
@@ -209,7 +209,11 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SEEDS": "s0 s1", "PYTHONPATH": REPO}
     subprocess.run(["bash", os.path.join(REPO, "experiments", "opd_decisive_runs.sh"), str(tmp_path / "w")],
                    check=True, env=env, cwd=tmp_path)
-    lines = log.read_text().splitlines()
+    logged = log.read_text().splitlines()
+    # after every run the summaries are rewritten (they keep each run's curve with the results)
+    runs = [i for i, ln in enumerate(logged) if "opd_smollm2.py:" in ln]
+    assert all("opd_decisive.py" in logged[i + 1] and "opd_ablations_plateau" in logged[i + 2] for i in runs)
+    lines = [ln for ln in logged if "opd_decisive.py" not in ln]
     variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in lines if "opd_smollm2.py:" in ln]
     for v in set(variants):
         configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{v}"))
@@ -222,4 +226,4 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0" in ln]
     assert len(table) == 1 and "dflash,plateau,s0 " in lines[table[0] - 1] + " "
     assert "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
-    assert all("opd_decisive.py" in ln for ln in lines[-2:]) and "--name=opd_ablations_plateau" in lines[-1]
+    assert all("opd_decisive.py" in ln for ln in logged[-2:]) and "--name=opd_ablations_plateau" in logged[-1]

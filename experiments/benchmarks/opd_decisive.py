@@ -7,7 +7,10 @@ continued SFT at matched fairly priced FLOPs and at matched optimizer steps.
       --baseline=sft_cont_plateau_reference   # -> experiments/results/opd_decisive/
 
 For each drafter kind and method it reads DIR/<method>_<seed>/<kind>/metrics.jsonl (the probe
-rows: held-out τ with the cumulative FLOPs and the step) and reports
+rows: held-out τ with the cumulative FLOPs and the step) and the curves an earlier summary kept in
+experiments/results/<name>/runs/<kind>/<method>_<seed>.jsonl (the longer of the two wins; every
+curve read is kept there again), so a summary spans sessions and machines whose workdirs are gone
+(commit the results folder after each run), and reports
   * τ at the common FLOPs budget (the smallest final FLOPs of any run, the curve interpolated
     linearly there) and at the common step count, as the mean over seeds with a 95 % t interval;
   * the ratio to the baseline at matched FLOPs, paired by seed, with its interval (the issue's
@@ -16,6 +19,7 @@ and plots τ against the FLOPs each run spent beyond the shipped drafter (mean o
 seeds' range shaded).
 """
 
+import json
 import os
 
 import numpy as np
@@ -36,18 +40,35 @@ _NAME = flags.DEFINE_string("name", "opd_decisive", "experiments/results/<name>/
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "where the results go (default experiments/results/<name>/)")
 
 
-def load_runs(workdir: str, methods, seeds, kind: str) -> dict:
-    """{method: {seed: [(step, flops, tau), ...]}} of the runs that exist (probe rows, by step)."""
+def _probe_rows(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    return sorted((r["step"], r["flops"], r["probe_tau"]) for r in read_jsonl(path) if r.get("probe_tau") is not None)
+
+
+def load_runs(workdir: str, methods, seeds, kind: str, kept_dir: str | None = None) -> dict:
+    """{method: {seed: [(step, flops, tau), ...]}} of the runs that exist (probe rows, by step):
+    DIR/<method>_<seed>/<kind>/metrics.jsonl, or the curve kept in `kept_dir`/<kind>/ where that
+    one reaches a later step (a workdir lost with its machine, or a run restarted elsewhere)."""
     out: dict = {}
     for m in methods:
         for s in seeds:
-            path = os.path.join(workdir, f"{m}_{s}", kind, "metrics.jsonl")
-            if os.path.isfile(path):
-                rows = sorted((r["step"], r["flops"], r["probe_tau"]) for r in read_jsonl(path)
-                              if r.get("probe_tau") is not None)
-                if rows:
-                    out.setdefault(m, {})[s] = rows
+            rows = _probe_rows(os.path.join(workdir, f"{m}_{s}", kind, "metrics.jsonl"))
+            kept = _probe_rows(os.path.join(kept_dir, kind, f"{m}_{s}.jsonl")) if kept_dir else []
+            if kept and (not rows or kept[-1][0] > rows[-1][0]):
+                rows = kept
+            if rows:
+                out.setdefault(m, {})[s] = rows
     return out
+
+
+def keep_runs(runs: dict, kept_dir: str, kind: str) -> None:
+    """Writes every curve of `runs` to `kept_dir`/<kind>/<method>_<seed>.jsonl (probe rows only)."""
+    os.makedirs(os.path.join(kept_dir, kind), exist_ok=True)
+    for method, seeds in runs.items():
+        for seed, rows in seeds.items():
+            with open(os.path.join(kept_dir, kind, f"{method}_{seed}.jsonl"), "w") as f:
+                f.writelines(json.dumps({"step": st, "flops": fl, "probe_tau": tau}) + "\n" for st, fl, tau in rows)
 
 
 def at(rows, x: float, axis: int) -> float:
@@ -115,15 +136,17 @@ def plot(curves: dict, path: str) -> None:
 def main(argv):
     del argv
     curves, table, budgets = {}, [], {}
+    out_dir = _OUT_DIR.value or os.path.join(RESULTS_ROOT, _NAME.value)
+    kept_dir = os.path.join(out_dir, "runs")
     for kind in _KINDS.value:
-        runs = load_runs(_WORKDIR.value, _METHODS.value, _SEEDS.value, kind)
+        runs = load_runs(_WORKDIR.value, _METHODS.value, _SEEDS.value, kind, kept_dir)
         if runs:
+            keep_runs(runs, kept_dir, kind)
             rows, budgets[kind] = summarise(runs, _BASELINE.value)
             table += [{"drafter": kind, **r} for r in rows]
             curves[kind] = runs
     if not table:
-        raise SystemExit(f"no probe rows under {_WORKDIR.value}/<method>_<seed>/<kind>/metrics.jsonl")
-    out_dir = _OUT_DIR.value or os.path.join(RESULTS_ROOT, _NAME.value)
+        raise SystemExit(f"no probe rows under {_WORKDIR.value}/<method>_<seed>/<kind>/metrics.jsonl or {kept_dir}")
     os.makedirs(out_dir, exist_ok=True)
     plot(curves, os.path.join(out_dir, f"{_NAME.value}.png"))
     md = markdown_table(table, COLUMNS, "{:.3f}")

@@ -57,3 +57,12 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert [r["method"] for r in saved["rows"]] == ["opd", "sft"] and (tmp_path / "out" / "opd_decisive.png").exists()
+
+    # the curves are kept with the results: a machine whose workdir is gone summarises the same
+    kept = tmp_path / "out" / "runs"
+    assert mod.load_runs(str(tmp_path / "gone"), ["opd", "sft"], ["s0", "s1", "s2"], "eagle3", str(kept)) == runs
+    # a kept curve that reaches a later step wins over a shorter one in the workdir (a restart elsewhere)
+    os.rename(tmp_path / "opd_s0", tmp_path / "opd_s0_full")
+    _write(tmp_path, "opd_s0", "eagle3", [(0, F0, 1.30)])
+    assert mod.load_runs(str(tmp_path), ["opd"], ["s0"], "eagle3", str(kept))["opd"]["s0"] == runs["opd"]["s0"]
+    assert mod.load_runs(str(tmp_path), ["opd"], ["s0"], "eagle3")["opd"]["s0"] == [(0, F0, 1.30)]
