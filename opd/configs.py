@@ -137,7 +137,7 @@ def default_config() -> CD:
     c.sft.packing = False  # several sequences per row, each attending only within itself (target and drafter)
     c.sft.batch_size = 8  # rows per step (all processes)
     c.sft.num_steps = 200  # optimizer steps
-    c.sft.match_flops = ""  # train to the cumulative FLOPs this run dir ended at (overrides num_steps)
+    c.sft.match_flops = ""  # train to the cumulative FLOPs this run dir (or metrics JSONL) ended at (overrides num_steps)
     c.sft.skip_batches = 0  # a new run first skips this many batches of its data order: a leg continued from
     # an exported drafter (`drafter.init`, same seed and data) whose checkpoints are gone reads on where it stopped
     c.sft.log_every = 10  # steps between metrics rows (means over them)

@@ -190,40 +190,79 @@ def test_the_decisive_main_table_evaluates_what_the_decisive_runs_export():
         configs.load_config(f"{path}:shipped,s1")
 
 
-def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
-    """experiments/opd_decisive_runs.sh with `python` stubbed: every launch is a valid variant
-    of opd_smollm2.py; first the goal's pair (reference Draft-OPD, continued SFT) of seed s0, then
-    our default and the ablations, the pair at the other seeds, the other methods and seed s0's
-    main table; the summaries after every run and last."""
+def _decisive_runner(tmp_path, workdir, **env):
+    """experiments/opd_decisive_runs.sh with `python` stubbed (`python -c` runs for real; launches
+    and summaries are only logged), results under tmp_path/results: (the logged lines, stdout)."""
     import subprocess
     import sys
 
-    from experiments.opd_smollm2 import ABLATIONS
-
     log = tmp_path / "launches.txt"
+    log.unlink(missing_ok=True)
     stub = tmp_path / "bin" / "python"
-    stub.parent.mkdir()
-    # `python -c ...` (the ablation list) runs for real; launches and summaries are only logged
+    stub.parent.mkdir(exist_ok=True)
     stub.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\necho "$@" >> {log}\n')
     stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SEEDS": "s0 s1", "PYTHONPATH": REPO}
-    subprocess.run(["bash", os.path.join(REPO, "experiments", "opd_decisive_runs.sh"), str(tmp_path / "w")],
-                   check=True, env=env, cwd=tmp_path)
-    logged = log.read_text().splitlines()
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "PYTHONPATH": REPO,
+           "RESULTS": str(tmp_path / "results"), **env}
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "opd_decisive_runs.sh"), str(workdir)],
+                         check=True, env=env, cwd=tmp_path, capture_output=True, text=True)
+    return (log.read_text().splitlines() if log.exists() else []), out.stdout
+
+
+def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
+    """experiments/opd_decisive_runs.sh: every launch is a valid variant of opd_smollm2.py; first
+    the goal's pair (reference Draft-OPD, continued SFT) of seed s0, then our default and the
+    ablations, the pair at the other seeds, the other methods and seed s0's main table; the
+    summaries after every run and last; every run once (the ledger), also when started again."""
+    from experiments.main_table_smollm2 import DECISIVE
+    from experiments.opd_smollm2 import ABLATIONS
+
+    w = tmp_path / "w"  # what the runs leave in DIR: the rollouts and the exports
+    for k, r, _ in DECISIVE:
+        (w / "export" / f"{r}_s0_{k}").mkdir(parents=True)
+        for s in ("s0", "s1"):
+            (w / f"opd_plateau_reference_{s}" / k / "rollouts").mkdir(parents=True, exist_ok=True)
+    logged, _ = _decisive_runner(tmp_path, w, SEEDS="s0 s1")
     # after every run the summaries are rewritten (they keep each run's curve with the results)
     runs = [i for i, ln in enumerate(logged) if "opd_smollm2.py:" in ln]
     assert all("opd_decisive.py" in logged[i + 1] and "opd_ablations_plateau" in logged[i + 2] for i in runs)
+    assert all(f"--out_dir={tmp_path / 'results'}/" in ln for ln in logged if "opd_decisive.py" in ln)
     lines = [ln for ln in logged if "opd_decisive.py" not in ln]
     variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in lines if "opd_smollm2.py:" in ln]
     for v in set(variants):
         configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{v}"))
-    assert all(f"--workdir={tmp_path / 'w'}" in ln for ln in lines if "opd.main" in ln)
+    assert all(f"--workdir={w}" in ln for ln in lines if "opd.main" in ln)
     pair = lambda s: [f"eagle3,plateau,reference,{s}", f"eagle3,plateau,reference,sft_cont,{s}",
                       f"dflash,plateau,reference,{s}", f"dflash,plateau,reference,sft_cont,{s}"]
     abl = [f"eagle3,plateau,{a},s0" for a in ABLATIONS]
     assert variants[:4 + 1 + len(abl) + 4] == pair("s0") + ["eagle3,plateau,s0"] + abl + pair("s1")
-    assert len(set(variants)) == 2 * 9 + len(ABLATIONS)  # (our default at s0 is relaunched once: a no-op)
+    assert len(variants) == len(set(variants)) == 2 * 9 + len(ABLATIONS)  # our default at s0 once (the ledger)
+    assert "--config.sft.match_flops" not in " ".join(lines)  # the Draft-OPD runs are in DIR
     table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0" in ln]
     assert len(table) == 1 and "dflash,plateau,s0 " in lines[table[0] - 1] + " "
     assert "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
     assert all("opd_decisive.py" in ln for ln in logged[-2:]) and "--name=opd_ablations_plateau" in logged[-1]
+    ledger = (tmp_path / "results" / "opd_decisive" / "finished.txt").read_text().splitlines()
+    assert sorted(ln.split("\t")[0] for ln in ledger) == sorted(variants + ["main_table:decisive,s0"])
+    # started again: nothing is launched, the summaries are rewritten
+    again, _ = _decisive_runner(tmp_path, w, SEEDS="s0 s1")
+    assert again and all("opd_decisive.py" in ln for ln in again)
+
+
+def test_the_decisive_runner_continues_on_a_machine_without_the_workdir(tmp_path):
+    """A new machine (empty DIR) with the results of an earlier one: the finished Draft-OPD run is
+    skipped, continued SFT matches its FLOPs from the kept curve, SFT on its rollouts reruns it
+    first (the rollouts were in the lost DIR), the main table says which exports are missing."""
+    kept = tmp_path / "results" / "opd_decisive" / "runs" / "eagle3" / "opd_plateau_reference_s0.jsonl"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"step": 0, "flops": 8e14, "probe_tau": 1.45}\n{"step": 60, "flops": 8.2e14, "probe_tau": 1.5}\n')
+    (tmp_path / "results" / "opd_decisive" / "finished.txt").write_text("eagle3,plateau,reference,s0\t-\t-\n")
+    logged, out = _decisive_runner(tmp_path, tmp_path / "new", SEEDS="s0")
+    launches = [ln for ln in logged if "opd.main" in ln]
+    assert "opd_smollm2.py:eagle3,plateau,reference,sft_cont,s0" in launches[0]
+    assert launches[0].endswith(f"--config.sft.match_flops={kept}")
+    i = next(i for i, ln in enumerate(launches) if "sft_rollouts" in ln)
+    assert launches[i - 1].split()[2:] == ["--config=experiments/opd_smollm2.py:eagle3,plateau,reference,s0",
+                                           f"--workdir={tmp_path / 'new'}"]
+    assert not any("main_table_smollm2" in ln for ln in launches)
+    assert f"main_table_smollm2.py:decisive,s0 skipped: {tmp_path / 'new'}/export/ lacks opd_plateau_reference_s0_eagle3" in out

@@ -229,11 +229,14 @@ def init_flops(path: str) -> int:
         return int(json.load(f).get("flops", 0))
 
 
-def final_flops(stage_dir: str) -> float:
-    """The cumulative training FLOPs a finished run ended at (last row of its metrics.jsonl)."""
-    rows = [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl")) if r.get("flops") is not None]
+def final_flops(run: str) -> float:
+    """The cumulative training FLOPs a finished run ended at: the last row of its metrics.jsonl
+    (`run` its stage dir) or of a metrics JSONL file (`run` the file, e.g. a probe curve kept with
+    the results, whose last row is the final step's)."""
+    path = run if os.path.isfile(run) else os.path.join(run, "metrics.jsonl")
+    rows = [r for r in read_jsonl(path) if r.get("flops") is not None] if os.path.isfile(path) else []
     if not rows:
-        raise FileNotFoundError(f"config.sft.match_flops: no finished run in {stage_dir} (no metrics.jsonl with "
+        raise FileNotFoundError(f"config.sft.match_flops: no finished run at {run} (no metrics JSONL with "
                                 "FLOPs); run that stage first")
     return float(rows[-1]["flops"])
 

@@ -361,6 +361,12 @@ def test_matched_steps_start_from_the_runs_own_flops(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "flops": 1000.0}\n')
     assert matched_steps(str(tmp_path), 0, 100) == 10
     assert matched_steps(str(tmp_path), 300, 100) == 7  # e.g. a warm-up's FLOPs it continues
+    # or a metrics file: a run's probe curve kept with the results after its workdir is gone
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text('{"step": 0, "flops": 0.0, "probe_tau": 1.4}\n{"step": 5, "flops": 2000.0, "probe_tau": 1.5}\n')
+    assert matched_steps(str(kept), 0, 100) == 20
+    with pytest.raises(FileNotFoundError, match="no finished run at"):
+        matched_steps(str(tmp_path / "gone"), 0, 100)
 
 
 def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_path, monkeypatch):
