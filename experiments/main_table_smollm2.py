@@ -16,7 +16,7 @@ on every prompt of each set (MT-Bench 80, HumanEval 164; AlpacaEval: the 87 held
 training probes do not use)
 at 128 new tokens (~5 hours on this CPU; n-gram's own table is `experiments/results/ngram_spec/`);
 `shipped,t0` / `shipped,t1`: one temperature's half of it (the same runs, reported alone, e.g.
-while the other half is still running); `shipped,quick`: the shipped drafters alone on the first
+while the other half is still running), `b1` / `b4` likewise one batch size's; `shipped,quick`: the shipped drafters alone on the first
 16 prompts of each set at T = 0, batch 1.
 
   python -m opd.main --config=experiments/main_table_smollm2.py:shipped --workdir=workdirs/main_shipped
@@ -58,17 +58,19 @@ SEEDS = ("s0", "s1", "s2")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "decisive") + SEEDS,
+    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "b1", "b4", "decisive") + SEEDS,
                           "experiments/main_table_smollm2.py")
     seeds = [p for p in parts if p in SEEDS]
     if seeds and ("decisive" not in parts or len(seeds) > 1):
         raise ValueError("experiments/main_table_smollm2.py: a seed (s0, s1, s2) goes with `decisive`, one at a time")
     if "decisive" in parts and "shipped" in parts:
         raise ValueError("experiments/main_table_smollm2.py: `decisive` and `shipped` are two tables: name one")
-    if ("quick" in parts or "t0" in parts or "t1" in parts) and "shipped" not in parts:
-        raise ValueError("experiments/main_table_smollm2.py: `quick`, `t0` and `t1` are parts of the `shipped` table")
-    if "t0" in parts and "t1" in parts:
-        raise ValueError("experiments/main_table_smollm2.py: `t0` and `t1` are halves of one table: name one (or neither)")
+    if {"quick", "t0", "t1", "b1", "b4"} & set(parts) and "shipped" not in parts:
+        raise ValueError("experiments/main_table_smollm2.py: `quick`, `t0`, `t1`, `b1` and `b4` are parts of the "
+                         "`shipped` table")
+    if "t0" in parts and "t1" in parts or "b1" in parts and "b4" in parts:
+        raise ValueError("experiments/main_table_smollm2.py: `t0` and `t1` (`b1` and `b4`) are halves of one table: "
+                         "name one (or neither)")
     c = default_config()
     c.stages = ("fetch_assets", "eval", "report")
     c.assets = ("smollm2_gguf", "alpacaeval", "mtbench", "humaneval")
@@ -84,8 +86,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         drafters = SHIPPED
         if "quick" in parts:  # ~10 minutes
             temperatures, batches = (0.0,), (1,)
-        elif "t0" in parts or "t1" in parts:  # one temperature's half (its runs are the full table's)
-            temperatures = (0.0,) if "t0" in parts else (1.0,)
+        else:  # one temperature's / batch size's part (its runs are the full table's)
+            if "t0" in parts or "t1" in parts:
+                temperatures = (0.0,) if "t0" in parts else (1.0,)
+            if "b1" in parts or "b4" in parts:
+                batches = (1,) if "b1" in parts else (4,)
     # (drafter, run label in the eval run's name, K, drafter_path or None for n-gram)
     if "shipped" in parts:
         entries = [(kind, run, K, f"shipped:{run}") for kind, run, K in drafters]
@@ -112,7 +117,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.report.results_name = "main_table"  # (the curves are experiments/benchmarks/opd_curves.py's figure)
     if "shipped" in parts:
-        c.report.results_name = "main_table_shipped" + "".join(f"_{p}" for p in ("quick", "t0", "t1") if p in parts)
+        c.report.results_name = "main_table_shipped" + "".join(f"_{p}" for p in ("quick", "t0", "t1", "b1", "b4") if p in parts)
     if "decisive" in parts:
         c.report.results_name = f"main_table_decisive_{seed}"
     return c

@@ -21,7 +21,8 @@ VARIANTS = {  # every experiment config with a few variants each
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
                        "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny", "eagle3,plateau,abl_suffix,s0"],
     "quickstart.py": ["", "tiny"],
-    "main_table_smollm2.py": ["", "shipped", "shipped,quick", "shipped,t0", "shipped,t1", "decisive", "decisive,s2"],
+    "main_table_smollm2.py": ["", "shipped", "shipped,quick", "shipped,t0", "shipped,t1", "shipped,t1,b4", "decisive",
+                              "decisive,s2"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
 }
 
@@ -166,6 +167,13 @@ def test_a_half_of_the_shipped_main_table_reports_the_full_tables_runs():
     assert [h.report.results_name for h in halves] == ["main_table_shipped_t0", "main_table_shipped_t1"]
     with pytest.raises(ValueError, match="halves of one table"):
         configs.load_config(f"{path}:shipped,t0,t1")
+    # `b1` / `b4`: one batch size's runs (a quarter with a temperature)
+    quarter = configs.load_config(f"{path}:shipped,t1,b1")
+    assert quarter.eval.runs and all(r == full[r["name"]] for r in quarter.eval.runs)
+    assert {(r["temperature"], r["batch_size"]) for r in quarter.eval.runs} == {(1.0, 1)}
+    assert len(quarter.eval.runs) == len(full) // 4 and quarter.report.results_name == "main_table_shipped_t1_b1"
+    with pytest.raises(ValueError, match="halves of one table"):
+        configs.load_config(f"{path}:shipped,b1,b4")
 
 
 def test_the_decisive_main_table_evaluates_what_the_decisive_runs_export():
