@@ -40,13 +40,15 @@ summaries() {  # the decisive summary; the ablations' against our default
 
 LEDGER="$RESULTS/opd_decisive/finished.txt"
 mkdir -p "$(dirname "$LEDGER")" && touch "$LEDGER"
+finished() { grep -qx "$1" <(cut -f1 "$LEDGER"); }  # finished NAME: is it in the ledger?
+record() { printf '%s\t%s\t%s\n' "$1" "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo -)" >> "$LEDGER"; }
 
 run() {  # run VARIANT [--config.x=y ...]: once (the ledger), then the summaries
-  if grep -qx "$1" <(cut -f1 "$LEDGER"); then echo "=== opd_smollm2.py:$1: finished (in $LEDGER)"; return; fi
+  if finished "$1"; then echo "=== opd_smollm2.py:$1: finished (in $LEDGER)"; return; fi
   echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$1"
   python -m opd.main --config="experiments/opd_smollm2.py:$1" --workdir="$DIR" "${@:2}"
   summaries || echo "(a summary has no runs yet)"
-  printf '%s\t%s\t%s\n' "$1" "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo -)" >> "$LEDGER"
+  record "$1"
 }
 
 pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at its fairly priced FLOPs
@@ -63,7 +65,7 @@ others() {  # SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default
     local todo=("$k,plateau,reference,sft_rollouts,$1")
     if [ "$k" = eagle3 ]; then todo+=("eagle3,plateau,reference,ttt_rollouts,$1"); fi
     for v in "${todo[@]}"; do
-      if ! grep -qx "$v" <(cut -f1 "$LEDGER") && [ ! -d "$DIR/opd_plateau_reference_$1/$k/rollouts" ]; then
+      if ! finished "$v" && [ ! -d "$DIR/opd_plateau_reference_$1/$k/rollouts" ]; then
         echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$k,plateau,reference,$1 again: $v trains on its rollouts, not in $DIR"
         python -m opd.main --config="experiments/opd_smollm2.py:$k,plateau,reference,$1" --workdir="$DIR"
       fi
@@ -80,10 +82,10 @@ from experiments.main_table_smollm2 import DECISIVE
 print(*[f'{r}_s0_{k}' for k, r, _ in DECISIVE if not os.path.isdir(os.path.join('$DIR', 'export', f'{r}_s0_{k}'))])")
   if [ -n "$missing" ]; then
     echo "=== main_table_smollm2.py:decisive,s0 skipped: $DIR/export/ lacks $missing (run them again in one DIR)"
-  elif ! grep -qx "main_table:decisive,s0" <(cut -f1 "$LEDGER"); then
+  elif ! finished "main_table:decisive,s0"; then
     echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
     python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"
-    printf '%s\t%s\t%s\n' "main_table:decisive,s0" "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD 2>/dev/null || echo -)" >> "$LEDGER"
+    record "main_table:decisive,s0"
   fi
 }
 read -r first rest <<< "$SEEDS"
