@@ -24,7 +24,8 @@ prompt, gradient accumulation to >= 4k supervised positions per update; its runs
 in the repo (`shipped:smollm2_<kind>`, issue 15) instead of a warm-up; Draft-OPD rolls out the
 AlpacaEval-train prompts, continued SFT trains on the plateau run's data mix (a fresh shuffle:
 partly data the drafter read, as continuing SFT on one's dataset does), and every run is probed
-on 64 held-out prompts x 128 tokens. Run it in the plateau run's DIR (the data is there), with a
+on 64 held-out prompts x 128 tokens. The answers ship in the repo (`data:smollm2_alpacaeval_answers`)
+and the text corpus is rebuilt in seconds, so any DIR works; give a
 seed part `s0`/`s1`/`s2` (config.seed 1/2/3, and a run-name suffix), e.g.
   python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,reference,s1 --workdir=workdirs/smollm2_scale
   python -m opd.main --config=experiments/opd_smollm2.py:eagle3,plateau,reference,sft_cont,s1 --workdir=workdirs/smollm2_scale
@@ -123,8 +124,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.opd.probe.every = 20  # every ablation is probed at steps 0, 20, 40, 60
 
     if branch == "opd" and plateau:  # from the shipped drafter: no warm-up; AlpacaEval-train prompts
-        c.stages = ("fetch_assets", "regenerate", "opd", f"export:{opd_run}", "eval")
-        c.opd.data = ("workdir:regenerate/alpacaeval",)
+        c.stages = ("fetch_assets", "opd", f"export:{opd_run}", "eval")
+        c.opd.data = c.sft.data[:1]  # the plateau run's answers to them, shipped in the repo (`data:`)
     elif branch == "opd":
         c.stages = ("fetch_assets", "regenerate", "sft", "export:sft", "opd", f"export:{opd_run}", "eval")
     else:  # a baseline: SFT from the warm-up to the OPD run's cumulative FLOPs
@@ -138,7 +139,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.sft.optimizer.learning_rate = c.opd.optimizer.learning_rate
         c.sft.optimizer.warmup_steps = c.opd.optimizer.warmup_steps
         if branch == "sft_cont" and plateau:  # the plateau run's data mix, shuffled by the seed
-            c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft", f"export:{branch}{tag}", "eval")
+            c.stages = ("fetch_assets", "text_corpus", "sft", f"export:{branch}{tag}", "eval")
         elif branch == "sft_cont":
             c.sft.feature_cache_dir = f"workdir:sft/{kind}/features"  # the warm-up's cache (same data)
         else:

@@ -5,10 +5,16 @@ stdlib code, Python docs; evaluation prompts removed) into trajectory shards.
   python -m opd.main --config=experiments/regenerate_smollm2.py:tiny --workdir=/tmp/regen   # seconds
   python -m opd.main --config=experiments/regenerate_smollm2.py:scale --workdir=workdirs/smollm2_scale   # hours
   python -m opd.main --config=experiments/regenerate_smollm2.py:text --workdir=workdirs/smollm2_text   # ~35 s
+  python -m opd.main --config=experiments/regenerate_smollm2.py:answers --workdir=workdirs/answers   # ~0.5 h
+  python experiments/ship_data.py --src=workdirs/answers/regenerate/alpacaeval --name=smollm2_alpacaeval_answers
 
 `scale`: every training prompt of each source (AlpacaEval train split 652, stdlib code 9714,
 Python docs), answered by plain batched greedy decoding at batch 32 (on this CPU faster per
 token than n-gram speculative decoding at batch 4), resumable shard by shard.
+
+`answers`: `scale` for the AlpacaEval train split alone: the answers the plateau SFT runs and the
+Draft-OPD experiments from them train on, shipped in the repo (`data:smollm2_alpacaeval_answers`,
+by experiments/ship_data.py, the second command above).
 
 `text`: no generation (stage `text_corpus`, `opd.data.text_corpus`): every stdlib function's
 source and the Python docs' prose as assistant turns, tokenised with SmolLM2's tokenizer, max 256
@@ -25,7 +31,7 @@ from opd.configs import default_config, variant_parts
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("tiny", "scale", "text"), "experiments/regenerate_smollm2.py")
+    parts = variant_parts(variant, ("tiny", "scale", "answers", "text"), "experiments/regenerate_smollm2.py")
     tiny = "tiny" in parts
     c = default_config()
     c.stages = ("fetch_assets", "regenerate")
@@ -39,11 +45,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.regenerate.shard_size = 32
     c.regenerate.drafter = "ngram"  # lossless speculative decoding: the same answers, faster
 
-    if "scale" in parts:
+    if "scale" in parts or "answers" in parts:
         c.regenerate.num_prompts = 100_000  # all of them
         c.regenerate.batch_size = 32
         c.regenerate.shard_size = 64
         c.regenerate.drafter = "none"
+    if "answers" in parts:
+        c.regenerate.sources = ("alpacaeval",)
     if "text" in parts:
         c.stages = ("fetch_assets", "text_corpus")  # tokenizer only: no model forward
         c.text_corpus.sources = ("stdlib_code", "pydocs")

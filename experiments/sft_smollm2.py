@@ -23,7 +23,8 @@ no cache to rebuild in a new session), at a constant learning rate after warm-up
 held-out probe (64 AlpacaEval held-out prompts x 128 tokens) every 75 steps. A leg stops on
 SIGTERM or at `num_steps` with a checkpoint; a later session continues from the exported
 drafter (`config.drafter.init`, which also continues the FLOP count).
-Stages resume from DIR: trajectories in DIR/regenerate/ (shared by both drafters), the drafter
+Stages resume from DIR: trajectories in DIR/regenerate/ (shared by both drafters; `scale` reads the
+answers shipped in experiments/data/ instead), the drafter
 in DIR/sft/<kind>/, the exported drafter in DIR/export/sft_<kind>/, evaluations in DIR/eval/.
 Every field and its default: `opd.configs.default_config`.
 """
@@ -36,7 +37,10 @@ from opd.configs import default_config, sibling_config, variant_parts
 # `src_<source>` (issue 15: tau per CPU-hour of each data source): the scale run's settings on one
 # source alone, or the mix, for SOURCE_STEPS steps, probed at the start and the end
 # (experiments/benchmarks/sft_sources.py reads the runs and prices each source's data generation)
-SOURCES = {"answers": "workdir:regenerate/alpacaeval", "chat": "workdir:text_corpus/alpacaeval_outputs",
+# SmolLM2's greedy answers to the 652 AlpacaEval-train prompts (`regenerate_smollm2.py:answers`, ~0.5
+# CPU-h), shipped in the repo (experiments/ship_data.py) so that no machine regenerates them again
+ANSWERS = "data:smollm2_alpacaeval_answers"
+SOURCES = {"answers": ANSWERS, "chat": "workdir:text_corpus/alpacaeval_outputs",
            "code": "workdir:text_corpus/stdlib_code", "docs": "workdir:text_corpus/pydocs", "mix": ""}
 SOURCE_STEPS = 80
 
@@ -91,13 +95,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                                 prompt_set=ps))
 
     if "scale" in parts:
-        # the data: regenerate_smollm2.py's `scale` answers (AlpacaEval train only) and `text` corpus
-        regen, text = (sibling_config(__file__, "regenerate_smollm2.py", v) for v in ("scale", "text"))
-        c.regenerate, c.text_corpus = regen.regenerate, text.text_corpus
-        c.regenerate.sources = ("alpacaeval",)
+        # the data: the shipped answers (ANSWERS) and regenerate_smollm2.py's `text` corpus
+        c.text_corpus = sibling_config(__file__, "regenerate_smollm2.py", "text").text_corpus
         c.text_corpus.sources = ("stdlib_code", "pydocs", "alpacaeval_outputs")
-        c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft", "export")
-        c.sft.data = ("workdir:regenerate/alpacaeval", "workdir:text_corpus/alpacaeval_outputs",
+        c.stages = ("fetch_assets", "text_corpus", "sft", "export")
+        c.sft.data = (ANSWERS, "workdir:text_corpus/alpacaeval_outputs",
                       "workdir:text_corpus/stdlib_code", "workdir:text_corpus/pydocs")
         # the chat sources are ~10 % of the tokens: read 4x / 2x per epoch (and counted so in the
         # draft vocabulary), so chat is ~1/3 of what is trained on
@@ -124,7 +126,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             if sources[0] != "mix":
                 c.sft.data, c.sft.data_repeats = (SOURCES[sources[0]],), ()
             c.sft.name = f"sft_src_{sources[0]}"
-            c.stages = ("fetch_assets", "regenerate", "text_corpus", "sft")
+            c.stages = ("fetch_assets", "text_corpus", "sft")
             c.sft.num_steps = SOURCE_STEPS
             c.sft.probe.every = SOURCE_STEPS
     if tiny:

@@ -9,7 +9,6 @@ writes experiments/drafters/<name>/ (loadable with `opd.load_drafter(path, targe
 of the same run continues from it with `config.drafter.init`).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from absl import app, flags
 
 from opd.data.assets import asset_path
 from opd.drafters import registry
-from opd.paths import read_jsonl, write_json
+from opd.paths import read_jsonl, write_json, write_sha256sums
 from opd.target import load_target
 
 _EXPORT = flags.DEFINE_string("export", None, "an exported drafter (DIR/export/<run>_<kind>)")
@@ -31,14 +30,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "where <name>/ goes (default exp
 flags.mark_flags_as_required(["export", "run", "name"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv):
@@ -69,10 +60,7 @@ def main(argv):
         "flops": max((r.get("flops", 0) for r in rows), default=0),
         "answer_tokens": max((r.get("tokens", 0) for r in rows), default=0),  # trained on in this run
     })
-    with open(os.path.join(tmp, "SHA256SUMS"), "w") as f:
-        for name in sorted(os.listdir(tmp)):
-            if name != "SHA256SUMS":
-                f.write(f"{sha256(os.path.join(tmp, name))}  {name}\n")
+    write_sha256sums(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     registry.load_drafter(out, target)  # it loads

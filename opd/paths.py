@@ -4,12 +4,14 @@ Path specs in configs:
   `asset:<name>`    a cached offline asset (`opd.data.assets`), fetched on first use;
   `workdir:<rel>`   `<workdir>/<rel>`, written by an earlier stage;
   `shipped:<name>`  a drafter shipped in the repo, `experiments/drafters/<name>/`;
+  `data:<name>`     training data shipped in the repo, `experiments/data/<name>/` (JSONL shards);
   a URL (gs://...)  a local copy, downloaded once per version (`opd.remote`);
   anything else     a local path (`~` expanded).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -19,17 +21,32 @@ from opd import remote
 from opd.data.assets import asset_path
 
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "drafters")
+_EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+SHIPPED_DIR = os.path.join(_EXPERIMENTS, "drafters")
+DATA_DIR = os.path.join(_EXPERIMENTS, "data")
+# spec prefix -> (folder, the file that marks a complete entry, what it holds)
+_IN_REPO = {"shipped:": (SHIPPED_DIR, "config.json", "shipped drafter"),
+            "data:": (DATA_DIR, "SHA256SUMS", "shipped data")}
 
 
-def shipped_drafter(name: str) -> str:
-    """`experiments/drafters/<name>/` of this checkout (a drafter trained and shipped in the repo)."""
-    path = os.path.join(SHIPPED_DIR, name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        have = sorted(d for d in os.listdir(SHIPPED_DIR) if not d.startswith(".")) if os.path.isdir(SHIPPED_DIR) else []
-        raise FileNotFoundError(f"no shipped drafter {name!r} in {SHIPPED_DIR} (shipped: {have or 'none'}; "
-                                "shipped drafters come with a git checkout of the repo, not a wheel)")
-    return path
+def _in_repo(spec: str) -> str:
+    """The folder a `shipped:` / `data:` spec names, in this checkout (not checked)."""
+    prefix = spec.split(":", 1)[0] + ":"
+    return os.path.join(_IN_REPO[prefix][0], spec[len(prefix):])
+
+
+def _in_repo_exists(spec: str) -> bool:
+    return os.path.isfile(os.path.join(_in_repo(spec), _IN_REPO[spec.split(":", 1)[0] + ":"][1]))
+
+
+def _require_in_repo(spec: str) -> str:
+    """`_in_repo(spec)`, or a FileNotFoundError naming what this checkout ships."""
+    folder, marker, what = _IN_REPO[spec.split(":", 1)[0] + ":"]
+    if not _in_repo_exists(spec):
+        have = sorted(d for d in os.listdir(folder) if not d.startswith(".")) if os.path.isdir(folder) else []
+        raise FileNotFoundError(f"no {what} {spec.split(':', 1)[1]!r} in {folder} (there: {have or 'none'}; "
+                                f"it comes with a git checkout of the repo, not a wheel)")
+    return _in_repo(spec)
 
 
 def resolve_path(spec: str, workdir: str = "") -> str:
@@ -41,8 +58,8 @@ def resolve_path(spec: str, workdir: str = "") -> str:
         return os.path.join(workdir, spec[len("workdir:"):])
     if spec.startswith("asset:"):
         return asset_path(spec[len("asset:"):])
-    if spec.startswith("shipped:"):
-        return shipped_drafter(spec[len("shipped:"):])
+    if spec.startswith(tuple(_IN_REPO)):
+        return _require_in_repo(spec)
     if remote.is_url(spec):
         return remote.fetch(spec)
     return os.path.expanduser(spec)
@@ -54,9 +71,38 @@ def path_exists(spec: str) -> bool:
     spec = str(spec)
     if spec.startswith(("asset:", "workdir:")):
         return True
-    if spec.startswith("shipped:"):
-        return os.path.isfile(os.path.join(SHIPPED_DIR, spec[len("shipped:"):], "config.json"))
+    if spec.startswith(tuple(_IN_REPO)):
+        return _in_repo_exists(spec)
     return remote.exists(spec) if remote.is_url(spec) else os.path.exists(os.path.expanduser(spec))
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_sha256sums(folder: str) -> None:
+    """`folder/SHA256SUMS` (`sha256sum` format) over every other file in `folder`: how a shipped
+    drafter or shipped data is checked intact."""
+    names = sorted(n for n in os.listdir(folder) if n != "SHA256SUMS")
+    with open(os.path.join(folder, "SHA256SUMS"), "w") as f:
+        f.writelines(f"{sha256(os.path.join(folder, n))}  {n}\n" for n in names)
+
+
+def verify_sha256sums(folder: str) -> None:
+    """Raises ValueError naming the first file of `folder` that is missing, unlisted or whose
+    digest differs from `folder/SHA256SUMS`."""
+    with open(os.path.join(folder, "SHA256SUMS")) as f:
+        listed = {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in f.read().splitlines() if line}
+    present = set(os.listdir(folder)) - {"SHA256SUMS"}
+    for name in sorted(present ^ set(listed)):
+        raise ValueError(f"{folder}: {name} is {'not listed in' if name in present else 'missing but listed in'} SHA256SUMS")
+    for name, digest in sorted(listed.items()):
+        if sha256(os.path.join(folder, name)) != digest:
+            raise ValueError(f"{folder}: {name} does not match its SHA256SUMS digest (damaged or edited)")
 
 
 def write_json(path: str, obj) -> None:

@@ -16,7 +16,7 @@ from opd.training.optim import OptimConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # every experiment config with a few variants each
-    "regenerate_smollm2.py": ["", "tiny", "scale", "text"],
+    "regenerate_smollm2.py": ["", "tiny", "scale", "answers", "text"],
     "sft_smollm2.py": ["eagle3", "dflash,tiny", "eagle3,scale", "dflash,scale,tiny", "eagle3,scale,src_code"],
     "opd_smollm2.py": ["eagle3", "dflash,sft_cont", "eagle3,sft_rollouts,tiny", "eagle3,plateau,reference,s1",
                        "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny", "eagle3,plateau,abl_suffix,s0"],
@@ -29,7 +29,7 @@ VARIANTS = {  # every experiment config with a few variants each
 
 def test_every_experiment_file_is_listed():
     files = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))}
-    tools = {"aot_compile.py", "ship_drafter.py"}  # scripts, not configs
+    tools = {"aot_compile.py", "ship_drafter.py", "ship_data.py"}  # scripts, not configs
     assert files - tools == set(VARIANTS)
 
 
@@ -119,7 +119,8 @@ def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
 
     opd = load("dflash,plateau,reference,s1")
     assert (opd.opd.name, opd.opd.init, opd.seed) == ("opd_plateau_reference_s1", "shipped:smollm2_dflash", 2)
-    assert "sft" not in opd.stages and opd.opd.data == ("workdir:regenerate/alpacaeval",)
+    # no stage regenerates: the plateau run's answers ship in the repo (~0.5 CPU-h each machine saved)
+    assert {"sft", "regenerate"}.isdisjoint(opd.stages) and opd.opd.data == ("data:smollm2_alpacaeval_answers",)
     assert (opd.opd.probe.num_prompts, opd.opd.probe.max_new_tokens) == (64, 128)  # as the plateau run's probe
     assert opd.opd.loss_preset == "reference_yaml" and opd.opd.rollout_temperature == 0.0
     assert (opd.opd.prefix, opd.opd.prompt_len) == ("prompt", 128)
@@ -128,6 +129,7 @@ def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
     assert cont.sft.match_flops == "workdir:opd_plateau_reference_s1/dflash"
     assert (opd.opd.probe.every, cont.sft.probe.every) == (10, 40)  # about the same FLOPs apart
     assert cont.sft.data == load("dflash,plateau").sft.data and len(cont.sft.data) == 4  # the plateau run's mix
+    assert "regenerate" not in cont.stages and cont.sft.data[0] == opd.opd.data[0]
     with pytest.raises(ValueError, match="at most one of"):
         load("eagle3,plateau,s1,s2")
     # the plateau run's evaluation compares the shipped drafter (its start) with the run

@@ -4,7 +4,6 @@ lossless; `experiments/ship_drafter.py`, which writes them (legs of a run chaine
 `experiments/benchmarks/sft_scale_curves.py`, which reads their legs."""
 
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -15,25 +14,17 @@ import numpy as np
 import pytest
 
 import opd
-from opd.paths import SHIPPED_DIR, resolve_path
+from opd.paths import SHIPPED_DIR, resolve_path, verify_sha256sums
 from conftest import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(SHIPPED_DIR, "*", "config.json")))
 
 
-def _check_sums(folder):
-    lines = open(os.path.join(folder, "SHA256SUMS")).read().split("\n")
-    listed = dict(reversed(line.split("  ", 1)) for line in lines if line)
-    assert set(listed) == set(os.listdir(folder)) - {"SHA256SUMS"}
-    for name, digest in listed.items():
-        assert hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest() == digest, name
-
-
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_drafter_is_intact_and_says_where_it_came_from(name):
     folder = resolve_path(f"shipped:{name}")
-    _check_sums(folder)
+    verify_sha256sums(folder)
     prov = json.load(open(os.path.join(folder, "provenance.json")))
     assert prov["flops"] > 0 and prov["answer_tokens"] > 0 and prov["last_probe"]["probe_tau"] >= 1.0
     assert json.load(open(os.path.join(folder, "export.json")))["flops"] == prov["export"]["flops"]
@@ -77,7 +68,7 @@ def test_ship_drafter_writes_a_float16_checksummed_copy(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     folder = tmp_path / "ship" / "tiny"
-    _check_sums(str(folder))
+    verify_sha256sums(str(folder))
     prov = json.load(open(folder / "provenance.json"))
     assert (prov["flops"], prov["answer_tokens"], prov["last_probe"]["probe_tau"]) == (123, 70, 1.5)
     assert json.load(open(folder / "export.json"))["flops"] == 123

@@ -22,6 +22,7 @@ from absl import app, flags
 import matplotlib
 
 from opd.configs import load_module
+from opd.data import regenerate
 from opd.data.builders import read_trajectory_shards
 from opd.eval.report import markdown_table, write_results
 from opd.paths import read_jsonl, resolve_path
@@ -35,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def folder_cost(folder: str) -> dict:
     """Answer tokens in a trajectory folder and the wall seconds its `regenerate` stage spent (0 for text)."""
     tokens = sum(len(r["response_ids"]) for r in read_trajectory_shards(folder))
-    log = folder.rstrip("/") + ".metrics.jsonl"
+    log = regenerate.metrics_path(folder)
     seconds = sum(float(r["seconds"]) for r in read_jsonl(log)) if os.path.isfile(log) else 0.0
     return {"folder": folder, "tokens": tokens, "seconds": seconds}
 
