@@ -12,9 +12,11 @@ import sys
 import pytest
 
 from opd.data import regenerate, splits
+from opd.data import builders
 from opd.data.builders import read_trajectory_shards
 from opd.data.tokenizer import load_tokenizer
 from opd.paths import DATA_DIR, path_exists, resolve_path, verify_sha256sums
+from opd.training import stage_common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(DATA_DIR, "*", "SHA256SUMS")))
@@ -81,3 +83,12 @@ def test_a_missing_data_spec_names_what_is_shipped():
     assert not path_exists("data:nope")
     with pytest.raises(FileNotFoundError, match=r"no shipped data 'nope' in .*experiments/data \(there: .*smollm2"):
         resolve_path("data:nope")
+
+
+def test_training_stages_read_the_shipped_answers(tmp_path):
+    """What the plateau configs' SFT and Draft-OPD stages do with `data:smollm2_alpacaeval_answers`:
+    the folder check, then the tfds trajectory set built from the gzipped shards."""
+    (folder,) = stage_common.trajectory_folders(("data:smollm2_alpacaeval_answers",), str(tmp_path), "opd.data")
+    assert len(builders.load_source(f"trajectories:{folder}", str(tmp_path / "tfds"))) == 652
+    with pytest.raises(FileNotFoundError, match=r"config.opd.data: no \*.jsonl trajectory shards in"):
+        stage_common.trajectory_folders((str(tmp_path),), str(tmp_path), "opd.data")

@@ -28,7 +28,7 @@ import numpy as np
 
 from opd import sharding as shd
 from opd.checkpoints.errors import CheckpointError
-from opd.data.builders import read_trajectory_shards
+from opd.data.builders import read_trajectory_shards, trajectory_shards
 from opd.decoding.speculative import speculative_generate
 from opd.drafters import registry
 from opd.eval.harness import load_eval_records
@@ -49,8 +49,10 @@ def trajectory_folders(data, workdir: str, field: str = "sft.data") -> list[str]
         raise FileNotFoundError(f"no trajectories: run the `regenerate` stage first (nothing in {workdir}/regenerate/*/) "
                                 f"or list trajectory folders in config.{field}")
     for f in folders:
-        if not glob.glob(os.path.join(f, "shard-*.jsonl")):
-            raise FileNotFoundError(f"config.{field}: {f} holds no shard-*.jsonl trajectory files")
+        try:
+            trajectory_shards(f)  # *.jsonl or *.jsonl.gz (shipped data)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config.{field}: {e}") from None
     return folders
 
 
