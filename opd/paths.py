@@ -11,7 +11,6 @@ Path specs in configs:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -77,11 +76,7 @@ def path_exists(spec: str) -> bool:
 
 
 def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return remote.file_digest(path, "sha256")
 
 
 def write_sha256sums(folder: str) -> None:

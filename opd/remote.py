@@ -47,8 +47,9 @@ def is_url(path) -> bool:
     return "://" in str(path)
 
 
-def _md5(path: str) -> str:
-    h = hashlib.md5()
+def file_digest(path: str, algorithm: str = "md5") -> str:
+    """The hex digest of a file's bytes (md5: what object stores report; sha256: shipped files)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
@@ -202,7 +203,7 @@ class RemoteWorkdir:
         known = self._hashes.get(rel)
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
             return known[2]
-        md5 = _md5(os.path.join(self.local, rel))
+        md5 = file_digest(os.path.join(self.local, rel))
         self._hashes[rel] = (st.st_size, st.st_mtime_ns, md5)
         return md5
 
