@@ -37,10 +37,10 @@ def main(argv):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for path in trajectory_shards(src):
-        name = os.path.basename(path)
-        with open(path, "rb") as f, open(os.path.join(tmp, name if name.endswith(".gz") else name + ".gz"), "wb") as g:
+        name = os.path.basename(path).removesuffix(".gz") + ".gz"
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f, open(os.path.join(tmp, name), "wb") as g:
             with gzip.GzipFile(filename="", mode="wb", fileobj=g, mtime=0) as z:  # mtime 0: same bytes each time
-                shutil.copyfileobj(f, z)
+                shutil.copyfileobj(f, z)  # a gzipped source shard is unpacked first, not gzipped twice
     workdir = os.path.dirname(os.path.dirname(src))
     config = os.path.join(workdir, "config.json")
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -28,24 +28,25 @@ _IN_REPO = {"shipped:": (SHIPPED_DIR, "config.json", "shipped drafter"),
             "data:": (DATA_DIR, "SHA256SUMS", "shipped data")}
 
 
-def _in_repo(spec: str) -> str:
-    """The folder a `shipped:` / `data:` spec names, in this checkout (not checked)."""
-    prefix = spec.split(":", 1)[0] + ":"
-    return os.path.join(_IN_REPO[prefix][0], spec[len(prefix):])
-
-
-def _in_repo_exists(spec: str) -> bool:
-    return os.path.isfile(os.path.join(_in_repo(spec), _IN_REPO[spec.split(":", 1)[0] + ":"][1]))
+def _in_repo(spec: str) -> tuple[str, bool]:
+    """The folder a `shipped:` / `data:` spec names in this checkout, and whether it is complete
+    (holds its marker file)."""
+    prefix, name = spec.split(":", 1)
+    root, marker, _ = _IN_REPO[prefix + ":"]
+    path = os.path.join(root, name)
+    return path, os.path.isfile(os.path.join(path, marker))
 
 
 def _require_in_repo(spec: str) -> str:
-    """`_in_repo(spec)`, or a FileNotFoundError naming what this checkout ships."""
-    folder, marker, what = _IN_REPO[spec.split(":", 1)[0] + ":"]
-    if not _in_repo_exists(spec):
-        have = sorted(d for d in os.listdir(folder) if not d.startswith(".")) if os.path.isdir(folder) else []
-        raise FileNotFoundError(f"no {what} {spec.split(':', 1)[1]!r} in {folder} (there: {have or 'none'}; "
+    """`_in_repo(spec)`'s folder, or a FileNotFoundError naming what this checkout ships."""
+    path, complete = _in_repo(spec)
+    if not complete:
+        prefix, name = spec.split(":", 1)
+        root, _, what = _IN_REPO[prefix + ":"]
+        have = sorted(d for d in os.listdir(root) if not d.startswith(".")) if os.path.isdir(root) else []
+        raise FileNotFoundError(f"no {what} {name!r} in {root} (there: {have or 'none'}; "
                                 f"it comes with a git checkout of the repo, not a wheel)")
-    return _in_repo(spec)
+    return path
 
 
 def resolve_path(spec: str, workdir: str = "") -> str:
@@ -71,7 +72,7 @@ def path_exists(spec: str) -> bool:
     if spec.startswith(("asset:", "workdir:")):
         return True
     if spec.startswith(tuple(_IN_REPO)):
-        return _in_repo_exists(spec)
+        return _in_repo(spec)[1]
     return remote.exists(spec) if remote.is_url(spec) else os.path.exists(os.path.expanduser(spec))
 
 

@@ -57,11 +57,11 @@ def test_ship_data_gzips_and_checksums_a_regenerate_stages_shards(tmp_path):
         f.write(json.dumps({"shard": 0, "prompts": 2, "generated_tokens": 6, "seconds": 1.5}) + "\n")
     json.dump({"regenerate": {"batch_size": 32}}, open(tmp_path / "w" / "config.json", "w"))
 
-    def ship():
+    def ship(src=src, name="tiny"):
         out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "ship_data.py"), f"--src={src}",
-                              "--name=tiny", f"--out_dir={tmp_path / 'data'}"], capture_output=True, text=True, cwd=REPO)
+                              f"--name={name}", f"--out_dir={tmp_path / 'data'}"], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0, out.stderr[-2000:]
-        return tmp_path / "data" / "tiny"
+        return tmp_path / "data" / name
 
     folder = ship()
     verify_sha256sums(str(folder))
@@ -70,6 +70,8 @@ def test_ship_data_gzips_and_checksums_a_regenerate_stages_shards(tmp_path):
     prov = json.load(open(folder / "provenance.json"))
     assert (prov["rows"], prov["answer_tokens"], prov["regenerate"], prov["generation_seconds"]) == (3, 9, {"batch_size": 32}, 1.5)
     assert os.path.exists(regenerate.metrics_path(str(folder)))
+    # shipped data shipped again (gzipped shards in): unpacked first, not gzipped twice
+    assert [r["prompt_id"] for r in read_trajectory_shards(str(ship(folder, "again")))] == ["0", "1", "2"]
     first = open(folder / "SHA256SUMS").read()
     assert ship() and open(folder / "SHA256SUMS").read() == first  # the same bytes each time (gzip mtime 0)
     # a damaged file is named
