@@ -33,7 +33,8 @@ setup(
         # nbclient / nbformat / ipykernel execute the colab/ notebooks (tests/test_colab.py).
         # tests/interop/test_dflash_zlab.py also runs z-lab's `dflash==0.1.0`, installed by .ci/run
         # with --no-deps (its metadata pins datasets / tqdm / requests that its model does not use).
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "accelerate", "nbclient>=0.10", "nbformat>=5.10",
+        # jax[tpu] brings libtpu: tests/pallas_kernels/test_tpu_compile.py compiles for TPU topologies on CPU hosts.
+        "test": ["pytest>=8", "jax[tpu]", "torch==2.13.0", "transformers>=5.0,<6", "accelerate", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
         # gs:// workdirs, targets and drafters (opd.remote through fsspec).
         "gcs": ["gcsfs"],

@@ -1,15 +1,20 @@
-"""Ahead-of-time compile of a pod launch's Draft-OPD and SFT steps on fake CPU devices: per-device
-memory and a fit verdict before booking the slice (no TPU, no weights; `opd.training.aot`).
+"""Ahead-of-time compile of a pod launch's Draft-OPD and SFT steps: per-device memory and a fit
+verdict before booking the slice (no TPU, no weights; `opd.training.aot`).
 
+  python experiments/aot_compile.py --config=experiments/pod.py:qwen3_8b,dflash,v5p-8 --tpu
   python experiments/aot_compile.py --config=experiments/pod.py:qwen3_8b,dflash,v5p-32
   python experiments/aot_compile.py --config=experiments/pod.py:llama31_8b,eagle3,v5p-8 --num_layers=4 --steps=opd
 
+--tpu compiles with the TPU compiler for the slice's topology (`config.tpu_topology`, from
+libtpu: `pip install "jax[tpu]"`; no TPU needed): TPU's own memory plan. Without it the steps
+compile for fake CPU devices: XLA:CPU's memory analysis of the partitioned per-device program,
+an estimate of TPU memory, not TPU's own count.
+
 Writes experiments/results/aot/<name>.json (the report + command, commit, machine) and
 <name>.md (the table), prints the table, and rewrites experiments/results/aot/summary.md from
-every report in that folder. The numbers are XLA:CPU's memory analysis of the partitioned
-per-device program: an estimate of TPU memory, not TPU's own count.
+every report in that folder.
 
-JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=N are set at the top of
+JAX_PLATFORMS=cpu and (without --tpu) XLA_FLAGS=--xla_force_host_platform_device_count=N are set at the top of
 this file, before jax is imported, when --num_devices is on the command line; without it N is
 the config's `num_devices`, set in main() once the config is read (loading the config imports
 jax but starts no backend; the device count is checked).
@@ -37,6 +42,8 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "launch config, e.g. experiments/pod.py:qwen3_8b,dflash,v5p-8",
                                           lock_config=True)
+_TPU = flags.DEFINE_bool("tpu", False, "compile with the TPU compiler for config.tpu_topology (libtpu, no TPU "
+                          "attached) instead of for fake CPU devices")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "fake CPU devices (default: config.num_devices)")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "compile a reduced target of this many layers")
 _STEPS = flags.DEFINE_list("steps", ["opd", "sft"], "steps to compile: opd, sft")
@@ -52,9 +59,9 @@ NO_HOIST_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot")
 
 
-def _default_name(config_arg: str, num_layers) -> str:
+def _default_name(config_arg: str, num_layers, tpu: bool = False) -> str:
     variant = config_arg.split(":", 1)[1] if ":" in config_arg else os.path.basename(config_arg)
-    return variant.replace(",", "_") + (f"_L{num_layers}" if num_layers else "")
+    return variant.replace(",", "_") + (f"_L{num_layers}" if num_layers else "") + ("_tpu" if tpu else "")
 
 
 def _write_summary(results: str) -> str:
@@ -71,10 +78,11 @@ def _write_summary(results: str) -> str:
                 rows += aot.table_rows(json.load(fh)["report"], f[:-5])
     path = os.path.join(results, "summary.md")
     with open(path, "w") as fh:
-        fh.write("# AOT compile plans (per-device memory, XLA:CPU estimate of TPU memory)\n\n"
+        fh.write("# AOT compile plans (per-device memory)\n\n"
                  "total = argument + output + temp - alias (opd.training.aot); `layers` = compiled / full; "
-                 "one row per <name>.json here (`whatif_*`: the launch config with the changes in its title / "
-                 "command).\n\n")
+                 "`compiler`: tpu = libtpu's TPU compiler for the slice's topology (TPU's own plan), cpu = "
+                 "fake CPU devices (XLA:CPU's estimate); one row per <name>.json here (`whatif_*`: the launch "
+                 "config with the changes in its title / command).\n\n")
         fh.write(markdown_table(rows, ("config",) + aot.TABLE_COLUMNS))
     return path
 
@@ -104,7 +112,10 @@ def main(argv):
 
     config = _apply_sets(_CONFIG.value, _SET.value)
     n = _NUM_DEVICES.value or int(config.num_devices)
-    if not _N:
+    if _TPU.value and (_N or not _HOIST.value):
+        raise ValueError("--tpu compiles for the slice's TPU topology: --num_devices and --nohoist_invariants "
+                         "are for the fake CPU devices")
+    if not _N and not _TPU.value:
         _set_devices(n)  # before the first backend call
     if not _HOIST.value:  # also read when the backend starts
         os.environ["XLA_FLAGS"] += " " + NO_HOIST_FLAG
@@ -113,11 +124,14 @@ def main(argv):
     from opd.eval.report import markdown_table, provenance
     from opd.training import aot
 
-    if jax.device_count() != n:
-        raise RuntimeError(f"{jax.device_count()} devices, wanted {n}: the JAX backend started before XLA_FLAGS was set")
+    devices = aot.tpu_devices(str(config.tpu_topology)) if _TPU.value else jax.devices()
+    if len(devices) != n:
+        raise RuntimeError(f"{len(devices)} devices, wanted {n}: " + (
+            f"config.tpu_topology {config.tpu_topology!r} has another chip count than config.num_devices" if _TPU.value
+            else "the JAX backend started before XLA_FLAGS was set"))
     config_arg = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config="))
-    name = _NAME.value or _default_name(config_arg, _NUM_LAYERS.value)
-    report = aot.check(config, num_layers=_NUM_LAYERS.value, steps=_STEPS.value)
+    name = _NAME.value or _default_name(config_arg, _NUM_LAYERS.value, _TPU.value)
+    report = aot.check(config, num_layers=_NUM_LAYERS.value, steps=_STEPS.value, devices=devices)
     rows = aot.table_rows(report, name)
     table = markdown_table(rows, aot.TABLE_COLUMNS)
     print(table)
@@ -125,19 +139,21 @@ def main(argv):
     os.makedirs(results, exist_ok=True)
     prov = provenance()
     with open(os.path.join(results, f"{name}.json"), "w") as f:
-        json.dump({"config": config_arg, "set": _SET.value, "hoist_invariants": _HOIST.value, "report": report, "provenance": prov,
+        json.dump({"config": config_arg, "set": _SET.value, "hoist_invariants": None if _TPU.value else _HOIST.value, "report": report, "provenance": prov,
                    "launch_config": json.loads(config.to_json_best_effort())}, f, indent=2)
     t, d = report["target"], report["drafter"]
     with open(os.path.join(results, f"{name}.md"), "w") as f:
         f.write(f"# AOT compile: {config_arg}{''.join(' --set=' + x for x in _SET.value)}\n\n")
+        where = (f"{report['num_devices']} {report['device_kind']} devices of topology {config.tpu_topology} "
+                 "(libtpu's compiler, no TPU attached)" if _TPU.value else f"{report['num_devices']} fake {report['platform']} devices")
         f.write(f"Target {t['preset']} ({t['num_layers']} of {t['full_num_layers']} layers, {t['params'] / 1e9:.2f} B "
                 f"params, dtype {t['dtype']}, param_dtype {t['param_dtype']}); drafter {d['kind']} "
-                f"({d['trainable_params'] / 1e6:.0f} M trainable, target layers {d['target_layers']}); "
-                f"{report['num_devices']} fake {report['platform']} devices"
+                f"({d['trainable_params'] / 1e6:.0f} M trainable, target layers {d['target_layers']}); {where}"
                 f"{'' if _HOIST.value else '; XLA:CPU loop-invariant code motion off (' + NO_HOIST_FLAG + ')'}.\n\n{table}\n")
-        f.write("Per device; total = argument + output + temp - alias; GiB = 2^30 bytes. XLA:CPU's memory analysis "
-                "estimates TPU memory (fusion, scheduling and tiling differ; bf16 weights are upcast to f32 on CPU, so "
-                "their temp is an upper bound: see opd/training/aot.py).\n\n")
+        f.write("Per device; total = argument + output + temp - alias; GiB = 2^30 bytes. " + (
+            "The TPU compiler's own memory plan for these devices.\n\n" if _TPU.value else
+            "XLA:CPU's memory analysis estimates TPU memory (fusion, scheduling and tiling differ; bf16 weights are "
+            "upcast to f32 on CPU, so their temp is an upper bound: see opd/training/aot.py).\n\n"))
         for step, r in report["steps"].items():
             xf = f"{r['xla_flops']:.3g}" if r["xla_flops"] is not None else "n/a"
             f.write(f"- {step}: batch {r['batch']}; XLA FLOPs per device {xf} (loop bodies may count once), "

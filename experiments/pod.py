@@ -39,12 +39,13 @@ MODELS = {  # variant -> (target preset, suggested public drafters by kind)
 # parallel (fsdp = 1: the frozen target is replicated over data, so a decode step in the rollout
 # never all-gathers weights). A bf16 8B target is 16 GiB: one v5p chip holds it whole; v6e
 # chips split it over `tensor` in the training steps. experiments/aot_compile.py reports whether a plan fits.
+# `topology`: libtpu's name of the slice (experiments/aot_compile.py --tpu compiles for it).
 SLICES = {
-    "v5p-8": dict(chips=4, hbm_gib=95, tensor=1),
-    "v5p-32": dict(chips=16, hbm_gib=95, tensor=1),
-    "v5p-128": dict(chips=64, hbm_gib=95, tensor=1),
-    "v6e-8": dict(chips=8, hbm_gib=32, tensor=2),
-    "v6e-32": dict(chips=32, hbm_gib=32, tensor=2),
+    "v5p-8": dict(chips=4, hbm_gib=95, tensor=1, topology="v5p:2x2x1"),
+    "v5p-32": dict(chips=16, hbm_gib=95, tensor=1, topology="v5p:2x2x4"),
+    "v5p-128": dict(chips=64, hbm_gib=95, tensor=1, topology="v5p:4x4x4"),
+    "v6e-8": dict(chips=8, hbm_gib=32, tensor=2, topology="v6e:2x4"),
+    "v6e-32": dict(chips=32, hbm_gib=32, tensor=2, topology="v6e:4x8"),
 }
 # Not v5e (16 GiB): the eval, regenerate and probe decoding hold the whole target on one chip.
 ROWS_PER_DATA_SHARD = 4  # prompts (OPD) / sequences (SFT) per data-parallel group and step
@@ -69,6 +70,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.slice = slice_name  # informational: the AOT check compiles for this many devices
     c.num_devices = 8 if tiny else sl["chips"]
     c.hbm_gib = sl["hbm_gib"]
+    c.tpu_topology = "" if tiny else sl["topology"]
     c.distributed = not tiny and sl["chips"] > 4  # multi-host slices: every host runs the same command
     tensor = 2 if tiny else sl["tensor"]
     data = c.num_devices // tensor

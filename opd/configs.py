@@ -81,6 +81,7 @@ def default_config() -> CD:
     c.num_devices = 0  # the device count this launch is for (0 = any; checked at launch)
     c.slice = ""  # informational: the TPU slice the launch is sized for
     c.hbm_gib = 0.0  # AOT check: HBM per device the plans are compared with
+    c.tpu_topology = ""  # AOT check --tpu: the slice's TPU topology (e.g. "v5p:2x2x1"), compiled by libtpu
     c.resume_override = ()  # settings a resume may change though they alter the run, e.g. "sft.optimizer.learning_rate"
 
     c.target = CD()  # the frozen target model
@@ -565,10 +566,11 @@ def probe_num_draft_tokens(config, block) -> int:
     return int(config[block].probe.num_draft_tokens) or int(config.opd.num_draft_tokens)
 
 
-def stage_mesh(block, what: str):
-    """The mesh of a training stage from `config.<what>.mesh` and `.batch_size` (`run.make_mesh`)."""
+def stage_mesh(block, what: str, devices=None):
+    """The mesh of a training stage from `config.<what>.mesh` and `.batch_size` (`run.make_mesh`)
+    over `devices` (default: the devices present)."""
     m = block.mesh
-    return make_mesh(int(m.data), int(m.fsdp), int(m.tensor), int(block.batch_size), what)
+    return make_mesh(int(m.data), int(m.fsdp), int(m.tensor), int(block.batch_size), what, devices)
 
 
 def validate_launch(config: ml_collections.ConfigDict) -> None:

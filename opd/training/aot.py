@@ -1,12 +1,18 @@
 """Ahead-of-time compile of a launch's train steps without weights or accelerators.
 
 maxtext's `train_compile.py` idea for this project: lower and compile the Draft-OPD step and
-the SFT step of a launch config for its device count (in practice a fake CPU mesh,
-`--xla_force_host_platform_device_count=N`), with every input a `jax.ShapeDtypeStruct`
+the SFT step of a launch config for its device count, with every input a `jax.ShapeDtypeStruct`
 carrying its sharding, so that a sharding error or an out-of-memory plan shows up before a pod
 is booked. The steps are built by the stages' own `build_run` (`opd.training.run`), so the
 check compiles exactly the program a launch runs (tests/training/test_aot.py compares the two
 lowered programs). Shapes come from `jax.eval_shape`; nothing is allocated.
+
+Two compilers, the same program:
+  TPU  `tpu_devices(config.tpu_topology)`: the slice's devices as libtpu describes them (e.g.
+       "v5p:2x2x1"), no TPU attached (`pip install "jax[tpu]"`, JAX_PLATFORMS=cpu is fine). The
+       TPU compiler itself plans the memory: TPU's own count, Pallas kernels compiled by Mosaic.
+  CPU  a fake CPU mesh (`--xla_force_host_platform_device_count=N`): no libtpu needed, but an
+       estimate (below).
 
 Inputs compiled (per step): target params (`transformer.abstract_params` of the config's
 `target.preset`), the train state (drafter trainable params + AdamW state + step + PRNG key),
@@ -21,8 +27,8 @@ Memory per device (`Compiled.memory_analysis()`, bytes):
   temp      XLA's scratch: activations, KV caches, rollout records, gradients;
   generated code  the executable itself (reported, not counted: CPU machine code);
   total = argument + output + temp - alias   (maxtext's convention).
-The verdict compares `total` with `config.hbm_gib` (GiB = 2**30 bytes). The numbers come from
-XLA:CPU: fusion, scheduling and layouts (TPU pads to (8, 128) tiles) differ on TPU, so they
+The verdict compares `total` with `config.hbm_gib` (GiB = 2**30 bytes). On the CPU mesh the
+numbers come from XLA:CPU: fusion, scheduling and layouts (TPU pads to (8, 128) tiles) differ on TPU, so they
 estimate TPU memory; they are not TPU's own count. In particular XLA:CPU has no bfloat16
 matmul: it converts bf16 operands to f32 and can hoist that conversion of a scanned weight
 stack out of the layer loop (f32 copies of whole [L, D, F] stacks appear in the HLO with
@@ -62,6 +68,26 @@ _MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
 
 
 # ----------------------------------------------------------------------------- abstract inputs
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU slice as libtpu describes them (`topology`, e.g. "v5p:2x2x1" for a
+    v5p-8, "v6e:2x4" for a v6e-8): compile targets, no TPU attached.
+
+    Raises:
+      ValueError: an empty topology; RuntimeError: libtpu is not installed or rejects the name.
+    """
+    if not topology:
+        raise ValueError("config.tpu_topology is empty: set it to libtpu's name of the slice, e.g. 'v5p:2x2x1' "
+                         "(experiments/pod.py sets it per slice)")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:
+        raise RuntimeError(f"no TPU topology {topology!r} from libtpu ({type(e).__name__}: {e}); compiling for a TPU "
+                           "on this host needs libtpu: pip install 'jax[tpu]' (libtpu matching jax "
+                           f"{jax.__version__})") from e
 
 
 def target_config(config: ml_collections.ConfigDict, num_layers: Optional[int] = None, **overrides) -> TransformerConfig:
@@ -165,16 +191,17 @@ def _report(name, run, compiled, lower_s, compile_s, hbm_gib, **extra) -> dict:
     }
 
 
-def build(step: str, config, tconfig: TransformerConfig, spec, frozen):
-    """The `TrainRun` of one step, built by the stage's own `build_run` (module docstring)."""
+def build(step: str, config, tconfig: TransformerConfig, spec, frozen, devices=None):
+    """The `TrainRun` of one step on `devices` (default: those present), built by the stage's own
+    `build_run` (module docstring)."""
     if step == "sft":
-        return sft_stage.build_run(config, spec, frozen, tconfig)
-    return opd_stage.build_run(config, spec, frozen, tconfig, num_eos=len(tconfig.eos_token_ids))
+        return sft_stage.build_run(config, spec, frozen, tconfig, devices=devices)
+    return opd_stage.build_run(config, spec, frozen, tconfig, num_eos=len(tconfig.eos_token_ids), devices=devices)
 
 
-def compile_opd(config, tconfig: TransformerConfig, spec, frozen) -> dict:
+def compile_opd(config, tconfig: TransformerConfig, spec, frozen, devices=None) -> dict:
     """Compiles the Draft-OPD step of `config.opd` (`opd_stage.build_run`, as the stage)."""
-    run = build("opd", config, tconfig, spec, frozen)
+    run = build("opd", config, tconfig, spec, frozen, devices)
     compiled, lower_s, compile_s = _compile(run)
     o, cfg = config.opd, opd_config(config.opd)
     B, P = int(o.batch_size), int(o.prompt_len)
@@ -185,9 +212,9 @@ def compile_opd(config, tconfig: TransformerConfig, spec, frozen) -> dict:
                    num_draft_tokens=cfg.num_draft_tokens, cache_len=S, model_flops=model_flops)
 
 
-def compile_sft(config, tconfig: TransformerConfig, spec, frozen) -> dict:
+def compile_sft(config, tconfig: TransformerConfig, spec, frozen, devices=None) -> dict:
     """Compiles the SFT step of `config.sft` (`sft_stage.build_run`, as the stage)."""
-    run = build("sft", config, tconfig, spec, frozen)
+    run = build("sft", config, tconfig, spec, frozen, devices)
     compiled, lower_s, compile_s = _compile(run)
     s = config.sft
     loss_cfg = registry.get_kind(spec.kind).loss_config(s.loss)
@@ -197,14 +224,16 @@ def compile_sft(config, tconfig: TransformerConfig, spec, frozen) -> dict:
 
 
 def check(config: ml_collections.ConfigDict, num_layers: Optional[int] = None, steps: Sequence[str] = STEPS,
-          **target_overrides) -> dict:
-    """AOT-compiles `steps` of a launch config on the devices present; returns the report.
+          devices: Optional[Sequence[Any]] = None, **target_overrides) -> dict:
+    """AOT-compiles `steps` of a launch config for `devices`; returns the report.
 
     Args:
       config: a launch config (experiments/pod.py) with `target.preset`, `drafter`, `opd`, `sft`,
         `hbm_gib` (and `slice`, `num_devices`, informational).
       num_layers: compile a reduced target of this many layers (None: the preset's).
       steps: a subset of ("opd", "sft").
+      devices: the devices to compile for (default: those present; `tpu_devices(config.tpu_topology)`
+        for the TPU compiler).
       **target_overrides: other `TransformerConfig` fields of the target (tests: smaller widths).
     Returns:
       {"slice", "num_devices", "platform", "target", "drafter", "steps": {name: report}}; a step's
@@ -220,14 +249,15 @@ def check(config: ml_collections.ConfigDict, num_layers: Optional[int] = None, s
         raise ValueError(f"steps must be a non-empty subset of {STEPS}, got {list(steps)}")
     tconfig = target_config(config, num_layers, **target_overrides)
     full = target_config(config, None, **target_overrides)
+    devices = list(jax.devices() if devices is None else devices)
     for name in steps:  # every check before the first (slow) compile
-        stage_mesh(config[name], name)
+        stage_mesh(config[name], name, devices)
     spec, trainable, frozen = abstract_drafter(config, tconfig, full)
     if "opd" in steps:
         spec.check_num_draft_tokens(int(config.opd.num_draft_tokens))
     report = {
-        "slice": config.slice, "num_devices": jax.device_count(),
-        "config_num_devices": config.num_devices, "platform": jax.devices()[0].platform,
+        "slice": config.slice, "num_devices": len(devices), "config_num_devices": config.num_devices,
+        "platform": devices[0].platform, "device_kind": devices[0].device_kind,
         "target": {"preset": config.target.preset, "num_layers": tconfig.num_layers,
                    "full_num_layers": full.num_layers, "dtype": tconfig.dtype, "param_dtype": tconfig.param_dtype,
                    "scan_layers": tconfig.scan_layers, "params": flops.count_params(nn.unbox(tfm.abstract_params(tconfig))),
@@ -238,13 +268,13 @@ def check(config: ml_collections.ConfigDict, num_layers: Optional[int] = None, s
     }
     compilers = {"opd": compile_opd, "sft": compile_sft}
     for name in steps:
-        report["steps"][name] = compilers[name](config, tconfig, spec, frozen)
+        report["steps"][name] = compilers[name](config, tconfig, spec, frozen, devices)
     return report
 
 
 # ----------------------------------------------------------------------------- tables
 
-TABLE_COLUMNS = ("step", "layers", "mesh", "batch", "argument GiB", "output GiB", "temp GiB", "alias GiB",
+TABLE_COLUMNS = ("step", "compiler", "layers", "mesh", "batch", "argument GiB", "output GiB", "temp GiB", "alias GiB",
                  "total GiB", "HBM GiB", "fits", "compile s")
 
 
@@ -255,7 +285,7 @@ def table_rows(report: dict, name: str = "") -> list[dict]:
     for step, r in report["steps"].items():
         m, g = r["memory_bytes"], lambda b: b / GIB
         rows.append({
-            "config": name, "step": step, "layers": f"{t['num_layers']}/{t['full_num_layers']}",
+            "config": name, "step": step, "compiler": report.get("platform", "cpu"), "layers": f"{t['num_layers']}/{t['full_num_layers']}",
             "mesh": "x".join(str(v) for v in r["mesh"].values()),
             "batch": "x".join(str(v) for v in r["batch"]["tokens"]),
             "argument GiB": g(m["argument"]), "output GiB": g(m["output"]), "temp GiB": g(m["temp"]),

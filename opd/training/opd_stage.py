@@ -123,10 +123,12 @@ def _write_rollouts(out_dir: str, step: int, batch: dict, private: dict, target_
     os.replace(path + ".tmp", path)
 
 
-def build_run(config: ml_collections.ConfigDict, spec, drafter_frozen, target_config, num_eos: int) -> run_mod.TrainRun:
-    """The Draft-OPD step of `config.opd` (the stage and the AOT check build it here)."""
+def build_run(config: ml_collections.ConfigDict, spec, drafter_frozen, target_config, num_eos: int,
+              devices=None) -> run_mod.TrainRun:
+    """The Draft-OPD step of `config.opd` (the stage and the AOT check build it here) on `devices`
+    (default: the devices present)."""
     o = config.opd
-    return run_mod.opd_run(spec, drafter_frozen, target_config, mesh=stage_mesh(o, "opd"),
+    return run_mod.opd_run(spec, drafter_frozen, target_config, mesh=stage_mesh(o, "opd", devices),
                            optimizer=optim.make_optimizer(optim_config(o, o.num_steps)), opd_config=opd_config(o),
                            batch_size=int(o.batch_size), prompt_len=int(o.prompt_len), num_eos=num_eos)
 

@@ -143,11 +143,17 @@ def drafted_support_index(dparams, spec, drafts_BRK) -> jax.Array:
 
 def support_index(dparams, spec, ids_BRK):
     """(index of each target id in the drafter's support, whether it is in the support: an id
-    outside it gets index 0 and False)."""
+    outside it gets index 0 and False).
+
+    A binary search over the sorted support, not a [V] inverse built by scatter: libtpu's
+    compiler (jax 0.10.2's) aborts on `zeros.at[ids].set(arange)` when `ids` is itself an arange
+    (the whole vocabulary: the same iota feeds the scatter's indices and updates)."""
     ids = spec.support_ids(dparams)
-    inv = jnp.zeros((spec.vocab_size,), jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
-    idx = inv[ids_BRK]
-    return idx, ids[idx] == ids_BRK
+    order = jnp.argsort(ids)
+    pos = jnp.clip(jnp.searchsorted(ids[order], ids_BRK), 0, ids.shape[0] - 1)
+    idx = order[pos].astype(jnp.int32)
+    ok = ids[idx] == ids_BRK
+    return jnp.where(ok, idx, 0), ok
 
 
 def committed_tokens(rec: RolloutRecord) -> jax.Array:

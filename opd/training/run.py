@@ -137,16 +137,17 @@ def opd_run(spec: DrafterSpec, drafter_frozen, target_config: TransformerConfig,
                   drafter_frozen=drafter_frozen, batch_shapes=shapes, extra_shapes=(((max(1, int(num_eos)),), jnp.int32),))
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, batch_size: int, what: str = "train"):
-    """A ("data", "fsdp", "tensor") mesh over the devices present (data = -1: all the rest),
-    checked against the global batch (rows divide over data x fsdp); ValueErrors name `what`."""
-    n = jax.device_count()
+def make_mesh(data: int, fsdp: int, tensor: int, batch_size: int, what: str = "train", devices=None):
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: the devices present; the AOT check
+    passes a TPU topology's) with data = -1 meaning all the rest, checked against the global batch
+    (rows divide over data x fsdp); ValueErrors name `what`."""
+    n = jax.device_count() if devices is None else len(devices)
     try:
         if data == -1:
             if n % (fsdp * tensor):
                 raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {n} devices")
             data = n // (fsdp * tensor)
-        mesh = shd.make_mesh(data, fsdp, tensor)
+        mesh = shd.make_mesh(data, fsdp, tensor, devices)
     except ValueError as e:
         raise ValueError(f"config.{what}.mesh {dict(data=data, fsdp=fsdp, tensor=tensor)} on {n} devices: {e}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -82,11 +82,13 @@ def matched_steps(run_dir: str, start_flops: int, flops_per_step: int) -> int:
     return n
 
 
-def build_run(config: ml_collections.ConfigDict, spec, drafter_frozen, target_config, num_steps=None) -> run_mod.TrainRun:
-    """The SFT step of `config.sft` (the stage and the AOT check build it here)."""
+def build_run(config: ml_collections.ConfigDict, spec, drafter_frozen, target_config, num_steps=None,
+              devices=None) -> run_mod.TrainRun:
+    """The SFT step of `config.sft` (the stage and the AOT check build it here) on `devices`
+    (default: the devices present)."""
     s = config.sft
     ocfg = optim_config(s, s.num_steps if num_steps is None else num_steps)
-    return run_mod.sft_run(spec, drafter_frozen, target_config, mesh=stage_mesh(s, "sft"),
+    return run_mod.sft_run(spec, drafter_frozen, target_config, mesh=stage_mesh(s, "sft", devices),
                            optimizer=optim.make_optimizer(ocfg),
                            loss_config=registry.get_kind(config.drafter.kind).loss_config(s.loss),
                            batch_size=int(s.batch_size), seq_len=int(s.seq_len),

@@ -5,8 +5,9 @@ What lowering proves: the Pallas kernel bodies pass Pallas' Mosaic (TPU) and Tri
 lowering rules at the pod configs' shapes (experiments/pod.py: Qwen3 V = 151936, Llama-3.1
 V = 128256, K = 15 DFlash / 6 EAGLE-3, bfloat16 and float32 logits), and `verify` picks the
 platform's formulation when the program is lowered.  What it does not prove: Mosaic's and
-Triton's own compilers (layout passes, register allocation, VMEM / shared-memory limits)
-run on the device only (experiments/benchmarks/verify_kernel.py compiles and times there).
+Triton's own compilers (layout passes, register allocation, VMEM / shared-memory limits):
+test_tpu_compile.py runs the TPU compiler (libtpu, no TPU attached); Triton's runs on a GPU
+only (experiments/benchmarks/verify_kernel.py compiles and times there).
 
 Custom calls in the lowered module: Mosaic kernels are `tpu_custom_call`; jax 0.10.2's
 Pallas Triton lowering emits `__gpu$xla.gpu.triton` (the Triton IR inside, compiled by XLA
@@ -172,7 +173,7 @@ def test_opd_step_lowers_for_tpu(pod_dflash):
     rounds, replay, loss, AdamW update, shardings, donation) at the pod's batch (16 x 1024,
     K = 15, R = 32) on a 1-device mesh.  Its rollout verifies with the jnp reference
     (opd/training/rollout.py), so the module holds no kernel call: only HLO and sharding
-    annotations, all of which XLA:TPU takes."""
+    annotations (test_tpu_compile.py compiles it with the TPU compiler)."""
     from opd.training import aot
 
     config, tconfig, spec, _, frozen = pod_dflash
