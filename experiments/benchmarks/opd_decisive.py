@@ -15,6 +15,8 @@ curve read is kept there again), so a summary spans sessions and machines whose 
     linearly there) and at the common step count, as the mean over seeds with a 95 % t interval;
   * the ratio to the baseline at matched FLOPs, paired by seed, with its interval (the issue's
     goal: >= 1.10);
+  * the probe's acceptance by draft offset at matched FLOPs (offset k: the share of drafts at k
+    accepted given offsets < k were; mean over seeds): where in the chain a method gains;
 and plots τ against the FLOPs each run spent beyond the shipped drafter (mean over seeds, the
 seeds' range shaded).
 """
@@ -41,9 +43,15 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "where the results go (default e
 
 
 def _probe_rows(path: str) -> list:
+    """[(step, flops, τ, acceptance by offset (a tuple; empty in curves kept before it was)), ...]"""
     if not os.path.isfile(path):
         return []
-    return sorted((r["step"], r["flops"], r["probe_tau"]) for r in read_jsonl(path) if r.get("probe_tau") is not None)
+    rows = []
+    for r in read_jsonl(path):
+        if r.get("probe_tau") is not None:
+            acc = r.get("probe_acceptance") or [r[f"probe_acceptance/{k}"] for k in range(1, 65) if f"probe_acceptance/{k}" in r]
+            rows.append((r["step"], r["flops"], r["probe_tau"], tuple(float(a) for a in acc)))
+    return sorted(rows)
 
 
 def load_runs(workdir: str, methods, seeds, kind: str, kept_dir: str | None = None) -> dict:
@@ -68,7 +76,8 @@ def keep_runs(runs: dict, kept_dir: str, kind: str) -> None:
     for method, seeds in runs.items():
         for seed, rows in seeds.items():
             with open(os.path.join(kept_dir, kind, f"{method}_{seed}.jsonl"), "w") as f:
-                f.writelines(json.dumps({"step": st, "flops": fl, "probe_tau": tau}) + "\n" for st, fl, tau in rows)
+                f.writelines(json.dumps({"step": st, "flops": fl, "probe_tau": tau, "probe_acceptance": list(acc)}) + "\n"
+                             for st, fl, tau, acc in rows)
 
 
 def at(rows, x: float, axis: int) -> float:
@@ -77,6 +86,15 @@ def at(rows, x: float, axis: int) -> float:
     if not xs[0] <= x <= xs[-1] * (1 + 1e-12):
         raise ValueError(f"{x:.4g} is outside the run's probes ({xs[0]:.4g}..{xs[-1]:.4g})")
     return float(np.interp(x, xs, taus))
+
+
+def acceptance_at(rows, x: float) -> list:
+    """Acceptance by offset of one run at FLOPs `x` (interpolated; [] when a probe lacks it)."""
+    rows = [r for r in rows if r[3]]
+    if not rows or not rows[0][1] <= x <= rows[-1][1] * (1 + 1e-12):
+        return []
+    K = min(len(r[3]) for r in rows)
+    return [float(np.interp(x, [r[1] for r in rows], [r[3][k] for r in rows])) for k in range(K)]
 
 
 def interval(values) -> tuple[float, float]:
@@ -102,12 +120,16 @@ def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
         base = runs.get(baseline, {})
         paired = [f[s] / at(base[s], budget["flops"], 1) for s in f if s in base]
         row["ratio_vs_baseline"], row["ci95_ratio"] = interval(paired) if paired else (float("nan"), float("nan"))
+        accs = [a for a in (acceptance_at(rows, budget["flops"]) for rows in seeds.values()) if a]
+        K = min(map(len, accs)) if accs else 0
+        row["acceptance_by_offset_matched_flops"] = "/".join(
+            f"{np.nanmean([a[k] for a in accs]):.3f}" for k in range(K)) if K else "n/a"
         table.append(row)
     return table, budget
 
 
 COLUMNS = ("drafter", "method", "seeds", "start_tau", "tau_matched_flops", "ci95_flops", "tau_matched_steps",
-           "ci95_steps", "tau_final", "ci95_final", "ratio_vs_baseline", "ci95_ratio")
+           "ci95_steps", "tau_final", "ci95_final", "ratio_vs_baseline", "ci95_ratio", "acceptance_by_offset_matched_flops")
 
 
 def plot(curves: dict, path: str) -> None:

@@ -1,5 +1,6 @@
 """`experiments/benchmarks/opd_decisive.py`: τ at matched FLOPs / steps over seeds with t
-intervals, and the seed-paired ratio to the baseline, on hand-made probe curves."""
+intervals, the seed-paired ratio to the baseline and the acceptance by offset, on hand-made
+probe curves."""
 
 import json
 import os
@@ -19,11 +20,13 @@ def _module():
     return load_script("experiments/benchmarks/opd_decisive.py")
 
 
-def _write(workdir, run, kind, rows):
+def _write(workdir, run, kind, rows, acc=None):
+    """Probe rows (step, flops, τ) and, with `acc`, offset k's acceptance acc(k, τ) as the stage logs it."""
     os.makedirs(workdir / run / kind)
     with open(workdir / run / kind / "metrics.jsonl", "w") as f:
         for step, flops, tau in rows:
-            f.write(json.dumps({"step": step, "flops": flops, "probe_tau": tau}) + "\n")
+            extra = {f"probe_acceptance/{k}": acc(k, tau) for k in (1, 2)} if acc else {}
+            f.write(json.dumps({"step": step, "flops": flops, "probe_tau": tau, **extra}) + "\n")
             f.write(json.dumps({"step": step, "flops": flops, "loss": 1.0}) + "\n")  # not a probe row
 
 
@@ -33,10 +36,12 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
     for i, s in enumerate(("s0", "s1", "s2")):
         # Draft-OPD: 10 steps of 2e12 FLOPs, tau 1.30 -> 1.40 + 0.01 i; continued SFT: 40 steps of
         # 1e12 FLOPs, tau 1.30 -> 1.34 + 0.01 i at 4e13 (so 1.32 + 0.005 i at OPD's 2e13)
-        _write(tmp_path, f"opd_{s}", "eagle3", [(0, F0, 1.30), (10, F0 + 2e13, 1.40 + 0.01 * i)])
+        _write(tmp_path, f"opd_{s}", "eagle3", [(0, F0, 1.30), (10, F0 + 2e13, 1.40 + 0.01 * i)],
+               acc=lambda k, tau: round(tau - 1 + 0.1 * k, 6))
         _write(tmp_path, f"sft_{s}", "eagle3", [(0, F0, 1.30), (40, F0 + 4e13, 1.34 + 0.01 * i)])
     runs = mod.load_runs(str(tmp_path), ["opd", "sft", "missing"], ["s0", "s1", "s2"], "eagle3")
-    assert set(runs) == {"opd", "sft"} and runs["opd"]["s1"] == [(0, F0, 1.30), (10, F0 + 2e13, 1.41)]
+    assert set(runs) == {"opd", "sft"} and runs["opd"]["s1"] == [(0, F0, 1.30, (0.4, 0.5)), (10, F0 + 2e13, 1.41, (0.51, 0.61))]
+    assert runs["sft"]["s1"][0] == (0, F0, 1.30, ())  # a probe without acceptance
     rows, budget = mod.summarise(runs, "sft")
     assert budget == {"flops": F0 + 2e13, "step": 10}
     opd, sft = rows
@@ -48,6 +53,8 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
     assert opd["ratio_vs_baseline"] == pytest.approx(np.mean(want))
     assert opd["ci95_ratio"] == pytest.approx(t * np.std(want, ddof=1) / np.sqrt(3))
     assert sft["ratio_vs_baseline"] == pytest.approx(1.0) and sft["ci95_ratio"] == pytest.approx(0.0, abs=1e-12)
+    # acceptance at the matched FLOPs (OPD's last probe): offset k = τ - 1 + 0.1 k, mean over seeds
+    assert opd["acceptance_by_offset_matched_flops"] == "0.510/0.610" and sft["acceptance_by_offset_matched_flops"] == "n/a"
     with pytest.raises(ValueError, match="outside the run's probes"):
         mod.at(runs["opd"]["s0"], F0 + 3e13, 1)
 
@@ -65,4 +72,9 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
     os.rename(tmp_path / "opd_s0", tmp_path / "opd_s0_full")
     _write(tmp_path, "opd_s0", "eagle3", [(0, F0, 1.30)])
     assert mod.load_runs(str(tmp_path), ["opd"], ["s0"], "eagle3", str(kept))["opd"]["s0"] == runs["opd"]["s0"]
-    assert mod.load_runs(str(tmp_path), ["opd"], ["s0"], "eagle3")["opd"]["s0"] == [(0, F0, 1.30)]
+    assert mod.load_runs(str(tmp_path), ["opd"], ["s0"], "eagle3")["opd"]["s0"] == [(0, F0, 1.30, ())]
+    # a curve kept before acceptance was kept (probe_tau only) still loads
+    with open(kept / "eagle3" / "sft_s0.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "flops": F0, "probe_tau": 1.3}) + "\n")
+        f.write(json.dumps({"step": 99, "flops": F0 + 9e13, "probe_tau": 1.4}) + "\n")
+    assert mod.load_runs(str(tmp_path / "gone"), ["sft"], ["s0"], "eagle3", str(kept))["sft"]["s0"][-1] == (99, F0 + 9e13, 1.4, ())
