@@ -173,3 +173,24 @@ def test_script_without_hoisting_drops_the_cpu_only_weight_copies(tmp_path):
     assert "loop-invariant code motion off" in (tmp_path / "off.md").read_text()
     summary = (tmp_path / "summary.md").read_text()
     assert "| on |" in summary and "| off |" in summary
+
+
+def test_script_tpu_flag_refuses_the_fake_cpu_device_flags(tmp_path):
+    # --tpu compiles for the slice's TPU topology: a fake CPU device count or XLA:CPU pass flag is a mistake
+    for extra in ("--num_devices=4", "--nohoist_invariants"):
+        out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "aot_compile.py"), "--tpu", extra,
+                              "--config=experiments/pod.py:qwen3_8b,dflash,v5p-8", f"--out_dir={tmp_path}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "--tpu compiles for the slice's TPU topology" in out.stderr, out.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_pod_slices_name_their_tpu_topology():
+    # libtpu's topology of each slice has the slice's chip count (x*y*z)
+    import math
+
+    for slice_name in ("v5p-8", "v5p-32", "v5p-128", "v6e-8", "v6e-32"):
+        config = _pod(f"qwen3_8b,dflash,{slice_name}")
+        gen, dims = config.tpu_topology.split(":")
+        assert slice_name.startswith(gen) and math.prod(map(int, dims.split("x"))) == config.num_devices
+    assert _pod("qwen3_8b,dflash,tiny").tpu_topology == ""
