@@ -6,7 +6,10 @@ On a CPU host (what CI and this repository's results have) it
      `verify_reference` at small shapes and counts rows whose decisions (num_accepted,
      next_token, accepted) differ: the agreement check, not a speed measurement;
   2. lowers (`jax.export`, no compile, nothing run) the kernel for TPU and CUDA at every pod
-     shape (experiments/pod.py) and records the kernel calls found in the lowered module.
+     shape (experiments/pod.py) and records the kernel calls found in the lowered module;
+  3. with libtpu installed (`jax[tpu]`), compiles the TPU kernel with the TPU compiler (Mosaic
+     included: VMEM limits, tiling) for one chip of each pod generation (v5p, v6e; libtpu's
+     topology descriptions, no TPU attached) at every pod shape: compiled, not run.
   No bandwidth is reported: nothing ran on a device.
 
 On a TPU or GPU it compiles the kernel (the formulation the platform picks) and the reference
@@ -142,13 +145,62 @@ def agreement(shapes, dtypes, modes, formulations, interpret: bool, seeds: int =
     return rows
 
 
-def lowering(shapes: dict, dtypes, modes) -> list:
-    """Rows: the kernel lowered (not compiled, not run) for TPU and CUDA at each pod shape."""
+def verify_args(b: int, k: int, v: int, mode: str, dtype: str, sharding=None):
+    """(the jitted `verify` of `mode`, its abstract inputs: logits, drafts, log q, key)."""
     import jax
     import jax.numpy as jnp
-    from jax import export
 
     from pallas_kernels.verify import verify
+
+    temperature, top_k, top_p = MODES[mode]
+    sds = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
+    x = sds((b, k + 1, v), jnp.dtype(dtype))
+    d = sds((b, k), jnp.int32)
+    lq = sds((b, k, v), jnp.dtype(dtype)) if temperature else None
+    key = sds((), jax.random.key(0).dtype) if temperature else None
+    return jax.jit(functools.partial(verify, temperature=temperature, top_k=top_k, top_p=top_p)), (x, d, lq, key)
+
+
+# one chip of each pod slice's generation (experiments/pod.py), as libtpu describes it
+TPU_CHIPS = {"v5p": "v5p:2x2x1", "v6e": "v6e:2x4"}
+
+
+def tpu_compile(shapes: dict, dtypes, modes) -> list:
+    """Rows: the TPU kernel compiled by libtpu's compiler for one chip of each `TPU_CHIPS`
+    generation at each pod shape (not run); [] without libtpu."""
+    import jax
+
+    from opd.training.aot import tpu_devices
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chip is opened
+    try:
+        chips = {g: tpu_devices(t)[0] for g, t in TPU_CHIPS.items()}
+    except RuntimeError as e:
+        print(f"TPU compile skipped: {e}", flush=True)
+        return []
+    rows = []
+    for (b, k, v), variants in shapes.items():
+        for gen, dev in chips.items():
+            for dtype in dtypes:
+                for mode in modes:
+                    fn, args = verify_args(b, k, v, mode, dtype, jax.sharding.SingleDeviceSharding(dev))
+                    t0 = time.perf_counter()
+                    try:
+                        compiled = fn.lower(*args).compile()
+                        text = compiled.as_text()
+                        row = {"compiled": "yes (not run)", "kernels": ", ".join(sorted(set(re.findall(r"verify_grid_\w+", text)))),
+                               "hbm_temp_MiB": compiled.memory_analysis().temp_size_in_bytes / 2**20}
+                    except Exception as e:  # a kernel Mosaic rejects (VMEM, tiling) is the finding
+                        row = {"compiled": f"NO: {type(e).__name__}: {str(e)[:200]}", "kernels": "", "hbm_temp_MiB": float("nan")}
+                    rows.append({"shape": f"{b}x{k}x{v}", "pod": " ".join(variants), "chip": dev.device_kind, "dtype": dtype,
+                                 "mode": mode, **row, "compile_seconds": time.perf_counter() - t0})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def lowering(shapes: dict, dtypes, modes) -> list:
+    """Rows: the kernel lowered (not compiled, not run) for TPU and CUDA at each pod shape."""
+    from jax import export
 
     calls_re = re.compile(r'stablehlo\.custom_call @([\w$.]+).*?name = "(verify_\w+)"')
     disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]  # Triton IR: no compat guarantee
@@ -157,14 +209,9 @@ def lowering(shapes: dict, dtypes, modes) -> list:
         for platform in ("tpu", "cuda"):
             for dtype in dtypes:
                 for mode in modes:
-                    temperature, top_k, top_p = MODES[mode]
-                    x = jax.ShapeDtypeStruct((b, k + 1, v), jnp.dtype(dtype))
-                    d = jax.ShapeDtypeStruct((b, k), jnp.int32)
-                    lq = jax.ShapeDtypeStruct((b, k, v), jnp.dtype(dtype)) if temperature else None
-                    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype) if temperature else None
-                    fn = functools.partial(verify, temperature=temperature, top_k=top_k, top_p=top_p)
+                    fn, args = verify_args(b, k, v, mode, dtype)
                     t0 = time.perf_counter()
-                    exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(x, d, lq, key)
+                    exported = export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
                     text = exported.mlir_module()
                     calls = [f"{t}:{n}" for t, n in calls_re.findall(text)]
                     rows.append({"shape": f"{b}x{k}x{v}", "pod": " ".join(variants), "platform": platform, "dtype": dtype,
@@ -316,15 +363,20 @@ def main(_):
         agree = agreement(shapes, F.dtypes, F.modes, ("grid", "split"), interpret=True, seeds=F.seeds,
                           block_v=F.cpu_block_v, chunk_v=F.cpu_chunk_v)
         low = lowering(pods, F.dtypes, [m for m in F.modes if m != "top_k_top_p"])
-        payload.update(agreement=agree, lowering=low, note=(
+        tpu = tpu_compile(pods, F.dtypes, [m for m in F.modes if m != "top_k_top_p"]) if F.tpu_compile else []
+        payload.update(agreement=agree, lowering=low, tpu_compile=tpu, note=(
             "CPU only: both formulations ran in the Pallas interpreter beside the reference (agreement, not speed); "
-            "for TPU and CUDA the kernel was lowered (jax.export), not compiled and not run on a device; "
-            "no bandwidth was measured"))
+            "for TPU and CUDA the kernel was lowered (jax.export); "
+            + ("the TPU kernel was compiled by libtpu's compiler for TPU chips (no TPU attached), not run; " if tpu else
+               "nothing was compiled for a device; ") + "no bandwidth was measured"))
         table = ("## Agreement: interpreted kernel vs reference (CPU; not a speed measurement)\n\n"
                  + markdown_table(agree, ["shape", "dtype", "mode", "formulation", "interpret", "rows", "mismatched_rows",
                                           "accept_counts_seen", "seconds"])
                  + "\n## Lowering for TPU / CUDA at the pod shapes (lowered only: not compiled, not run on a device)\n\n"
                  + markdown_table(low, ["shape", "pod", "platform", "dtype", "mode", "lowered", "kernel_calls", "lower_seconds"])
+                 + ("\n## Compiled for TPU chips by libtpu's compiler, Mosaic included (compiled, not run)\n\n"
+                    + markdown_table(tpu, ["shape", "pod", "chip", "dtype", "mode", "compiled", "kernels", "hbm_temp_MiB",
+                                           "compile_seconds"]) if tpu else "")
                  + f"\n{payload['note']}.\n")
     else:
         peak = F.peak_gbps or peak_gbps(dev.device_kind)
@@ -356,5 +408,7 @@ if __name__ == "__main__":  # flags defined here: tests import this module next 
     flags.DEFINE_integer("cpu_chunk_v", 768, "CPU agreement check: split chunk (3 tiles of 256)")
     flags.DEFINE_float("peak_gbps", None, "peak HBM GB/s of the device (default: PEAK_GBPS by device_kind)")
     flags.DEFINE_string("out_dir", None, "default: experiments/results/verify_kernel")
+    flags.DEFINE_bool("tpu_compile", True, "CPU: also compile the TPU kernel with libtpu for v5p / v6e chips "
+                      "(skipped without libtpu)")
     flags.DEFINE_bool("breakdown", False, "device: also time the sampling round's two kernel passes alone")
     app.run(main)

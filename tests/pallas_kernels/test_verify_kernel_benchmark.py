@@ -51,3 +51,15 @@ def test_breakdown_times_both_sampling_passes(vk, interpreted):
 def test_peak_bandwidth_by_device_kind(vk):
     assert vk.peak_gbps("NVIDIA H200") == 4800 and vk.peak_gbps("NVIDIA H100 PCIe") == 2000
     assert vk.peak_gbps("TPU v5p") == 2765 and vk.peak_gbps("some new chip") is None
+
+
+def test_tpu_compile_rows_name_the_compiled_kernels(vk, monkeypatch):
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) compiles for TPU on this host")
+    monkeypatch.setattr(vk, "TPU_CHIPS", {"v6e": "v6e:2x4"})
+    rows = vk.tpu_compile({(2, 3, 4096): ["tiny"]}, ["float32"], ["greedy", "sampling"])
+    assert [(r["chip"], r["mode"], r["compiled"]) for r in rows] == [("TPU v6 lite", m, "yes (not run)")
+                                                                      for m in ("greedy", "sampling")]
+    assert [r["kernels"] for r in rows] == ["verify_grid_argmax", "verify_grid_draw, verify_grid_logsumexp"]
+    # a topology libtpu does not know: the section is skipped with a message, not a crash
+    monkeypatch.setattr(vk, "TPU_CHIPS", {"v9z": "v9z:1x1"})
+    assert vk.tpu_compile({(2, 3, 4096): ["tiny"]}, ["float32"], ["greedy"]) == []
