@@ -1,0 +1,66 @@
+"""How much of a Draft-OPD run's rollouts the SFT data already hold: for every rollout whose
+prompt is in the SFT set, the longest common prefix of its response and the SFT answer.
+
+  python experiments/benchmarks/rollout_overlap.py \
+      --rollouts=workdirs/smollm2_scale/opd_plateau_reference_s0/eagle3/rollouts \
+      --sft_data=data:smollm2_alpacaeval_answers --name=rollout_overlap_eagle3_reference_s0
+
+Greedy speculative decoding is lossless, so greedy rollouts (the reference preset) from the SFT
+prompts commit the target's greedy answers: the very sequences SFT on target-generated data
+trains on (up to numerical ties between batch shapes). Then the only contexts Draft-OPD adds are
+inside a draft block (the drafter's own drafts after the anchor). Sampled rollouts leave the SFT
+answers after a few tokens. Writes experiments/results/<name>/ (JSON + table).
+"""
+
+import numpy as np
+from absl import app, flags
+
+from opd.data.builders import read_trajectory_shards
+from opd.eval.report import markdown_table, write_results
+from opd.paths import resolve_path
+
+_ROLLOUTS = flags.DEFINE_string("rollouts", None, "a Draft-OPD run's rollouts folder (DIR/<run>/<kind>/rollouts)")
+_SFT = flags.DEFINE_string("sft_data", "data:smollm2_alpacaeval_answers", "the SFT trajectories (folder or path spec)")
+_NAME = flags.DEFINE_string("name", "rollout_overlap", "experiments/results/<name>/")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "default experiments/results/<name>/")
+
+
+def common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    same = np.asarray(a[:n]) == np.asarray(b[:n])
+    return int(n if same.all() else np.argmin(same))
+
+
+def overlap(rollouts: list, sft: list) -> dict:
+    """Counts over the rollouts whose prompt (token ids) is an SFT prompt."""
+    answers = {tuple(r["prompt_ids"]): r["response_ids"] for r in sft}
+    matched = [(r["response_ids"], answers[tuple(r["prompt_ids"])]) for r in rollouts if tuple(r["prompt_ids"]) in answers]
+    if not matched:
+        raise ValueError("no rollout prompt is an SFT prompt: nothing to compare")
+    shared = [common_prefix(ro, a) for ro, a in matched]
+    tokens = sum(len(ro) for ro, _ in matched)
+    first_split = [s for s, (ro, _) in zip(shared, matched) if s < len(ro)]
+    return {
+        "rollouts": len(rollouts), "rollouts_with_an_sft_prompt": len(matched),
+        "rollouts_a_prefix_of_the_sft_answer": sum(s == len(ro) for s, (ro, _) in zip(shared, matched)),
+        "rollout_tokens": tokens, "tokens_on_the_sft_answer": sum(shared),
+        "share_of_tokens_on_the_sft_answer": sum(shared) / tokens,
+        "median_position_of_first_difference": float(np.median(first_split)) if first_split else float("nan"),
+    }
+
+
+def main(argv):
+    del argv
+    rollouts = read_trajectory_shards(_ROLLOUTS.value)
+    sft = read_trajectory_shards(resolve_path(_SFT.value))
+    row = {"rollouts_dir": _ROLLOUTS.value, "sft_data": _SFT.value, **overlap(rollouts, sft)}
+    cols = list(row)[2:]
+    md = markdown_table([row], cols, "{:.3f}") + f"\nRollouts: `{_ROLLOUTS.value}`; SFT data: `{_SFT.value}`.\n"
+    out = write_results(_NAME.value, row, md, _OUT_DIR.value)
+    print(md)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("rollouts")
+    app.run(main)
