@@ -19,12 +19,6 @@ from opd.data.builders import read_trajectory_shards
 from opd.eval.report import markdown_table, write_results
 from opd.paths import resolve_path
 
-_ROLLOUTS = flags.DEFINE_string("rollouts", None, "a Draft-OPD run's rollouts folder (DIR/<run>/<kind>/rollouts)")
-_SFT = flags.DEFINE_string("sft_data", "data:smollm2_alpacaeval_answers", "the SFT trajectories (folder or path spec)")
-_NAME = flags.DEFINE_string("name", "rollout_overlap", "experiments/results/<name>/")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "default experiments/results/<name>/")
-
-
 def common_prefix(a, b) -> int:
     n = min(len(a), len(b))
     same = np.asarray(a[:n]) == np.asarray(b[:n])
@@ -51,16 +45,21 @@ def overlap(rollouts: list, sft: list) -> dict:
 
 def main(argv):
     del argv
-    rollouts = read_trajectory_shards(_ROLLOUTS.value)
-    sft = read_trajectory_shards(resolve_path(_SFT.value))
-    row = {"rollouts_dir": _ROLLOUTS.value, "sft_data": _SFT.value, **overlap(rollouts, sft)}
+    F = flags.FLAGS
+    rollouts = read_trajectory_shards(F.rollouts)
+    sft = read_trajectory_shards(resolve_path(F.sft_data))
+    row = {"rollouts_dir": F.rollouts, "sft_data": F.sft_data, **overlap(rollouts, sft)}
     cols = list(row)[2:]
-    md = markdown_table([row], cols, "{:.3f}") + f"\nRollouts: `{_ROLLOUTS.value}`; SFT data: `{_SFT.value}`.\n"
-    out = write_results(_NAME.value, row, md, _OUT_DIR.value)
+    md = markdown_table([row], cols, "{:.3f}") + f"\nRollouts: `{F.rollouts}`; SFT data: `{F.sft_data}`.\n"
+    out = write_results(F.name, row, md, F.out_dir)
     print(md)
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: tests load this module next to other scripts
+    flags.DEFINE_string("rollouts", None, "a Draft-OPD run's rollouts folder (DIR/<run>/<kind>/rollouts)")
+    flags.DEFINE_string("sft_data", "data:smollm2_alpacaeval_answers", "the SFT trajectories (folder or path spec)")
+    flags.DEFINE_string("name", "rollout_overlap", "experiments/results/<name>/")
+    flags.DEFINE_string("out_dir", None, "default experiments/results/<name>/")
     flags.mark_flag_as_required("rollouts")
     app.run(main)
