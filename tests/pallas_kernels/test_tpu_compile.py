@@ -112,6 +112,8 @@ import json, os
 from opd.configs import sibling_config
 from opd.training import aot
 config = sibling_config(POD, "pod.py", VARIANT)
+if "draft_vocab_size" in config.drafter.overrides:  # EAGLE-3's 32000 > the test width's vocabulary
+    config.drafter.overrides.draft_vocab_size = 2048
 devices = aot.tpu_devices(config.tpu_topology)
 report = aot.check(config, num_layers=2, steps=STEPS, devices=devices, **SMALL)
 print("RESULT" + json.dumps(report))
