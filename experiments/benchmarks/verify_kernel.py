@@ -172,7 +172,6 @@ def tpu_compile(shapes: dict, dtypes, modes) -> list:
 
     from opd.training.aot import tpu_devices
 
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no chip is opened
     try:
         chips = {g: tpu_devices(t)[0] for g, t in TPU_CHIPS.items()}
     except RuntimeError as e:

@@ -46,6 +46,7 @@ full-size ones mapped into the shorter target (same number of feature layers).
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -82,6 +83,8 @@ def tpu_devices(topology: str) -> list:
                          "(experiments/pod.py sets it per slice)")
     from jax.experimental import topologies
 
+    # several processes may hold libtpu to compile (tests, plans side by side): no chip is opened
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # read when libtpu loads
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:

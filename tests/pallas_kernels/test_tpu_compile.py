@@ -10,7 +10,7 @@ prove: the kernel's numbers and speed on a TPU (experiments/benchmarks/verify_ke
 there).
 
 libtpu is installed with the test extra (`jax[tpu]`); without it these tests skip.  Several
-processes may load it at once (ALLOW_MULTIPLE_LIBTPU_LOAD: only compiling, no chip is opened).
+processes may load it at once (`aot.tpu_devices` allows that: only compiling, no chip is opened).
 """
 
 import functools
@@ -23,20 +23,19 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # read when libtpu loads (first topology)
 pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) compiles for TPU on this host")
 
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
+from conftest import load_script  # noqa: E402
 from opd.training import aot  # noqa: E402
-from pallas_kernels.verify import verify  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POD = os.path.join(REPO, "experiments", "pod.py")
-# the pod slices' generations (experiments/pod.py: v5p and v6e, not v5e), one chip each
-CHIPS = {"v5p": "v5p:2x2x1", "v6e": "v6e:2x4"}
+VK = load_script("experiments/benchmarks/verify_kernel.py")  # its verify_args and TPU_CHIPS (v5p, v6e)
+CHIPS = VK.TPU_CHIPS
 LARGEST = (4, 15, 151936)  # Qwen3 + DFlash: eval batch, K, V (test_lowering.POD_SHAPES)
-MODES = {"greedy": (0.0, ("argmax",)), "sampling": (0.7, ("logsumexp", "draw"))}
+MODES = {"greedy": ("argmax",), "sampling": ("logsumexp", "draw")}  # the kernels a round runs
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,14 +45,8 @@ def chip(generation: str):
 
 def compile_verify(generation: str, b: int, k: int, v: int, dtype: str, mode: str):
     """The jitted `verify` (TPU: the grid kernels) compiled for one chip of `generation`."""
-    s = SingleDeviceSharding(chip(generation))
-    temperature = MODES[mode][0]
-    x = jax.ShapeDtypeStruct((b, k + 1, v), jnp.dtype(dtype), sharding=s)
-    d = jax.ShapeDtypeStruct((b, k), jnp.int32, sharding=s)
-    lq = jax.ShapeDtypeStruct((b, k, v), jnp.dtype(dtype), sharding=s) if temperature else None
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=s) if temperature else None
-    fn = functools.partial(verify, temperature=temperature, top_k=0, top_p=1.0)
-    return jax.jit(fn).lower(x, d, lq, key).compile()
+    fn, args = VK.verify_args(b, k, v, mode, dtype, SingleDeviceSharding(chip(generation)))
+    return fn.lower(*args).compile()
 
 
 def test_the_topology_is_the_slice():
@@ -73,7 +66,7 @@ def test_verify_kernel_compiles_at_the_largest_pod_shape(generation, dtype, mode
     compiled = compile_verify(generation, *LARGEST, dtype, mode)
     text = compiled.as_text()
     assert "tpu_custom_call" in text
-    for r in MODES[mode][1]:
+    for r in MODES[mode]:
         assert f"verify_grid_{r}" in text, r
     # the kernel's VMEM blocks are Mosaic's, not XLA's: HBM temp stays below one logits copy
     assert compiled.memory_analysis().temp_size_in_bytes < 4 * 16 * 151936 * jnp.dtype(dtype).itemsize
@@ -121,7 +114,7 @@ print("RESULT" + json.dumps(report))
 
 
 def _tpu_check(variant: str, steps) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     script = (_SCRIPT.replace("POD", repr(POD)).replace("VARIANT", repr(variant)).replace("STEPS", repr(list(steps)))
               .replace("SMALL", repr(_SMALL)))
