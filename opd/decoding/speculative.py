@@ -204,6 +204,7 @@ def speculative_generate(
     eos = batching.resolve_eos(target, eos_token_ids)
     key = jax.random.PRNGKey(seed)
     results, forwards, rounds, committed = [], 0, 0, 0
+    prompt_rounds, prompt_committed = [], []  # per prompt, in prompt order (intervals over prompts)
     hist = np.zeros(K + 1, np.int64)
     t0 = time.perf_counter()
     for chunk in batching.chunks(ids, config.pad_token_id or 0, batch_size):
@@ -219,6 +220,8 @@ def speculative_generate(
         rounds += int(np.asarray(row_rounds).sum())
         committed += int(np.asarray(row_committed).sum())
         hist += np.asarray(acc_hist)
+        prompt_rounds += np.asarray(row_rounds)[: len(chunk.prompts)].tolist()
+        prompt_committed += np.asarray(row_committed)[: len(chunk.prompts)].tolist()
         for r, p in enumerate(chunk.prompts):
             results.append(batching.truncate_at_eos(seq[r, len(p) : len(p) + n_gen[r]], max_new_tokens, eos))
     seconds = time.perf_counter() - t0
@@ -235,5 +238,7 @@ def speculative_generate(
         "num_draft_tokens": K,
         "accept_hist": hist.tolist(),  # accept_hist[n]: verify rounds that accepted exactly n drafts
         "committed_tokens": committed,  # counted up to EOS / max_new_tokens; tau = committed / rounds
+        "prompt_rounds": prompt_rounds,  # per prompt: verify rounds and committed tokens (tau = sum / sum)
+        "prompt_committed": prompt_committed,
     }
     return GenerateOutput(results, stats)

@@ -89,17 +89,21 @@ def test_eos_mid_round_matches_autoregressive(target):
     # tau's numerator counts each row's verified tokens up to and including its EOS, no further
     # (the first token comes from the prefill, not from a verify round).
     assert got.stats["committed_tokens"] == sum(len(t) + (len(t) < 20) - 1 for t in want)
+    assert got.stats["prompt_committed"] == [len(t) + (len(t) < 20) - 1 for t in want]  # per prompt, in order
+    assert sum(got.stats["prompt_rounds"]) == got.stats["verify_rounds"]
 
 
 def test_self_drafting_accepts_everything_and_counts_tau(target):
     K, rounds = 3, 5
     drafter = opd.init_drafter("lm", target, model=target)
     out = opd.speculative_generate(target, drafter, PROMPTS, max_new_tokens=1 + rounds * (K + 1), num_draft_tokens=K,
-                                   eos_token_ids=())
+                                   eos_token_ids=(), batch_size=3)  # chunks of 3 and 1, padded to 4 and 1 rows
     assert out.stats["tau"] == K + 1
+    assert out.stats["prompt_rounds"] == [rounds] * 4  # the padding rows are not prompts
+    assert out.stats["prompt_committed"] == [rounds * (K + 1)] * 4
     assert out.stats["acceptance_by_offset"] == [1.0] * K
     assert out.stats["verify_rounds"] == rounds * len(PROMPTS)
-    assert out.stats["target_forwards"] == rounds + 1
+    assert out.stats["target_forwards"] == 2 * (rounds + 1)  # per chunk: a prefill + one forward per round
 
 
 def test_pallas_and_reference_verification_give_identical_tokens(target):
