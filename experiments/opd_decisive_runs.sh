@@ -8,7 +8,8 @@
 # Each run resumes from DIR (a finished stage is not redone), so a stopped script continues where
 # it stopped when started again. The order answers the question soonest (~1 h per run on 2 CPU
 # cores): the goal's pair (Draft-OPD with the reference preset, continued SFT at its fairly priced
-# FLOPs) for both drafters at the first seed; our default Draft-OPD and the EAGLE-3 ablations (one
+# FLOPs) for both drafters at the first seed, each pair's τ on its training prompts vs held-out
+# (opd_generalization.py); our default Draft-OPD and the EAGLE-3 ablations (one
 # reference difference each, probe curves only); the pair at the other seeds; the other methods
 # (SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default) at the first seed and seed
 # s0's main table of every method (experiments/results/main_table_decisive_s0/); the other methods
@@ -58,7 +59,17 @@ pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at 
     local kept="$RESULTS/opd_decisive/runs/$k/$opd.jsonl"
     if [ ! -f "$DIR/$opd/$k/metrics.jsonl" ] && [ -f "$kept" ]; then match=("--config.sft.match_flops=$(realpath "$kept")"); fi
     run "$k,plateau,reference,sft_cont,$1" "${match[@]}"
+    generalization "$k" "$1"
   done
+}
+generalization() {  # generalization KIND SEED: where the pair's gains land (its training prompts vs held-out)
+  local runs="opd_plateau_reference_$2,sft_cont_plateau_reference_$2" name="opd_generalization_$1_$2"
+  if finished "generalization:$1,$2" || [ ! -d "$DIR/export/opd_plateau_reference_$2_$1" ] \
+      || [ ! -d "$DIR/export/sft_cont_plateau_reference_$2_$1" ]; then return; fi
+  echo "=== $(date -u +%FT%TZ) opd_generalization.py: $1 $2"
+  python experiments/benchmarks/opd_generalization.py --workdir="$DIR" --drafter="$1" --runs="$runs" \
+      --name="$name" --out_dir="$RESULTS/$name"
+  record "generalization:$1,$2"
 }
 others() {  # SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default Draft-OPD
   for k in $KINDS; do

@@ -221,7 +221,8 @@ def _decisive_runner(tmp_path, workdir, **env):
 
 def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     """experiments/opd_decisive_runs.sh: every launch is a valid variant of opd_smollm2.py; first
-    the goal's pair (reference Draft-OPD, continued SFT) of seed s0, then our default and the
+    the goal's pair (reference Draft-OPD, continued SFT) of seed s0 (with its τ on the training
+    prompts where both exports exist), then our default and the
     ablations, the pair at the other seeds, the other methods and seed s0's main table; the
     summaries after every run and last; every run once (the ledger), also when started again."""
     from experiments.main_table_smollm2 import DECISIVE
@@ -253,7 +254,13 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     assert "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
     assert all("opd_decisive.py" in ln for ln in logged[-2:]) and "--name=opd_ablations_plateau" in logged[-1]
     ledger = (tmp_path / "results" / "opd_decisive" / "finished.txt").read_text().splitlines()
-    assert sorted(ln.split("\t")[0] for ln in ledger) == sorted(variants + ["main_table:decisive,s0"])
+    assert sorted(ln.split("\t")[0] for ln in ledger) == sorted(
+        variants + ["main_table:decisive,s0", "generalization:eagle3,s0", "generalization:dflash,s0"])
+    # each pair with its exports in DIR (s0 here) is measured on its training prompts after its runs
+    gen = [i for i, ln in enumerate(lines) if "opd_generalization.py" in ln]
+    assert [lines[i].split("--drafter=")[1].split()[0] for i in gen] == ["eagle3", "dflash"]
+    assert all("sft_cont,s0" in lines[i - 1] and f"--workdir={w}" in lines[i] for i in gen)
+    assert "--runs=opd_plateau_reference_s0,sft_cont_plateau_reference_s0" in lines[gen[0]]
     # started again: nothing is launched, the summaries are rewritten
     again, _ = _decisive_runner(tmp_path, w, SEEDS="s0 s1")
     assert again and all("opd_decisive.py" in ln for ln in again)
