@@ -50,7 +50,8 @@ def _probe_rows(path: str) -> list:
     for r in read_jsonl(path):
         if r.get("probe_tau") is not None:
             acc = r.get("probe_acceptance") or [r[f"probe_acceptance/{k}"] for k in range(1, 65) if f"probe_acceptance/{k}" in r]
-            rows.append((r["step"], r["flops"], r["probe_tau"], tuple(float(a) for a in acc)))
+            # an offset no probe round reached has no acceptance (NaN, logged as null)
+            rows.append((r["step"], r["flops"], r["probe_tau"], tuple(np.nan if a is None else float(a) for a in acc)))
     return sorted(rows)
 
 

@@ -2,6 +2,7 @@
 intervals, the seed-paired ratio to the baseline and the acceptance by offset, on hand-made
 probe curves."""
 
+import functools
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "opd_decisive.py")
 
 
-def _module():
+@functools.cache
+def _module():  # once per process: the script defines its absl flags at import
     return load_script("experiments/benchmarks/opd_decisive.py")
 
 
@@ -78,3 +80,14 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
         f.write(json.dumps({"step": 0, "flops": F0, "probe_tau": 1.3}) + "\n")
         f.write(json.dumps({"step": 99, "flops": F0 + 9e13, "probe_tau": 1.4}) + "\n")
     assert mod.load_runs(str(tmp_path / "gone"), ["sft"], ["s0"], "eagle3", str(kept))["sft"]["s0"][-1] == (99, F0 + 9e13, 1.4, ())
+
+
+def test_an_offset_no_probe_round_reached_loads_as_nan(tmp_path):
+    """DFlash's probe can reach no round at its last offsets: the stage logs null there."""
+    mod = _module()
+    os.makedirs(tmp_path / "opd_s0" / "dflash")
+    with open(tmp_path / "opd_s0" / "dflash" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "flops": 1e14, "probe_tau": 1.26, "probe_acceptance/1": 0.22,
+                            "probe_acceptance/2": None}) + "\n")
+    (row,) = mod.load_runs(str(tmp_path), ["opd"], ["s0"], "dflash")["opd"]["s0"]
+    assert row[:3] == (0, 1e14, 1.26) and row[3][0] == 0.22 and np.isnan(row[3][1])
