@@ -57,12 +57,17 @@ def _probe_rows(path: str) -> list:
 
 def load_runs(workdir: str, methods, seeds, kind: str, kept_dir: str | None = None) -> dict:
     """{method: {seed: [(step, flops, tau), ...]}} of the runs that exist (probe rows, by step):
-    DIR/<method>_<seed>/<kind>/metrics.jsonl, or the curve kept in `kept_dir`/<kind>/ where that
-    one reaches a later step (a workdir lost with its machine, or a run restarted elsewhere)."""
+    DIR/<method>_<seed>/<kind>/metrics.jsonl of a finished run (its export DIR/export/<method>_<seed>_<kind>/
+    exists: a run still in progress would pull the common budget back to its last probe), or the
+    curve kept in `kept_dir`/<kind>/ where that one reaches a later step (a workdir lost with its
+    machine, or a run restarted elsewhere)."""
     out: dict = {}
     for m in methods:
         for s in seeds:
             rows = _probe_rows(os.path.join(workdir, f"{m}_{s}", kind, "metrics.jsonl"))
+            if rows and not os.path.isdir(os.path.join(workdir, "export", f"{m}_{s}_{kind}")):
+                print(f"{m}_{s} ({kind}): in progress (no export yet), left out")
+                rows = []
             kept = _probe_rows(os.path.join(kept_dir, kind, f"{m}_{s}.jsonl")) if kept_dir else []
             if kept and (not rows or kept[-1][0] > rows[-1][0]):
                 rows = kept
@@ -123,8 +128,9 @@ def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
         row["ratio_vs_baseline"], row["ci95_ratio"] = interval(paired) if paired else (float("nan"), float("nan"))
         accs = [a for a in (acceptance_at(rows, budget["flops"]) for rows in seeds.values()) if a]
         K = min(map(len, accs)) if accs else 0
+        means = [[v for v in (a[k] for a in accs) if not np.isnan(v)] for k in range(K)]  # NaN: no round got there
         row["acceptance_by_offset_matched_flops"] = "/".join(
-            f"{np.nanmean([a[k] for a in accs]):.3f}" for k in range(K)) if K else "n/a"
+            f"{np.mean(m):.3f}" if m else "nan" for m in means) if K else "n/a"
         table.append(row)
     return table, budget
 

@@ -22,9 +22,12 @@ def _module():  # once per process: the script defines its absl flags at import
     return load_script("experiments/benchmarks/opd_decisive.py")
 
 
-def _write(workdir, run, kind, rows, acc=None):
-    """Probe rows (step, flops, τ) and, with `acc`, offset k's acceptance acc(k, τ) as the stage logs it."""
+def _write(workdir, run, kind, rows, acc=None, finished=True):
+    """Probe rows (step, flops, τ) and, with `acc`, offset k's acceptance acc(k, τ) as the stage logs it;
+    a finished run has its export."""
     os.makedirs(workdir / run / kind)
+    if finished:
+        os.makedirs(workdir / "export" / f"{run}_{kind}", exist_ok=True)
     with open(workdir / run / kind / "metrics.jsonl", "w") as f:
         for step, flops, tau in rows:
             extra = {f"probe_acceptance/{k}": acc(k, tau) for k in (1, 2)} if acc else {}
@@ -46,6 +49,9 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
     assert runs["sft"]["s1"][0] == (0, F0, 1.30, ())  # a probe without acceptance
     rows, budget = mod.summarise(runs, "sft")
     assert budget == {"flops": F0 + 2e13, "step": 10}
+    # a run still in progress (no export yet) is left out: it would pull the budget back to step 0
+    _write(tmp_path, "sft_s2", "dflash", [(0, F0, 1.30)], finished=False)
+    assert mod.load_runs(str(tmp_path), ["sft"], ["s2"], "dflash") == {}
     opd, sft = rows
     assert opd["tau_matched_flops"] == pytest.approx(1.41) and sft["tau_matched_flops"] == pytest.approx(1.325)
     t = 4.302652729749464  # t(0.975, 2 dof)
@@ -86,6 +92,7 @@ def test_an_offset_no_probe_round_reached_loads_as_nan(tmp_path):
     """DFlash's probe can reach no round at its last offsets: the stage logs null there."""
     mod = _module()
     os.makedirs(tmp_path / "opd_s0" / "dflash")
+    os.makedirs(tmp_path / "export" / "opd_s0_dflash")
     with open(tmp_path / "opd_s0" / "dflash" / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": 0, "flops": 1e14, "probe_tau": 1.26, "probe_acceptance/1": 0.22,
                             "probe_acceptance/2": None}) + "\n")
