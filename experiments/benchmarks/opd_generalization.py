@@ -8,10 +8,10 @@ The decisive runs (`experiments/opd_smollm2.py:<kind>,plateau,...`) roll out and
 AlpacaEval's training prompts (`data:smollm2_alpacaeval_answers`, the SFT data's prompts too)
 and are judged on the held-out probe (the last 64 of the held-out split). A method whose gain
 stays on its training prompts fits them without generalising; one whose gain transfers does not.
-Both sets are decoded as the probe decodes (greedy, K drafts, `--max_new_tokens` per prompt);
-the training set is `--num_prompts` prompts spread evenly over those the run rolled out (prompt
-<= `--prompt_len` tokens). For each run: τ and acceptance by offset on both sets, its gain over
-the start with a paired bootstrap 95 % interval over prompts, and the ratio of every run to the
+Both sets are decoded as the runs' probe decodes (its block in `opd_smollm2.py:<kind>,plateau,
+reference`: greedy, its K, prompts, tokens per prompt and batch); the training set is as many
+prompts spread evenly over those the runs rolled out (their data, prompts <= their prompt_len).
+For each run: τ and acceptance by offset on both sets, its gain over the start with a paired bootstrap 95 % interval over prompts, and the ratio of every run to the
 last one (`--runs`' order; continued SFT last gives Draft-OPD / SFT). Drafters are read from
 DIR/export/<run>_<kind>/ (the runs' exports). Writes JSON + table + plot.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 import opd
-from opd.configs import default_config
+from opd.configs import sibling_config
 from opd.data.assets import asset_path
 from opd.data.builders import read_trajectory_shards
 from opd.eval.report import markdown_table, write_results
@@ -52,9 +52,10 @@ def paired_ratio(a: dict, b: dict, rng) -> dict:
     return {"ratio": tau_of(ra, ca) / tau_of(rb, cb), "lo": float(lo), "hi": float(hi)}
 
 
-def decode(target, drafter, prompts, K: int, max_new_tokens: int, batch_size: int) -> dict:
-    out = opd.speculative_generate(target, drafter, prompts, max_new_tokens=max_new_tokens, num_draft_tokens=K,
-                                   temperature=0.0, batch_size=batch_size)
+def decode(target, drafter, prompts, K: int, p) -> dict:
+    """The prompts decoded as the probe block `p` decodes them: τ, acceptance, per-prompt counts."""
+    out = opd.speculative_generate(target, drafter, prompts, max_new_tokens=int(p.max_new_tokens), num_draft_tokens=K,
+                                   temperature=float(p.temperature), batch_size=int(p.batch_size))
     s = out.stats
     return {"tau": float(s["tau"]), "acceptance_by_offset": s["acceptance_by_offset"],
             "rounds": s["prompt_rounds"], "committed": s["prompt_committed"]}
@@ -102,12 +103,11 @@ def main(argv):
     del argv
     F = flags.FLAGS
     kind, runs = F.drafter, list(F.runs)
-    K = 4 if kind == "eagle3" else 7  # the decisive runs' K (experiments/opd_smollm2.py)
+    o = sibling_config(__file__, "../opd_smollm2.py", f"{kind},plateau,reference").opd  # the decisive runs'
+    probe, K = o.probe, int(o.num_draft_tokens)
     target = opd.load_target(asset_path("smollm2_gguf"))
-    train = [r for r in read_trajectory_shards(resolve_path(F.train_data)) if len(r["prompt_ids"]) <= F.prompt_len]
-    probe = default_config().sft.probe
-    probe.update(prompt_set="alpacaeval", num_prompts=F.num_prompts)
-    sets = {"train": [list(r["prompt_ids"]) for r in spread(train, F.num_prompts)],
+    train = [r for r in read_trajectory_shards(resolve_path(o.data[0])) if len(r["prompt_ids"]) <= o.prompt_len]
+    sets = {"train": [list(r["prompt_ids"]) for r in spread(train, int(probe.num_prompts))],
             "heldout": stage_common.probe_prompts(probe)}
     paths = {"start": resolve_path(f"shipped:smollm2_{kind}"),
              **{n: os.path.join(F.workdir, "export", f"{n}_{kind}") for n in runs}}
@@ -116,14 +116,14 @@ def main(argv):
         drafter = opd.load_drafter(path, target)
         results[name] = {}
         for pset, prompts in sets.items():
-            results[name][pset] = decode(target, drafter, prompts, K, F.max_new_tokens, F.batch_size)
+            results[name][pset] = decode(target, drafter, prompts, K, probe)
             print(f"{name} {pset}: τ {results[name][pset]['tau']:.3f}", flush=True)
     rows = summarise(results, runs, np.random.default_rng(0))
     cols = ["drafter", "prompts", "tau", "gain_over_start", "gain_lo", "gain_hi", f"ratio_to_{runs[-1]}", "ratio_lo",
             "ratio_hi"] + [f"acc{k + 1}" for k in range(K)]
     md = markdown_table(rows, cols, "{:.3f}")
-    md += (f"\n{kind}, K = {K}, greedy, {F.max_new_tokens} new tokens per prompt; train: {len(sets['train'])} of the "
-           f"{len(train)} training prompts <= {F.prompt_len} tokens ({F.train_data}); heldout: the probe's "
+    md += (f"\n{kind}, K = {K}, T = {probe.temperature}, {probe.max_new_tokens} new tokens per prompt; train: "
+           f"{len(sets['train'])} of the {len(train)} training prompts <= {o.prompt_len} tokens ({o.data[0]}); heldout: the probe's "
            f"{len(sets['heldout'])} prompts. Intervals: paired bootstrap over prompts, 95 %.\n")
     out = write_results(F.name or f"opd_generalization_{kind}", {"drafter": kind, "runs": runs, "rows": rows,
                                                                   "per_prompt": results}, md, F.out_dir)
@@ -137,11 +137,6 @@ if __name__ == "__main__":  # flags defined here: tests load this module next to
     flags.DEFINE_string("drafter", "eagle3", "drafter kind (eagle3 | dflash)")
     flags.DEFINE_list("runs", ["opd_plateau_reference_s0", "sft_cont_plateau_reference_s0"],
                       "exported runs; the last is the one the others are compared with")
-    flags.DEFINE_string("train_data", "data:smollm2_alpacaeval_answers", "the Draft-OPD runs' prompts")
-    flags.DEFINE_integer("prompt_len", 128, "training prompts longer than this were skipped by the runs")
-    flags.DEFINE_integer("num_prompts", 64, "prompts per set")
-    flags.DEFINE_integer("max_new_tokens", 128, "new tokens per prompt")
-    flags.DEFINE_integer("batch_size", 16, "prompts per decoding call")
     flags.DEFINE_string("name", "", "results name (default opd_generalization_<kind>)")
     flags.DEFINE_string("out_dir", None, "results folder (default experiments/results/<name>)")
     app.run(main)
