@@ -8,9 +8,9 @@
 # Each run resumes from DIR (a finished stage is not redone), so a stopped script continues where
 # it stopped when started again. The order answers the question soonest (~1 h per run on 2 CPU
 # cores): the goal's pair (Draft-OPD with the reference preset, continued SFT at its fairly priced
-# FLOPs) for both drafters at the first seed, each pair's τ on its training prompts vs held-out
+# FLOPs) for both drafters at each seed, each pair's τ on its training prompts vs held-out
 # (opd_generalization.py); our default Draft-OPD and the EAGLE-3 ablations (one
-# reference difference each, probe curves only); the pair at the other seeds; the other methods
+# reference difference each, probe curves only); the other methods
 # (SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default) at the first seed and seed
 # s0's main table of every method (experiments/results/main_table_decisive_s0/); the other methods
 # at the other seeds.
@@ -100,12 +100,11 @@ print(*[f'{r}_s0_{k}' for k, r, _ in DECISIVE if not os.path.isdir(os.path.join(
   fi
 }
 read -r first rest <<< "$SEEDS"
-pair "$first"
+for s in $first $rest; do pair "$s"; done  # the goal's ratio with its seeds first
 if [ "$first" = s0 ] && [[ " $KINDS " == *" eagle3 "* ]]; then  # the ablations, against our default
   run "eagle3,plateau,s0"
   for a in $ABLATIONS; do run "eagle3,plateau,$a,s0"; done
 fi
-for s in $rest; do pair "$s"; done
 others "$first"
 if [ "$first" = s0 ] && [ "$KINDS" = "eagle3 dflash" ]; then main_table; fi  # all methods, both kinds
 for s in $rest; do others "$s"; done

@@ -222,8 +222,8 @@ def _decisive_runner(tmp_path, workdir, **env):
 def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     """experiments/opd_decisive_runs.sh: every launch is a valid variant of opd_smollm2.py; first
     the goal's pair (reference Draft-OPD, continued SFT) of seed s0 (with its τ on the training
-    prompts where both exports exist), then our default and the
-    ablations, the pair at the other seeds, the other methods and seed s0's main table; the
+    prompts where both exports exist), the pair at the other seeds, then our default and the
+    ablations, the other methods and seed s0's main table; the
     summaries after every run and last; every run once (the ledger), also when started again."""
     from experiments.main_table_smollm2 import DECISIVE
     from experiments.opd_smollm2 import ABLATIONS
@@ -246,7 +246,7 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     pair = lambda s: [f"eagle3,plateau,reference,{s}", f"eagle3,plateau,reference,sft_cont,{s}",
                       f"dflash,plateau,reference,{s}", f"dflash,plateau,reference,sft_cont,{s}"]
     abl = [f"eagle3,plateau,{a},s0" for a in ABLATIONS]
-    assert variants[:4 + 1 + len(abl) + 4] == pair("s0") + ["eagle3,plateau,s0"] + abl + pair("s1")
+    assert variants[:4 + 4 + 1 + len(abl)] == pair("s0") + pair("s1") + ["eagle3,plateau,s0"] + abl
     assert len(variants) == len(set(variants)) == 2 * 9 + len(ABLATIONS)  # our default at s0 once (the ledger)
     assert "--config.sft.match_flops" not in " ".join(lines)  # the Draft-OPD runs are in DIR
     table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0" in ln]
