@@ -3,7 +3,7 @@
 # question soonest, then the summary (experiments/results/opd_decisive/).
 #
 #   bash experiments/opd_decisive_runs.sh [DIR]        # DIR: the plateau run's (default workdirs/smollm2_scale)
-#   SEEDS="s0" KINDS="eagle3" bash experiments/opd_decisive_runs.sh
+#   SEEDS="s0" KINDS="eagle3" bash experiments/opd_decisive_runs.sh   # KINDS: taken in the order given
 #
 # Each run resumes from DIR (a finished stage is not redone), so a stopped script continues where
 # it stopped when started again. The order answers the question soonest (~1 h per run on 2 CPU
@@ -106,6 +106,6 @@ if [ "$first" = s0 ] && [[ " $KINDS " == *" eagle3 "* ]]; then  # the ablations,
   for a in $ABLATIONS; do run "eagle3,plateau,$a,s0"; done
 fi
 others "$first"
-if [ "$first" = s0 ] && [ "$KINDS" = "eagle3 dflash" ]; then main_table; fi  # all methods, both kinds
+if [ "$first" = s0 ] && [[ " $KINDS " == *" eagle3 "* && " $KINDS " == *" dflash "* ]]; then main_table; fi  # all methods, both kinds
 for s in $rest; do others "$s"; done
 summaries

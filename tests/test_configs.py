@@ -266,6 +266,23 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     assert again and all("opd_decisive.py" in ln for ln in again)
 
 
+def test_the_decisive_runner_takes_the_kinds_in_the_order_given(tmp_path):
+    """KINDS="dflash eagle3": each seed's DFlash pair runs before EAGLE-3's; the ablations and the
+    main table (both kinds) still run."""
+    from experiments.main_table_smollm2 import DECISIVE
+
+    w = tmp_path / "w"
+    for k, r, _ in DECISIVE:
+        (w / "export" / f"{r}_s0_{k}").mkdir(parents=True)
+        (w / "opd_plateau_reference_s0" / k / "rollouts").mkdir(parents=True, exist_ok=True)
+    logged, _ = _decisive_runner(tmp_path, w, SEEDS="s0", KINDS="dflash eagle3")
+    variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in logged if "opd.main" in ln and "opd_smollm2.py:" in ln]
+    assert variants[:4] == ["dflash,plateau,reference,s0", "dflash,plateau,reference,sft_cont,s0",
+                            "eagle3,plateau,reference,s0", "eagle3,plateau,reference,sft_cont,s0"]
+    assert "eagle3,plateau,abl_update,s0" in variants
+    assert sum("main_table_smollm2.py:decisive,s0" in ln for ln in logged) == 1
+
+
 def test_the_decisive_runner_continues_on_a_machine_without_the_workdir(tmp_path):
     """A new machine (empty DIR) with the results of an earlier one: the finished Draft-OPD run is
     skipped, continued SFT matches its FLOPs from the kept curve, SFT on its rollouts reruns it
