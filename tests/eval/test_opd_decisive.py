@@ -61,6 +61,15 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
     assert opd["ratio_vs_baseline"] == pytest.approx(np.mean(want))
     assert opd["ci95_ratio"] == pytest.approx(t * np.std(want, ddof=1) / np.sqrt(3))
     assert sft["ratio_vs_baseline"] == pytest.approx(1.0) and sft["ci95_ratio"] == pytest.approx(0.0, abs=1e-12)
+    # at each run's own final FLOPs: OPD's end (the common budget here) and SFT's end against itself
+    assert opd["ratio_own_budget"] == pytest.approx(np.mean(want)) and sft["ratio_own_budget"] == pytest.approx(1.0)
+    # a run longer than the baseline: its own budget is past the baseline's curve (left out), the
+    # shorter one is read at its own end, not at the common budget
+    longer = {"a": {"s0": [(0, F0, 1.3, ()), (50, F0 + 5e13, 1.5, ())], "s1": [(0, F0, 1.3, ()), (5, F0 + 1e13, 1.35, ())]},
+              "b": {"s0": [(0, F0, 1.3, ()), (40, F0 + 4e13, 1.4, ())], "s1": [(0, F0, 1.3, ()), (40, F0 + 4e13, 1.4, ())]}}
+    a = mod.summarise(longer, "b")[0][0]
+    assert a["ratio_own_budget"] == pytest.approx(1.35 / 1.325) and np.isnan(a["ci95_ratio_own"])
+    assert a["ratio_vs_baseline"] == pytest.approx(np.mean([1.34 / 1.325, 1.35 / 1.325]))
     # acceptance at the matched FLOPs (OPD's last probe): offset k = τ - 1 + 0.1 k, mean over seeds
     assert opd["acceptance_by_offset_matched_flops"] == "0.510/0.610" and sft["acceptance_by_offset_matched_flops"] == "n/a"
     with pytest.raises(ValueError, match="outside the run's probes"):
