@@ -100,7 +100,7 @@ print(*[f'{r}_s0_{k}' for k, r, _ in DECISIVE if not os.path.isdir(os.path.join(
   fi
 }
 read -r first rest <<< "$SEEDS"
-for s in $first $rest; do pair "$s"; done  # the goal's ratio with its seeds first
+for s in $SEEDS; do pair "$s"; done  # the goal's ratio with its seeds first
 if [ "$first" = s0 ] && [[ " $KINDS " == *" eagle3 "* ]]; then  # the ablations, against our default
   run "eagle3,plateau,s0"
   for a in $ABLATIONS; do run "eagle3,plateau,$a,s0"; done
