@@ -87,10 +87,15 @@ def keep_runs(runs: dict, kept_dir: str, kind: str) -> None:
                              for st, fl, tau, acc in rows)
 
 
+def covers(rows, x: float, axis: int = 1) -> bool:
+    """Whether one run's probes span `x` on axis 0 (steps) or 1 (FLOPs)."""
+    return bool(rows) and rows[0][axis] <= x <= rows[-1][axis] * (1 + 1e-12)
+
+
 def at(rows, x: float, axis: int) -> float:
     """τ of one run's probe curve at `x` on axis 0 (steps) or 1 (FLOPs), linearly interpolated."""
     xs, taus = [r[axis] for r in rows], [r[2] for r in rows]
-    if not xs[0] <= x <= xs[-1] * (1 + 1e-12):
+    if not covers(rows, x, axis):
         raise ValueError(f"{x:.4g} is outside the run's probes ({xs[0]:.4g}..{xs[-1]:.4g})")
     return float(np.interp(x, xs, taus))
 
@@ -98,7 +103,7 @@ def at(rows, x: float, axis: int) -> float:
 def acceptance_at(rows, x: float) -> list:
     """Acceptance by offset of one run at FLOPs `x` (interpolated; [] when a probe lacks it)."""
     rows = [r for r in rows if r[3]]
-    if not rows or not rows[0][1] <= x <= rows[-1][1] * (1 + 1e-12):
+    if not covers(rows, x):
         return []
     K = min(len(r[3]) for r in rows)
     return [float(np.interp(x, [r[1] for r in rows], [r[3][k] for r in rows])) for k in range(K)]
@@ -128,7 +133,7 @@ def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
         paired = [f[s] / at(base[s], budget["flops"], 1) for s in f if s in base]
         row["ratio_vs_baseline"], row["ci95_ratio"] = interval(paired) if paired else (float("nan"), float("nan"))
         own = [r[-1][2] / at(base[s], r[-1][1], 1) for s, r in seeds.items()
-               if s in base and base[s][0][1] <= r[-1][1] <= base[s][-1][1] * (1 + 1e-12)]
+               if s in base and covers(base[s], r[-1][1])]
         row["ratio_own_budget"], row["ci95_ratio_own"] = interval(own) if own else (float("nan"), float("nan"))
         accs = [a for a in (acceptance_at(rows, budget["flops"]) for rows in seeds.values()) if a]
         K = min(map(len, accs)) if accs else 0
