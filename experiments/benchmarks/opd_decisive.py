@@ -17,7 +17,9 @@ curve read is kept there again), so a summary spans sessions and machines whose 
     budget, and at each run's own final FLOPs (the baseline's curve interpolated there; the issue's
     goal, >= 1.10, for the pair whose baseline was trained to exactly its Draft-OPD run's FLOPs);
   * the probe's acceptance by draft offset at matched FLOPs (offset k: the share of drafts at k
-    accepted given offsets < k were; mean over seeds): where in the chain a method gains;
+    accepted given offsets < k were; mean over seeds): where in the chain a method gains, and the
+    τ gap to the baseline at each run's own final FLOPs split between offset 1 and the later
+    offsets (`offset_attribution`, mean over seeds);
 and plots τ against the FLOPs each run spent beyond the shipped drafter (mean over seeds, the
 seeds' range shaded).
 """
@@ -117,6 +119,19 @@ def interval(values) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
+def offset_attribution(acc, base) -> tuple[float, float]:
+    """The τ gap between two acceptance-by-offset chains, split into offset 1's share and the later
+    offsets' (Shapley values). With a_k the acceptance at offset k given offsets < k were, the rounds
+    accept >= k drafts with probability a_1 ... a_k, so τ = 1 + a_1 (1 + S), S = a_2 + a_2 a_3 + ...;
+    τ is bilinear in a_1 and S, so the shares are Δa_1 (1 + mean S) and mean a_1 · ΔS. An offset no
+    round reached (NaN) accepts nothing."""
+    K = min(len(acc), len(base))
+    a, b = (np.nan_to_num(np.asarray(x[:K], float)) for x in (acc, base))
+    later = lambda x: float(np.sum(np.cumprod(x[1:])))  # noqa: E731
+    d1 = (a[0] - b[0]) * (1 + (later(a) + later(b)) / 2)
+    return float(d1), float((a[0] + b[0]) / 2 * (later(a) - later(b)))
+
+
 def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
     """The table rows (one per method) and the common budgets, for one drafter kind."""
     every = [rows for seeds in runs.values() for rows in seeds.values()]
@@ -140,13 +155,17 @@ def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
         means = [[v for v in (a[k] for a in accs) if not np.isnan(v)] for k in range(K)]  # NaN: no round got there
         row["acceptance_by_offset_matched_flops"] = "/".join(
             f"{np.mean(m):.3f}" if m else "nan" for m in means) if K else "n/a"
+        # where the own-budget gap comes from: each run's last probe against the baseline there, by seed
+        split = [offset_attribution(r[-1][3], acceptance_at(base[s], r[-1][1])) for s, r in seeds.items()
+                 if s in base and r[-1][3] and acceptance_at(base[s], r[-1][1])]
+        row["dtau_offset1_own"], row["dtau_later_own"] = np.mean(split, 0).tolist() if split else (float("nan"),) * 2
         table.append(row)
     return table, budget
 
 
 COLUMNS = ("drafter", "method", "seeds", "start_tau", "tau_matched_flops", "ci95_flops", "tau_matched_steps",
            "ci95_steps", "tau_final", "ci95_final", "ratio_vs_baseline", "ci95_ratio", "ratio_own_budget", "ci95_ratio_own",
-           "acceptance_by_offset_matched_flops")
+           "acceptance_by_offset_matched_flops", "dtau_offset1_own", "dtau_later_own")
 
 
 def plot(curves: dict, path: str) -> None:
@@ -192,7 +211,10 @@ def main(argv):
     md += "\nCommon budgets (the smallest final FLOPs / step of any run): " + ", ".join(
         f"{k}: {b['flops']:.4g} FLOPs, step {b['step']}" for k, b in budgets.items()) + "\n"
     md += ("`ratio_vs_baseline`: τ / the baseline's τ at the common budget; `ratio_own_budget`: each run's final τ / "
-           "the baseline's τ at that run's final FLOPs (n/a where the baseline's curve stops short), paired by seed.\n")
+           "the baseline's τ at that run's final FLOPs (n/a where the baseline's curve stops short), paired by seed.\n"
+           "`dtau_offset1_own` / `dtau_later_own`: the τ gap to the baseline at each run's own final FLOPs that the "
+           "acceptance at offset 1 / at the later offsets accounts for (Shapley split of τ = 1 + a1 (1 + a2 + a2 a3 + ...), "
+           "mean over seeds; the sum differs from the measured gap by EOS and the last round's cut).\n")
     write_results(_NAME.value, {"rows": table, "budgets": budgets, "curves": curves}, md, out_dir)
     print(md)
 

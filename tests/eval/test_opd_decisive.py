@@ -107,3 +107,23 @@ def test_an_offset_no_probe_round_reached_loads_as_nan(tmp_path):
                             "probe_acceptance/2": None}) + "\n")
     (row,) = mod.load_runs(str(tmp_path), ["opd"], ["s0"], "dflash")["opd"]["s0"]
     assert row[:3] == (0, 1e14, 1.26) and row[3][0] == 0.22 and np.isnan(row[3][1])
+
+
+def test_the_tau_gap_splits_between_offset_1_and_the_later_offsets():
+    """τ = 1 + a1 (1 + a2 + a2 a3 + ...): the Shapley shares of offset 1 and the later offsets sum to
+    the gap; an offset no round reached (NaN) counts as accepting nothing."""
+    mod = _module()
+    # run: τ = 1 + 0.3 (1 + 0.5 + 0.5 * 0.4) = 1.51; base: 1 + 0.2 (1 + 0.4 + 0) = 1.28
+    d1, later = mod.offset_attribution([0.3, 0.5, 0.4], [0.2, 0.4, float("nan")])
+    assert d1 == pytest.approx(0.1 * (1 + (0.7 + 0.4) / 2)) and later == pytest.approx(0.25 * 0.3)
+    assert d1 + later == pytest.approx(1.51 - 1.28)
+    # in the summary, at each run's own final FLOPs: OPD's last probe (2e14) against SFT's acceptance
+    # interpolated there (offset 1 alike, offset 2 0.3), so the gap is all later; a seed whose baseline
+    # has no acceptance is left out
+    runs = {"opd": {"s0": [(0, 1e14, 1.3, (0.3, 0.2)), (10, 2e14, 1.4, (0.3, 0.6))],
+                    "s1": [(0, 1e14, 1.3, (0.3, 0.2)), (10, 2e14, 1.4, (0.3, 0.6))]},
+            "sft": {"s0": [(0, 1e14, 1.3, (0.3, 0.2)), (20, 3e14, 1.3, (0.3, 0.4))],
+                    "s1": [(0, 1e14, 1.3, ()), (20, 3e14, 1.3, ())]}}
+    opd, sft = mod.summarise(runs, "sft")[0]
+    assert opd["dtau_offset1_own"] == pytest.approx(0.0) and opd["dtau_later_own"] == pytest.approx(0.3 * 0.3)
+    assert sft["dtau_offset1_own"] == sft["dtau_later_own"] == 0.0
