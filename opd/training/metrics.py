@@ -7,7 +7,8 @@ one scalar per entry, e.g. a per-offset `accuracy` [S] becomes `accuracy/1 .. ac
 
 On resume the JSONL keeps its earlier lines; lines of steps after the restored checkpoint
 (written by the interrupted run, then redone) are dropped first by `truncate_after`, so the
-file holds each step once.
+file holds each step once; a run that starts anew (killed before its first checkpoint) drops
+every line, its step-0 probe included (`truncate_after(-1)`).
 """
 
 from __future__ import annotations

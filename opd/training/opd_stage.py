@@ -176,7 +176,7 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
         logging.info("opd: resumed at step %d from %s", int(state.step), manager.directory)
 
     writer = MetricsWriter(stage_dir, tensorboard=bool(o.tensorboard))
-    writer.truncate_after(int(state.step))
+    writer.truncate_after(int(state.step) if restored is not None else -1)  # a new run redoes step 0 too
     target_params, frozen_dev = run.place_frozen(target.params, frozen)
     eos = jax.device_put(batching.eos_array(eos_ids), shd.replicated(run.mesh))
     step_fn = lambda st, tp, fr, b: run(st, tp, fr, b, eos)

@@ -162,7 +162,7 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         counters = dict(data.get("counters", {}))
         logging.info("sft: resumed at step %d from %s", int(state.step), manager.directory)
     writer = MetricsWriter(stage_dir, tensorboard=bool(s.tensorboard))
-    writer.truncate_after(int(state.step))
+    writer.truncate_after(int(state.step) if restored is not None else -1)  # a new run redoes step 0 too
     target_params, frozen_dev = run.place_frozen(target.params, frozen)
 
     def place(batch):  # this process's rows (grain shards the data by process) -> the global batch

@@ -413,3 +413,29 @@ def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_p
     assert calls[0] == calls[1] == ["check_run", "initial_drafter"]
     for a, b in zip(jax.tree.leaves(results[0].params), jax.tree.leaves(results[1].params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_anew(target_dir, data_dir, tmp_path, monkeypatch):
+    """Killed hard at step 1 (no SIGTERM checkpoint; the first is at 2), the same command starts a
+    new run: its metrics hold the step-0 probe and every step once, not the killed run's as well."""
+    config = _config(target_dir, data_dir, num_steps=2)
+    probes = tmp_path / "probe.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
+    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+    real_write = MetricsWriter.write
+
+    def write_then_die(self, step, metrics):  # as if SIGKILLed right after step 1's row
+        row = real_write(self, step, metrics)
+        if step == 1:
+            raise SystemExit("killed")
+        return row
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_die)
+    with pytest.raises(SystemExit, match="killed"):
+        sft_stage.stage_sft(config, str(tmp_path))
+    monkeypatch.setattr(MetricsWriter, "write", real_write)
+    assert not glob.glob(str(tmp_path / "sft" / "eagle3" / "checkpoints" / "[0-9]*"))
+    sft_stage.stage_sft(config, str(tmp_path))
+    rows = read_jsonl(str(tmp_path / "sft" / "eagle3" / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "probe_tau" in r] == [0, 2]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
