@@ -46,16 +46,17 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "where the results go (default e
 
 
 def _probe_rows(path: str) -> list:
-    """[(step, flops, τ, acceptance by offset (a tuple; empty in curves kept before it was)), ...]"""
+    """[(step, flops, τ, acceptance by offset (a tuple; empty in curves kept before it was)), ...],
+    one row a step (the last written: a run restarted without a checkpoint probed step 0 again)."""
     if not os.path.isfile(path):
         return []
-    rows = []
+    rows = {}
     for r in read_jsonl(path):
         if r.get("probe_tau") is not None:
             acc = r.get("probe_acceptance") or [r[f"probe_acceptance/{k}"] for k in range(1, 65) if f"probe_acceptance/{k}" in r]
             # an offset no probe round reached has no acceptance (NaN, logged as null)
-            rows.append((r["step"], r["flops"], r["probe_tau"], tuple(np.nan if a is None else float(a) for a in acc)))
-    return sorted(rows)
+            rows[r["step"]] = (r["step"], r["flops"], r["probe_tau"], tuple(np.nan if a is None else float(a) for a in acc))
+    return sorted(rows.values())
 
 
 def load_runs(workdir: str, methods, seeds, kind: str, kept_dir: str | None = None) -> dict:

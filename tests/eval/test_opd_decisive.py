@@ -98,11 +98,15 @@ def test_matched_flops_steps_and_the_paired_ratio(tmp_path):
 
 
 def test_an_offset_no_probe_round_reached_loads_as_nan(tmp_path):
-    """DFlash's probe can reach no round at its last offsets: the stage logs null there."""
+    """DFlash's probe can reach no round at its last offsets: the stage logs null there; a step
+    logged twice is read once."""
     mod = _module()
     os.makedirs(tmp_path / "opd_s0" / "dflash")
     os.makedirs(tmp_path / "export" / "opd_s0_dflash")
     with open(tmp_path / "opd_s0" / "dflash" / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "flops": 1e14, "probe_tau": 1.26, "probe_acceptance/1": 0.22,
+                            "probe_acceptance/2": None}) + "\n")
+        # a run restarted without a checkpoint probes step 0 again: one row a step, the last written
         f.write(json.dumps({"step": 0, "flops": 1e14, "probe_tau": 1.26, "probe_acceptance/1": 0.22,
                             "probe_acceptance/2": None}) + "\n")
     (row,) = mod.load_runs(str(tmp_path), ["opd"], ["s0"], "dflash")["opd"]["s0"]
