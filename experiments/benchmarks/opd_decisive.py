@@ -157,8 +157,8 @@ def summarise(runs: dict, baseline: str) -> tuple[list, dict]:
         row["acceptance_by_offset_matched_flops"] = "/".join(
             f"{np.mean(m):.3f}" if m else "nan" for m in means) if K else "n/a"
         # where the own-budget gap comes from: each run's last probe against the baseline there, by seed
-        split = [offset_attribution(r[-1][3], acceptance_at(base[s], r[-1][1])) for s, r in seeds.items()
-                 if s in base and r[-1][3] and acceptance_at(base[s], r[-1][1])]
+        split = [offset_attribution(r[-1][3], b) for s, r in seeds.items()
+                 if s in base and r[-1][3] and (b := acceptance_at(base[s], r[-1][1]))]
         row["dtau_offset1_own"], row["dtau_later_own"] = np.mean(split, 0).tolist() if split else (float("nan"),) * 2
         table.append(row)
     return table, budget
