@@ -49,7 +49,6 @@ from opd.training import flops, optim
 from opd.training import run as run_mod
 from opd.training import stage_common as common
 from opd.training.loop import train_loop
-from opd.training.metrics import MetricsWriter
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -163,37 +162,21 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
     if batches.dropped:
         logging.warning("opd: %d of %d trajectories have prompts longer than prompt_len %d; skipped",
                         batches.dropped, batches.dropped + len(batches.records), P)
-    restored = common.restore_state(manager, run)
-    if restored is None:
-        state = run.init_state(trainable, seed=int(config.seed))
-        counters = {"flops": common.init_flops(resolve_path(str(o.init), workdir))}  # the warm-up's FLOPs
+    state, counters, writer, resumed = common.start_or_resume(
+        "opd", manager, run, trainable, batches, stage_dir, seed=int(config.seed),
+        new_counters={"flops": common.init_flops(resolve_path(str(o.init), workdir))},  # the warm-up's FLOPs
+        tensorboard=bool(o.tensorboard))
+    if not resumed:
         logging.info("opd: new run from %s (%.3g FLOPs so far) on %d prompts", o.init, counters["flops"],
                      len(batches.records))
-    else:
-        state, data = restored
-        batches.set_state(data["iterator"])
-        counters = dict(data.get("counters", {}))
-        logging.info("opd: resumed at step %d from %s", int(state.step), manager.directory)
-
-    writer = MetricsWriter(stage_dir, tensorboard=bool(o.tensorboard))
-    writer.truncate_after(int(state.step) if restored is not None else -1)  # a new run redoes step 0 too
     target_params, frozen_dev = run.place_frozen(target.params, frozen)
     eos = jax.device_put(batching.eos_array(eos_ids), shd.replicated(run.mesh))
     step_fn = lambda st, tp, fr, b: run(st, tp, fr, b, eos)
     place = lambda b: jax.device_put({k: jnp.asarray(b[k]) for k in run.batch}, run.shardings.batch)
     step_flops = flops.opd_step_flops(spec, target.config, B, P, cfg.num_rounds, cfg.num_draft_tokens, cfg.cache_len(P),
                                       cfg.loss.error_anchor_weight > 0, cfg.accumulate)
-
-    probes = common.probe_prompts(o.probe)
-    hooks = []
-    if probes:
-        def probe(done, st):
-            return common.probe_tau(target, drafter.with_trainable(shd.to_host(st.params)), probes, o.probe,
-                                    probe_num_draft_tokens(config, "opd"), seed=int(config.seed))
-
-        hooks.append((int(o.probe.every), probe))
-        if int(state.step) == 0:
-            writer.write(0, {**probe(0, state), "flops": float(counters["flops"])})
+    hooks = common.probe_hooks(target, drafter, o.probe, probe_num_draft_tokens(config, "opd"), int(config.seed),
+                               state, counters, writer)
     on_step = None
     if o.save_rollouts:  # every process gathers the rows (a collective); process 0 writes them
         out = os.path.join(stage_dir, "rollouts")

@@ -48,7 +48,6 @@ from opd.training import feature_cache, flops, optim
 from opd.training import run as run_mod
 from opd.training import stage_common as common
 from opd.training.loop import train_loop
-from opd.training.metrics import MetricsWriter
 
 
 class _Concat:
@@ -146,38 +145,24 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     if cached:
         dataset = dataset.map(feature_cache.AttachFeatures(cache_dir))
     batches = iter(dataset)
-    restored = common.restore_state(manager, run)
-    if restored is None:
-        state = run.init_state(trainable, seed=int(config.seed))
-        counters = {"flops": start_flops}
+    state, counters, writer, resumed = common.start_or_resume(
+        "sft", manager, run, trainable, batches, stage_dir, seed=int(config.seed), new_counters={"flops": start_flops},
+        tensorboard=bool(s.tensorboard))
+    if not resumed:
         logging.info("sft: new run: %d trajectories from %s", len(source), folders)
         if int(s.skip_batches):  # the batches an earlier leg of the same data order trained on
             for _ in range(int(s.skip_batches)):
                 next(batches)
             logging.info("sft: skipped the first %d batches of the data order (config.sft.skip_batches)",
                          int(s.skip_batches))
-    else:
-        state, data = restored
-        batches.set_state(data["iterator"])
-        counters = dict(data.get("counters", {}))
-        logging.info("sft: resumed at step %d from %s", int(state.step), manager.directory)
-    writer = MetricsWriter(stage_dir, tensorboard=bool(s.tensorboard))
-    writer.truncate_after(int(state.step) if restored is not None else -1)  # a new run redoes step 0 too
     target_params, frozen_dev = run.place_frozen(target.params, frozen)
 
     def place(batch):  # this process's rows (grain shards the data by process) -> the global batch
         return shd.put_process_rows({k: np.asarray(batch[k]) for k in run.batch}, run.shardings.batch)
 
-    hooks = []
-    prompts = common.probe_prompts(s.probe)
-    if prompts:  # the OPD stage's held-out tau, for one curve axis
-        def probe(done, st):
-            return common.probe_tau(target, drafter.with_trainable(shd.to_host(st.params)), prompts, s.probe,
-                                    probe_num_draft_tokens(config, "sft"), seed=int(config.seed))
-
-        hooks.append((int(s.probe.every), probe))
-        if int(state.step) == 0:
-            writer.write(0, {**probe(0, state), "flops": float(counters["flops"])})
+    # the OPD stage's held-out tau, for one curve axis
+    hooks = common.probe_hooks(target, drafter, s.probe, probe_num_draft_tokens(config, "sft"), int(config.seed),
+                               state, counters, writer)
     try:
         state = train_loop(
             run, state, (target_params, frozen_dev), batches, num_steps=num_steps, manager=manager,

@@ -37,6 +37,7 @@ from opd.training import checkpoint as ckpt
 from opd.training import optim
 from opd.training import run as run_mod
 from opd.training.loop import Stopped
+from opd.training.metrics import MetricsWriter
 
 # ----------------------------------------------------------------------------- data
 
@@ -231,6 +232,25 @@ def init_flops(path: str) -> int:
         return int(json.load(f).get("flops", 0))
 
 
+def start_or_resume(what: str, manager, run, trainable, batches, stage_dir: str, *, seed: int, new_counters: dict,
+                    tensorboard: bool = False):
+    """A stage's training run, resumed from its latest checkpoint or new: (state, counters, writer,
+    resumed). A resumed run takes back its data order (`batches.set_state`) and counters, and its
+    metrics keep their lines up to the restored step. A new run (`new_counters`) starts its metrics
+    anew, so a run killed before its first checkpoint leaves no second step-0 row behind."""
+    restored = restore_state(manager, run)
+    if restored is None:
+        state, counters = run.init_state(trainable, seed=seed), dict(new_counters)
+    else:
+        state, data = restored
+        batches.set_state(data["iterator"])
+        counters = dict(data.get("counters", {}))
+        logging.info("%s: resumed at step %d from %s", what, int(state.step), manager.directory)
+    writer = MetricsWriter(stage_dir, tensorboard=tensorboard)
+    writer.truncate_after(int(state.step) if restored is not None else -1)
+    return state, counters, writer, restored is not None
+
+
 def final_flops(run: str) -> float:
     """The cumulative training FLOPs a finished run ended at: the last row of its metrics.jsonl
     (`run` its stage dir) or of a metrics JSONL file (`run` the file, e.g. a probe curve kept with
@@ -319,6 +339,21 @@ def probe_prompts(p) -> list:
     if int(p.num_prompts) > len(records):
         raise ValueError(f"probe.num_prompts = {p.num_prompts} but {p.prompt_set!r} has {len(records)} prompts")
     return [list(r["prompt_ids"]) if "prompt_ids" in r else r["turns"][0] for r in records[-int(p.num_prompts):]]
+
+
+def probe_hooks(target, drafter, p, num_draft_tokens: int, seed: int, state, counters: dict, writer) -> list:
+    """The held-out probe of a `probe` block as train-loop hooks (none without probe prompts):
+    probe τ every `p.every` steps; a run at step 0 is probed there first (its curve's start)."""
+    prompts = probe_prompts(p)
+    if not prompts:
+        return []
+
+    def probe(done, st):
+        return probe_tau(target, drafter.with_trainable(shd.to_host(st.params)), prompts, p, num_draft_tokens, seed=seed)
+
+    if int(state.step) == 0:
+        writer.write(0, {**probe(0, state), "flops": float(counters["flops"])})
+    return [(int(p.every), probe)]
 
 
 def probe_tau(target, drafter, prompts, p, num_draft_tokens: int, seed: int = 0) -> dict:
