@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from opd import configs, pipeline
-from opd.data import assets, builders, splits, text_corpus as tc
+from opd.data import assets, builders, splits, text_corpus as tc, text_sources
 from opd.data.pipeline import chat_tokens_and_mask, tokenize_trajectory
 from opd.data.tokenizer import load_tokenizer
 
@@ -75,6 +75,15 @@ def test_pydocs_passages_join_paragraphs_of_one_file_within_the_budget(tok, tmp_
                                 '"Spam module".']
     assert recs[2]["response"] == para(2) + "\n\n" + para(3)
     assert all(len(_row(r, tok, 80)["response_ids"]) <= 80 for r in recs)
+
+
+def test_a_corpus_source_without_records_is_an_error_naming_the_fix(tok, tmp_path, monkeypatch):
+    """Without the Python docs installed the pydocs corpus would be empty and every run training on
+    it would read another data mix: the build refuses and says what to install."""
+    monkeypatch.setattr(text_sources, "DEFAULT_PYDOCS_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"text corpus pydocs: no records.*apt-get install python3\.11-doc"):
+        tc.build("pydocs", tok, str(tmp_path / "pydocs"), target_name="t")
+    assert not (tmp_path / "pydocs").exists()
 
 
 def test_no_evaluation_prompt_text_reaches_the_corpus(tok, tmp_path):
