@@ -152,9 +152,8 @@ def build(source: str, tokenizer, out_dir: str, *, target_name: str, max_tokens:
     write_json(settings_path, settings)
     records = corpus_records(source, tokenizer, max_tokens=max_tokens, num_records=num_records)
     if not records:  # an empty source would change the data mix of every run that trains on it
-        why = (f": the Python docs reST sources are not at {text_sources.DEFAULT_PYDOCS_ROOT} (install them with "
-               "`apt-get install python3.11-doc`)" if source == "pydocs" else "")
-        raise FileNotFoundError(f"text corpus {source}: no records{why}")
+        why = text_sources.pydocs_missing() if source == "pydocs" else ""
+        raise FileNotFoundError(f"text corpus {source}: no records" + (f" ({why})" if why else ""))
     os.makedirs(out_dir, exist_ok=True)
     shards = [shard_path(out_dir, i) for i in range(-(-len(records) // shard_size))]
     todo = [i for i, p in enumerate(shards) if not os.path.exists(p)]

@@ -245,6 +245,15 @@ class DocParagraph(NamedTuple):
     text: str
 
 
+def pydocs_missing(root: str | None = None) -> str:
+    """Why the Python docs reST sources at `root` (default `DEFAULT_PYDOCS_ROOT`) cannot be read,
+    with the fix; "" when they are there."""
+    root = root or DEFAULT_PYDOCS_ROOT
+    if os.path.isdir(root):
+        return ""
+    return f"Python docs reST sources not found at {root} (install them with `apt-get install python3.11-doc`)"
+
+
 def pydocs_paragraphs(root: str | None = None, what: str = "pydocs prompts") -> Iterator[DocParagraph]:
     """Every prose paragraph of the Python docs' reST sources, in deterministic order.
 
@@ -254,11 +263,8 @@ def pydocs_paragraphs(root: str | None = None, what: str = "pydocs prompts") -> 
       what: what is skipped when `root` does not exist (for the logged warning).
     """
     root = root or DEFAULT_PYDOCS_ROOT
-    if not os.path.isdir(root):
-        logging.warning(
-            "Python docs reST sources not found at %s: %s skipped (install them with `apt-get install "
-            "python3.11-doc`)", root, what,
-        )
+    if missing := pydocs_missing(root):
+        logging.warning("%s: %s skipped", missing, what)
         return
     for rel in _sorted_files(root, ".rst.txt"):
         try:
