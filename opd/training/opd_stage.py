@@ -166,22 +166,22 @@ def stage_opd(config: ml_collections.ConfigDict, workdir: str) -> str:
         "opd", manager, run, trainable, batches, stage_dir, seed=int(config.seed),
         new_counters={"flops": common.init_flops(resolve_path(str(o.init), workdir))},  # the warm-up's FLOPs
         tensorboard=bool(o.tensorboard))
-    if not resumed:
-        logging.info("opd: new run from %s (%.3g FLOPs so far) on %d prompts", o.init, counters["flops"],
-                     len(batches.records))
-    target_params, frozen_dev = run.place_frozen(target.params, frozen)
-    eos = jax.device_put(batching.eos_array(eos_ids), shd.replicated(run.mesh))
-    step_fn = lambda st, tp, fr, b: run(st, tp, fr, b, eos)
-    place = lambda b: jax.device_put({k: jnp.asarray(b[k]) for k in run.batch}, run.shardings.batch)
-    step_flops = flops.opd_step_flops(spec, target.config, B, P, cfg.num_rounds, cfg.num_draft_tokens, cfg.cache_len(P),
-                                      cfg.loss.error_anchor_weight > 0, cfg.accumulate)
-    hooks = common.probe_hooks(target, drafter, o.probe, probe_num_draft_tokens(config, "opd"), int(config.seed),
-                               state, counters, writer)
-    on_step = None
-    if o.save_rollouts:  # every process gathers the rows (a collective); process 0 writes them
-        out = os.path.join(stage_dir, "rollouts")
-        on_step = lambda done, b, private: _write_rollouts(out, done, b, private, str(config.target.path))
-    try:
+    try:  # the writer is closed however the run ends, the step-0 probe included
+        if not resumed:
+            logging.info("opd: new run from %s (%.3g FLOPs so far) on %d prompts", o.init, counters["flops"],
+                         len(batches.records))
+        target_params, frozen_dev = run.place_frozen(target.params, frozen)
+        eos = jax.device_put(batching.eos_array(eos_ids), shd.replicated(run.mesh))
+        step_fn = lambda st, tp, fr, b: run(st, tp, fr, b, eos)
+        place = lambda b: jax.device_put({k: jnp.asarray(b[k]) for k in run.batch}, run.shardings.batch)
+        step_flops = flops.opd_step_flops(spec, target.config, B, P, cfg.num_rounds, cfg.num_draft_tokens,
+                                          cfg.cache_len(P), cfg.loss.error_anchor_weight > 0, cfg.accumulate)
+        hooks = common.probe_hooks(target, drafter, o.probe, probe_num_draft_tokens(config, "opd"), int(config.seed),
+                                   state, counters, writer)
+        on_step = None
+        if o.save_rollouts:  # every process gathers the rows (a collective); process 0 writes them
+            out = os.path.join(stage_dir, "rollouts")
+            on_step = lambda done, b, private: _write_rollouts(out, done, b, private, str(config.target.path))
         state = train_loop(
             step_fn, state, (target_params, frozen_dev), batches, num_steps=int(o.num_steps), manager=manager,
             place_batch=place, step_flops=lambda b: step_flops, counters=counters,

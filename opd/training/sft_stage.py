@@ -148,22 +148,22 @@ def stage_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     state, counters, writer, resumed = common.start_or_resume(
         "sft", manager, run, trainable, batches, stage_dir, seed=int(config.seed), new_counters={"flops": start_flops},
         tensorboard=bool(s.tensorboard))
-    if not resumed:
-        logging.info("sft: new run: %d trajectories from %s", len(source), folders)
-        if int(s.skip_batches):  # the batches an earlier leg of the same data order trained on
-            for _ in range(int(s.skip_batches)):
-                next(batches)
-            logging.info("sft: skipped the first %d batches of the data order (config.sft.skip_batches)",
-                         int(s.skip_batches))
-    target_params, frozen_dev = run.place_frozen(target.params, frozen)
+    try:  # the writer is closed however the run ends, the step-0 probe included
+        if not resumed:
+            logging.info("sft: new run: %d trajectories from %s", len(source), folders)
+            if int(s.skip_batches):  # the batches an earlier leg of the same data order trained on
+                for _ in range(int(s.skip_batches)):
+                    next(batches)
+                logging.info("sft: skipped the first %d batches of the data order (config.sft.skip_batches)",
+                             int(s.skip_batches))
+        target_params, frozen_dev = run.place_frozen(target.params, frozen)
 
-    def place(batch):  # this process's rows (grain shards the data by process) -> the global batch
-        return shd.put_process_rows({k: np.asarray(batch[k]) for k in run.batch}, run.shardings.batch)
+        def place(batch):  # this process's rows (grain shards the data by process) -> the global batch
+            return shd.put_process_rows({k: np.asarray(batch[k]) for k in run.batch}, run.shardings.batch)
 
-    # the OPD stage's held-out tau, for one curve axis
-    hooks = common.probe_hooks(target, drafter, s.probe, probe_num_draft_tokens(config, "sft"), int(config.seed),
-                               state, counters, writer)
-    try:
+        # the OPD stage's held-out tau, for one curve axis
+        hooks = common.probe_hooks(target, drafter, s.probe, probe_num_draft_tokens(config, "sft"), int(config.seed),
+                                   state, counters, writer)
         state = train_loop(
             run, state, (target_params, frozen_dev), batches, num_steps=num_steps, manager=manager,
             place_batch=place, step_flops=lambda batch: step_flops, counters=counters,

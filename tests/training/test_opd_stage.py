@@ -277,3 +277,22 @@ def test_a_few_opd_steps_raise_held_out_tau_after_sft(bigram_target_dir, own_ans
     probes = [r for r in read_jsonl(str(tmp_path / "opd" / kind / "metrics.jsonl")) if "probe_tau" in r]
     assert [r["step"] for r in probes] == [0, 24]
     assert probes[1]["probe_tau"] > probes[0]["probe_tau"] + 0.1, [r["probe_tau"] for r in probes]
+
+
+def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_dir, tmp_path, monkeypatch):
+    """As in the SFT stage: an error in the step-0 probe ends the stage with that error and the
+    metrics writer closed."""
+    config = _config(target_dir, data_dir)
+    config.sft.num_steps = 1
+    _warm_up(config, tmp_path)
+    closed = []
+    real_close = MetricsWriter.close
+    monkeypatch.setattr(MetricsWriter, "close", lambda self: (closed.append(self.path), real_close(self)))
+
+    def broken_probe(*args, **kwargs):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(stage_common, "probe_tau", broken_probe)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        opd_stage.stage_opd(config, str(tmp_path))
+    assert closed == [str(tmp_path / "opd" / "eagle3" / "metrics.jsonl")]

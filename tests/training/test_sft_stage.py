@@ -439,3 +439,23 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_anew(target
     rows = read_jsonl(str(tmp_path / "sft" / "eagle3" / "metrics.jsonl"))
     assert [r["step"] for r in rows if "probe_tau" in r] == [0, 2]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_dir, tmp_path, monkeypatch):
+    """An error in the step-0 probe (before any step) ends the stage with that error and the
+    metrics writer (its TensorBoard thread) closed."""
+    config = _config(target_dir, data_dir, num_steps=2)
+    probes = tmp_path / "probe.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
+    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+    closed = []
+    real_close = MetricsWriter.close
+    monkeypatch.setattr(MetricsWriter, "close", lambda self: (closed.append(self.path), real_close(self)))
+
+    def broken_probe(*args, **kwargs):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(stage_common, "probe_tau", broken_probe)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        sft_stage.stage_sft(config, str(tmp_path))
+    assert closed == [str(tmp_path / "sft" / "eagle3" / "metrics.jsonl")]
