@@ -19,7 +19,7 @@ from opd.target import _load_target_cached, load_target_from_config
 from opd.training import loop, opd_stage, sft_stage, stage_common
 from opd.training.metrics import MetricsWriter, read_jsonl
 from conftest import make_hf_model, load_script
-from test_sft_stage import V, _save_target, write_pattern_trajectories
+from test_sft_stage import V, _save_target, assert_a_failing_probe_closes_the_writer, write_pattern_trajectories
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -280,19 +280,8 @@ def test_a_few_opd_steps_raise_held_out_tau_after_sft(bigram_target_dir, own_ans
 
 
 def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_dir, tmp_path, monkeypatch):
-    """As in the SFT stage: an error in the step-0 probe ends the stage with that error and the
-    metrics writer closed."""
     config = _config(target_dir, data_dir)
     config.sft.num_steps = 1
     _warm_up(config, tmp_path)
-    closed = []
-    real_close = MetricsWriter.close
-    monkeypatch.setattr(MetricsWriter, "close", lambda self: (closed.append(self.path), real_close(self)))
-
-    def broken_probe(*args, **kwargs):
-        raise RuntimeError("probe failed")
-
-    monkeypatch.setattr(stage_common, "probe_tau", broken_probe)
-    with pytest.raises(RuntimeError, match="probe failed"):
-        opd_stage.stage_opd(config, str(tmp_path))
-    assert closed == [str(tmp_path / "opd" / "eagle3" / "metrics.jsonl")]
+    assert_a_failing_probe_closes_the_writer(lambda: opd_stage.stage_opd(config, str(tmp_path)),
+                                             tmp_path / "opd" / "eagle3" / "metrics.jsonl", monkeypatch)

@@ -441,13 +441,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_anew(target
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
 
 
-def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_dir, tmp_path, monkeypatch):
-    """An error in the step-0 probe (before any step) ends the stage with that error and the
-    metrics writer (its TensorBoard thread) closed."""
-    config = _config(target_dir, data_dir, num_steps=2)
-    probes = tmp_path / "probe.jsonl"
-    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
-    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+def assert_a_failing_probe_closes_the_writer(run_stage, metrics_path, monkeypatch):
+    """`run_stage()` with a step-0 probe that raises: the stage ends with that error and its
+    metrics writer (the TensorBoard thread) closed."""
     closed = []
     real_close = MetricsWriter.close
     monkeypatch.setattr(MetricsWriter, "close", lambda self: (closed.append(self.path), real_close(self)))
@@ -457,5 +453,14 @@ def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_
 
     monkeypatch.setattr(stage_common, "probe_tau", broken_probe)
     with pytest.raises(RuntimeError, match="probe failed"):
-        sft_stage.stage_sft(config, str(tmp_path))
-    assert closed == [str(tmp_path / "sft" / "eagle3" / "metrics.jsonl")]
+        run_stage()
+    assert closed == [str(metrics_path)]
+
+
+def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_dir, tmp_path, monkeypatch):
+    config = _config(target_dir, data_dir, num_steps=2)
+    probes = tmp_path / "probe.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
+    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+    assert_a_failing_probe_closes_the_writer(lambda: sft_stage.stage_sft(config, str(tmp_path)),
+                                             tmp_path / "sft" / "eagle3" / "metrics.jsonl", monkeypatch)
