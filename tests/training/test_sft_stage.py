@@ -415,13 +415,18 @@ def test_hosts_agree_on_building_the_initial_drafter(target_dir, data_dir, tmp_p
         np.testing.assert_array_equal(a, b)
 
 
+def _probe_every_2_steps(config, tmp_path):
+    """A held-out probe of 2 token-id prompts (written to `tmp_path`) at steps 0, 2, ..."""
+    probes = tmp_path / "probe.jsonl"
+    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
+    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_anew(target_dir, data_dir, tmp_path, monkeypatch):
     """Killed hard at step 1 (no SIGTERM checkpoint; the first is at 2), the same command starts a
     new run: its metrics hold the step-0 probe and every step once, not the killed run's as well."""
     config = _config(target_dir, data_dir, num_steps=2)
-    probes = tmp_path / "probe.jsonl"
-    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
-    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+    _probe_every_2_steps(config, tmp_path)
     real_write = MetricsWriter.write
 
     def write_then_die(self, step, metrics):  # as if SIGKILLed right after step 1's row
@@ -459,8 +464,6 @@ def assert_a_failing_probe_closes_the_writer(run_stage, metrics_path, monkeypatc
 
 def test_a_failing_step0_probe_still_closes_the_metrics_writer(target_dir, data_dir, tmp_path, monkeypatch):
     config = _config(target_dir, data_dir, num_steps=2)
-    probes = tmp_path / "probe.jsonl"
-    probes.write_text("".join(json.dumps({"id": f"q{i}", "prompt_ids": [3 + i, 9, 17, 40]}) + "\n" for i in range(2)))
-    config.sft.probe.update(prompt_set=str(probes), num_prompts=2, max_new_tokens=4, every=2, num_draft_tokens=3)
+    _probe_every_2_steps(config, tmp_path)
     assert_a_failing_probe_closes_the_writer(lambda: sft_stage.stage_sft(config, str(tmp_path)),
                                              tmp_path / "sft" / "eagle3" / "metrics.jsonl", monkeypatch)
