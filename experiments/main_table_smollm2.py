@@ -27,8 +27,16 @@ DIR (its exports are there), on the first 16 prompts of each set at 128 new toke
 
   python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir=workdirs/smollm2_scale
 
+`decisive,sN,<kind>/<run>[,...]`: only those rows (`<kind>/shipped`: the start), eval only (no
+report): each method's rows while its export is in DIR, e.g. right after its run, on a machine
+that may lose DIR before the last run; their `eval/<run>/metrics.json` kept and put back, the
+full `decisive,sN` then reports without decoding them again (experiments/opd_decisive_runs.sh).
+
 Every field and its default: `opd.configs.default_config`.
 """
+
+import os
+import shutil
 
 import ml_collections
 
@@ -55,11 +63,16 @@ DECISIVE = tuple((kind, run, K) for kind, K, runs in (
     ("dflash", 7, ("opd_plateau_reference", "opd_plateau", "sft_cont_plateau_reference",
                    "sft_rollouts_plateau_reference"))) for run in runs)
 SEEDS = ("s0", "s1", "s2")
+# the decisive table's rows, as variant parts: <kind>/shipped (the start) and <kind>/<run>
+ROWS = tuple(f"{kind}/shipped" for kind, _, _ in SHIPPED) + tuple(f"{kind}/{run}" for kind, run, _ in DECISIVE)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "b1", "b4", "decisive") + SEEDS,
+    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "b1", "b4", "decisive") + SEEDS + ROWS,
                           "experiments/main_table_smollm2.py")
+    rows = [p for p in parts if p in ROWS]
+    if rows and "decisive" not in parts:
+        raise ValueError("experiments/main_table_smollm2.py: rows (<kind>/<run>) are parts of the `decisive` table")
     seeds = [p for p in parts if p in SEEDS]
     if seeds and ("decisive" not in parts or len(seeds) > 1):
         raise ValueError("experiments/main_table_smollm2.py: a seed (s0, s1, s2) goes with `decisive`, one at a time")
@@ -100,8 +113,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if "decisive" in parts:
         c.eval.max_new_tokens = 128
         c.eval.num_prompts = 16
-        entries = ([(kind, f"shipped_{run}", K, f"shipped:{run}") for kind, run, K in SHIPPED]  # the start
-                   + [(kind, f"{run}_{seed}", K, f"workdir:export/{run}_{seed}_{kind}") for kind, run, K in DECISIVE])
+        entries = ([(kind, f"shipped_{run}", K, f"shipped:{run}") for kind, run, K in SHIPPED  # the start
+                    if not rows or f"{kind}/shipped" in rows]
+                   + [(kind, f"{run}_{seed}", K, f"workdir:export/{run}_{seed}_{kind}") for kind, run, K in DECISIVE
+                      if not rows or f"{kind}/{run}" in rows])
+        if rows:  # some rows: decoded now, reported with the full table
+            c.stages = ("fetch_assets", "eval")
     for temperature in temperatures:
         for batch in batches:
             for drafter, run, K, path in entries:
@@ -121,3 +138,29 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if "decisive" in parts:
         c.report.results_name = f"main_table_decisive_{seed}"
     return c
+
+
+def decisive_rows(seed: str, workdir: str, kept: str) -> tuple[list, list]:
+    """The decisive table of seed `seed` across machines that lose `workdir` (the runner's helper):
+    puts each row's kept `<kept>/<eval run>.json` back as `workdir/eval/<eval run>/metrics.json` and
+    keeps every one `workdir` has, then returns (the rows left to decode whose drafter is there:
+    shipped or exported in `workdir`; the rows left whose export is not)."""
+    os.makedirs(kept, exist_ok=True)
+    pending, missing = [], []
+    for row in ROWS:
+        runs = get_config(f"decisive,{seed},{row}").eval.runs
+        left = False
+        for r in runs:
+            metrics, copy = os.path.join(workdir, "eval", r["name"], "metrics.json"), os.path.join(kept, f"{r['name']}.json")
+            if os.path.isfile(metrics) and not os.path.isfile(copy):
+                shutil.copyfile(metrics, copy + ".tmp")
+                os.replace(copy + ".tmp", copy)
+            elif os.path.isfile(copy) and not os.path.isfile(metrics):
+                os.makedirs(os.path.dirname(metrics), exist_ok=True)
+                shutil.copyfile(copy, metrics)
+            left |= not os.path.isfile(metrics)
+        path = runs[0]["drafter_path"]
+        if left:
+            there = path.startswith("shipped:") or os.path.isdir(os.path.join(workdir, path.removeprefix("workdir:")))
+            (pending if there else missing).append(row)
+    return pending, missing

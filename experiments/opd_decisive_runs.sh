@@ -18,9 +18,12 @@
 # Across machines that lose DIR: after every run the summaries are rewritten and keep each run's
 # probe curve in experiments/results/<summary>/runs/, and the run is added to the ledger
 # ($RESULTS/opd_decisive/finished.txt; RESULTS defaults to experiments/results); commit both as runs finish.
-# A run in the ledger is skipped; continued SFT matches a Draft-OPD run's FLOPs from its kept curve
-# when DIR lacks the run; SFT on the rollouts reruns its Draft-OPD run when DIR lacks the rollouts;
-# the main table needs every s0 export in DIR and says which are missing otherwise.
+# A run in the ledger is skipped; continued SFT and SFT on the rollouts match a Draft-OPD run's
+# FLOPs from its kept curve when DIR lacks the run; a finished reference Draft-OPD run's rollouts
+# are kept ($RESULTS/opd_decisive/rollouts/, gzipped) and put back for SFT on them (the run is
+# redone only when neither has them); seed s0's main table is decoded a row at a time, each
+# method's right after its run (its export is in DIR then), its eval metrics kept
+# ($RESULTS/main_table_decisive_s0/runs/) and put back, and reported once every row has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-workdirs/smollm2_scale}
@@ -50,15 +53,42 @@ run() {  # run VARIANT [--config.x=y ...]: once (the ledger), then the summaries
   python -m opd.main --config="experiments/opd_smollm2.py:$1" --workdir="$DIR" "${@:2}"
   summaries || echo "(a summary has no runs yet)"
   record "$1"
+  if [[ "$1" == *,s0 ]]; then table_rows s0; fi
+}
+match_flops() {  # match_flops KIND SEED: the reference Draft-OPD run's kept curve, when DIR lacks the run
+  local opd="opd_plateau_reference_$2"
+  local kept="$RESULTS/opd_decisive/runs/$1/$opd.jsonl"
+  if [ ! -f "$DIR/$opd/$1/metrics.jsonl" ] && [ -f "$kept" ]; then echo "--config.sft.match_flops=$(realpath "$kept")"; fi
+}
+keep_rollouts() {  # keep_rollouts KIND SEED: a finished reference run's rollouts kept from DIR, or put back in it
+  local d="$DIR/opd_plateau_reference_$2/$1/rollouts" kept="$RESULTS/opd_decisive/rollouts/$1/opd_plateau_reference_$2"
+  local f
+  if [ -d "$DIR/export/opd_plateau_reference_$2_$1" ] && compgen -G "$d/shard-*.jsonl" > /dev/null && [ ! -d "$kept" ]; then
+    rm -rf "$kept.tmp" && mkdir -p "$kept.tmp"
+    for f in "$d"/shard-*.jsonl; do gzip -9 -c "$f" > "$kept.tmp/$(basename "$f").gz"; done
+    mv "$kept.tmp" "$kept"
+  elif [ ! -d "$d" ] && compgen -G "$kept/shard-*.jsonl.gz" > /dev/null; then  # as the run wrote them (a rerun overwrites, never duplicates)
+    mkdir -p "$d.tmp"
+    for f in "$kept"/shard-*.jsonl.gz; do gunzip -c "$f" > "$d.tmp/$(basename "$f" .gz)"; done
+    mv "$d.tmp" "$d"
+  fi
+}
+table_rows() {  # table_rows SEED: the main table's rows whose drafters are in DIR, decoded once (kept in RESULTS)
+  local rows
+  rows=$(python -c "from experiments.main_table_smollm2 import decisive_rows
+print(*decisive_rows('$1', '$DIR', '$RESULTS/main_table_decisive_$1/runs')[0])")
+  if [ -z "$rows" ]; then return; fi
+  echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,$1 rows ${rows// /,}"
+  python -m opd.main --config="experiments/main_table_smollm2.py:decisive,$1,${rows// /,}" --workdir="$DIR"
+  python -c "from experiments.main_table_smollm2 import decisive_rows
+decisive_rows('$1', '$DIR', '$RESULTS/main_table_decisive_$1/runs')"
 }
 
 pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at its fairly priced FLOPs
   for k in $KINDS; do
     run "$k,plateau,reference,$1"
-    local opd="opd_plateau_reference_$1" match=()
-    local kept="$RESULTS/opd_decisive/runs/$k/$opd.jsonl"
-    if [ ! -f "$DIR/$opd/$k/metrics.jsonl" ] && [ -f "$kept" ]; then match=("--config.sft.match_flops=$(realpath "$kept")"); fi
-    run "$k,plateau,reference,sft_cont,$1" "${match[@]}"
+    keep_rollouts "$k" "$1"
+    run "$k,plateau,reference,sft_cont,$1" $(match_flops "$k" "$1")
     generalization "$k" "$1"
   done
 }
@@ -76,23 +106,24 @@ others() {  # SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default
     local todo=("$k,plateau,reference,sft_rollouts,$1")
     if [ "$k" = eagle3 ]; then todo+=("eagle3,plateau,reference,ttt_rollouts,$1"); fi
     for v in "${todo[@]}"; do
+      keep_rollouts "$k" "$1"
       if ! finished "$v" && [ ! -d "$DIR/opd_plateau_reference_$1/$k/rollouts" ]; then
         echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$k,plateau,reference,$1 again: $v trains on its rollouts, not in $DIR"
         python -m opd.main --config="experiments/opd_smollm2.py:$k,plateau,reference,$1" --workdir="$DIR"
+        keep_rollouts "$k" "$1"
       fi
-      run "$v"
+      run "$v" $(match_flops "$k" "$1")
     done
     run "$k,plateau,$1"
   done
 }
-main_table() {  # seed s0's main table of every method: their exports in DIR
+main_table() {  # seed s0's main table of every method: each row decoded (table_rows), then the report
   local missing
-  missing=$(python -c "
-import os
-from experiments.main_table_smollm2 import DECISIVE
-print(*[f'{r}_s0_{k}' for k, r, _ in DECISIVE if not os.path.isdir(os.path.join('$DIR', 'export', f'{r}_s0_{k}'))])")
+  table_rows s0
+  missing=$(python -c "from experiments.main_table_smollm2 import decisive_rows
+print(*decisive_rows('s0', '$DIR', '$RESULTS/main_table_decisive_s0/runs')[1])")
   if [ -n "$missing" ]; then
-    echo "=== main_table_smollm2.py:decisive,s0 skipped: $DIR/export/ lacks $missing (run them again in one DIR)"
+    echo "=== main_table_smollm2.py:decisive,s0 not reported: no metrics for $missing, and no export in $DIR/export/ (run them again)"
   elif ! finished "main_table:decisive,s0"; then
     echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
     python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"

@@ -225,7 +225,9 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     prompts where both exports exist), the pair at the other seeds, then our default and the
     ablations, the other methods and seed s0's main table; the
     summaries after every run and last; every run once (the ledger), also when started again."""
-    from experiments.main_table_smollm2 import DECISIVE
+    import gzip
+
+    from experiments.main_table_smollm2 import DECISIVE, ROWS
     from experiments.opd_smollm2 import ABLATIONS
 
     w = tmp_path / "w"  # what the runs leave in DIR: the rollouts and the exports
@@ -233,6 +235,8 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
         (w / "export" / f"{r}_s0_{k}").mkdir(parents=True)
         for s in ("s0", "s1"):
             (w / f"opd_plateau_reference_{s}" / k / "rollouts").mkdir(parents=True, exist_ok=True)
+    shard = w / "opd_plateau_reference_s0" / "eagle3" / "rollouts" / "shard-000001.jsonl"
+    shard.write_text('{"prompt_id": "1@opd1.0"}\n')
     logged, _ = _decisive_runner(tmp_path, w, SEEDS="s0 s1")
     # after every run the summaries are rewritten (they keep each run's curve with the results)
     runs = [i for i, ln in enumerate(logged) if "opd_smollm2.py:" in ln]
@@ -249,9 +253,19 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     assert variants[:4 + 4 + 1 + len(abl)] == pair("s0") + pair("s1") + ["eagle3,plateau,s0"] + abl
     assert len(variants) == len(set(variants)) == 2 * 9 + len(ABLATIONS)  # our default at s0 once (the ledger)
     assert "--config.sft.match_flops" not in " ".join(lines)  # the Draft-OPD runs are in DIR
-    table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0" in ln]
-    assert len(table) == 1 and "dflash,plateau,s0 " in lines[table[0] - 1] + " "
-    assert "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
+    table = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0 " in ln + " "]
+    assert len(table) == 1 and "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
+    assert [ln for ln in lines[:table[0]] if "opd_smollm2.py:" in ln][-1].split()[2].endswith("dflash,plateau,s0")
+    # seed s0's rows, decoded after every s0 run while they lack metrics (the stub writes none) and
+    # before the report; each with its drafter in DIR (here all)
+    rows = [ln for ln in lines if "main_table_smollm2.py:decisive,s0," in ln]
+    s0_runs = [v for v in variants if v.endswith(",s0")]
+    assert len(rows) == len(s0_runs) + 1 and "main_table_smollm2.py:decisive,s0," in lines[table[0] - 1]
+    assert all(ln.split("decisive,s0,")[1].split()[0] == ",".join(ROWS) for ln in rows)
+    # the finished reference run's rollouts are kept, gzipped
+    kept = tmp_path / "results" / "opd_decisive" / "rollouts" / "eagle3" / "opd_plateau_reference_s0"
+    assert gzip.decompress((kept / "shard-000001.jsonl.gz").read_bytes()).decode() == shard.read_text()
+    assert not (kept.parent.parent / "dflash").exists()  # its rollouts folder has no shard
     assert all("opd_decisive.py" in ln for ln in logged[-2:]) and "--name=opd_ablations_plateau" in logged[-1]
     ledger = (tmp_path / "results" / "opd_decisive" / "finished.txt").read_text().splitlines()
     assert sorted(ln.split("\t")[0] for ln in ledger) == sorted(
@@ -259,11 +273,12 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     # each pair with its exports in DIR (s0 here) is measured on its training prompts after its runs
     gen = [i for i, ln in enumerate(lines) if "opd_generalization.py" in ln]
     assert [lines[i].split("--drafter=")[1].split()[0] for i in gen] == ["eagle3", "dflash"]
-    assert all("sft_cont,s0" in lines[i - 1] and f"--workdir={w}" in lines[i] for i in gen)
+    before = lambda i: [ln for ln in lines[:i] if "opd_smollm2.py:" in ln][-1]
+    assert all("sft_cont,s0" in before(i) and f"--workdir={w}" in lines[i] for i in gen)
     assert "--runs=opd_plateau_reference_s0,sft_cont_plateau_reference_s0" in lines[gen[0]]
-    # started again: nothing is launched, the summaries are rewritten
+    # started again: no run is launched (the rows the stub did not decode are tried again), the summaries rewritten
     again, _ = _decisive_runner(tmp_path, w, SEEDS="s0 s1")
-    assert again and all("opd_decisive.py" in ln for ln in again)
+    assert again and all("opd_decisive.py" in ln or "main_table_smollm2.py:decisive,s0," in ln for ln in again)
 
 
 def test_the_decisive_runner_takes_the_kinds_in_the_order_given(tmp_path):
@@ -280,23 +295,65 @@ def test_the_decisive_runner_takes_the_kinds_in_the_order_given(tmp_path):
     assert variants[:4] == ["dflash,plateau,reference,s0", "dflash,plateau,reference,sft_cont,s0",
                             "eagle3,plateau,reference,s0", "eagle3,plateau,reference,sft_cont,s0"]
     assert "eagle3,plateau,abl_update,s0" in variants
-    assert sum("main_table_smollm2.py:decisive,s0" in ln for ln in logged) == 1
+    assert sum("main_table_smollm2.py:decisive,s0 " in ln + " " for ln in logged) == 1
 
 
 def test_the_decisive_runner_continues_on_a_machine_without_the_workdir(tmp_path):
     """A new machine (empty DIR) with the results of an earlier one: the finished Draft-OPD run is
-    skipped, continued SFT matches its FLOPs from the kept curve, SFT on its rollouts reruns it
-    first (the rollouts were in the lost DIR), the main table says which exports are missing."""
-    kept = tmp_path / "results" / "opd_decisive" / "runs" / "eagle3" / "opd_plateau_reference_s0.jsonl"
-    kept.parent.mkdir(parents=True)
-    kept.write_text('{"step": 0, "flops": 8e14, "probe_tau": 1.45}\n{"step": 60, "flops": 8.2e14, "probe_tau": 1.5}\n')
-    (tmp_path / "results" / "opd_decisive" / "finished.txt").write_text("eagle3,plateau,reference,s0\t-\t-\n")
-    logged, out = _decisive_runner(tmp_path, tmp_path / "new", SEEDS="s0")
+    skipped, continued SFT and SFT on its rollouts match its FLOPs from the kept curve, the kept
+    rollouts and main-table metrics are put back in DIR; SFT on rollouts nobody kept reruns their
+    Draft-OPD run first; the main table decodes the rows it can and says which it cannot."""
+    import gzip
+
+    res, new = tmp_path / "results", tmp_path / "new"
+    for k in ("eagle3", "dflash"):
+        kept = res / "opd_decisive" / "runs" / k / "opd_plateau_reference_s0.jsonl"
+        kept.parent.mkdir(parents=True)
+        kept.write_text('{"step": 0, "flops": 8e14, "probe_tau": 1.45}\n{"step": 60, "flops": 8.2e14, "probe_tau": 1.5}\n')
+    (res / "opd_decisive" / "finished.txt").write_text("eagle3,plateau,reference,s0\t-\t-\ndflash,plateau,reference,s0\t-\t-\n")
+    rollouts = res / "opd_decisive" / "rollouts" / "eagle3" / "opd_plateau_reference_s0"
+    rollouts.mkdir(parents=True)
+    (rollouts / "shard-000001.jsonl.gz").write_bytes(gzip.compress(b'{"prompt_id": "1@opd1.0"}\n'))
+    table = res / "main_table_decisive_s0" / "runs"
+    table.mkdir(parents=True)
+    (table / "main_eagle3_shipped_smollm2_eagle3_mtbench_t0_b1.json").write_text('{"tau": 1.4}')
+    logged, out = _decisive_runner(tmp_path, new, SEEDS="s0")
     launches = [ln for ln in logged if "opd.main" in ln]
-    assert "opd_smollm2.py:eagle3,plateau,reference,sft_cont,s0" in launches[0]
-    assert launches[0].endswith(f"--config.sft.match_flops={kept}")
-    i = next(i for i, ln in enumerate(launches) if "sft_rollouts" in ln)
-    assert launches[i - 1].split()[2:] == ["--config=experiments/opd_smollm2.py:eagle3,plateau,reference,s0",
-                                           f"--workdir={tmp_path / 'new'}"]
-    assert not any("main_table_smollm2" in ln for ln in launches)
-    assert f"main_table_smollm2.py:decisive,s0 skipped: {tmp_path / 'new'}/export/ lacks opd_plateau_reference_s0_eagle3" in out
+    curve = lambda k: f"--config.sft.match_flops={res / 'opd_decisive' / 'runs' / k / 'opd_plateau_reference_s0.jsonl'}"
+    assert "opd_smollm2.py:eagle3,plateau,reference,sft_cont,s0" in launches[0] and launches[0].endswith(curve("eagle3"))
+    assert "main_table_smollm2.py:decisive,s0,eagle3/shipped,dflash/shipped " in launches[1]  # all DIR has
+    assert (new / "eval" / "main_eagle3_shipped_smollm2_eagle3_mtbench_t0_b1" / "metrics.json").read_text() == '{"tau": 1.4}'
+    assert (new / "opd_plateau_reference_s0" / "eagle3" / "rollouts" / "shard-000001.jsonl").read_text() \
+        == '{"prompt_id": "1@opd1.0"}\n'
+    variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in launches if "opd_smollm2.py:" in ln]
+    assert "eagle3,plateau,reference,s0" not in variants  # its rollouts were kept
+    i = next(i for i, ln in enumerate(launches) if "eagle3,plateau,reference,sft_rollouts" in ln)
+    assert launches[i].endswith(curve("eagle3"))
+    i = next(i for i, ln in enumerate(launches) if "dflash,plateau,reference,sft_rollouts" in ln)
+    assert launches[i - 1].split()[2:] == ["--config=experiments/opd_smollm2.py:dflash,plateau,reference,s0",
+                                           f"--workdir={new}"]  # nobody kept them: the run again
+    assert not any("main_table_smollm2.py:decisive,s0 " in ln + " " for ln in launches)
+    assert "main_table_smollm2.py:decisive,s0 not reported: no metrics for eagle3/opd_plateau_reference " in out
+
+
+def test_the_decisive_tables_rows_are_kept_and_put_back(tmp_path):
+    """main_table_smollm2.decisive_rows: a row is left to decode while one of its 12 eval runs lacks
+    metrics; pending if its drafter is in DIR (shipped, or exported), missing otherwise; metrics
+    are kept from DIR and put back in it."""
+    from experiments.main_table_smollm2 import ROWS, decisive_rows, get_config
+
+    w, kept = tmp_path / "w", tmp_path / "kept"
+    (w / "export" / "opd_plateau_reference_s1_dflash").mkdir(parents=True)
+    pending, missing = decisive_rows("s1", str(w), str(kept))
+    assert pending == ["eagle3/shipped", "dflash/shipped", "dflash/opd_plateau_reference"]
+    assert sorted(pending + missing) == sorted(ROWS)
+    names = [r["name"] for r in get_config("decisive,s1,dflash/opd_plateau_reference").eval.runs]
+    assert len(names) == 12 and all("_s1_" in n for n in names)
+    for n in names:  # decoded: DIR has its metrics, which are kept
+        (w / "eval" / n).mkdir(parents=True)
+        (w / "eval" / n / "metrics.json").write_text(n)
+    assert "dflash/opd_plateau_reference" not in decisive_rows("s1", str(w), str(kept))[0]
+    assert sorted(p.name for p in kept.iterdir()) == sorted(f"{n}.json" for n in names)
+    new = tmp_path / "new"  # another machine: put back, not missing though its export is gone
+    assert "dflash/opd_plateau_reference" not in sum(decisive_rows("s1", str(new), str(kept)), [])
+    assert all((new / "eval" / n / "metrics.json").read_text() == n for n in names)
