@@ -53,7 +53,7 @@ run() {  # run VARIANT [--config.x=y ...]: once (the ledger), then the summaries
   python -m opd.main --config="experiments/opd_smollm2.py:$1" --workdir="$DIR" "${@:2}"
   summaries || echo "(a summary has no runs yet)"
   record "$1"
-  if [[ "$1" == *,s0 ]]; then table_rows s0; fi
+  if [[ "$1" == *,s0 && "$1" != *,abl_* ]]; then table_rows s0; fi  # its main-table rows
 }
 match_flops() {  # match_flops KIND SEED: the reference Draft-OPD run's kept curve, when DIR lacks the run
   local opd="opd_plateau_reference_$2"
@@ -80,8 +80,11 @@ print(*decisive_rows('$1', '$DIR', '$RESULTS/main_table_decisive_$1/runs')[0])")
   if [ -z "$rows" ]; then return; fi
   echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,$1 rows ${rows// /,}"
   python -m opd.main --config="experiments/main_table_smollm2.py:decisive,$1,${rows// /,}" --workdir="$DIR"
-  python -c "from experiments.main_table_smollm2 import decisive_rows
-decisive_rows('$1', '$DIR', '$RESULTS/main_table_decisive_$1/runs')"
+  local f n kept="$RESULTS/main_table_decisive_$1/runs"  # kept at once (decisive_rows would at its next call)
+  for f in "$DIR"/eval/main_*_shipped_*/metrics.json "$DIR"/eval/main_*_"$1"_*/metrics.json; do
+    n=$(basename "$(dirname "$f")")
+    if [ -f "$f" ] && [ ! -f "$kept/$n.json" ]; then cp "$f" "$kept/$n.json.tmp" && mv "$kept/$n.json.tmp" "$kept/$n.json"; fi
+  done
 }
 
 pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at its fairly priced FLOPs
