@@ -49,6 +49,7 @@ no `messages`). `decode_trajectory(example)` returns plain Python values.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import hashlib
 import inspect
@@ -414,9 +415,13 @@ def load_source(name: str, data_dir: str, split: str | None = None):
         return []  # an empty random-access source: tfds cannot write an empty split
     try:
         builder = prepare(builder_for(name, data_dir))
-    except FileExistsError:
+    except OSError as e:
         # the hosts of a multi-host launch share `data_dir` and build the same set: the one
-        # that finished first renamed its copy into place, which is what this one would write
+        # that finished first renamed its copy into place, which is what this one would write.
+        # The rename fails with FileExistsError (etils saw the folder) or, when that copy lands
+        # between etils' check and the rename, with ENOTEMPTY or EEXIST (the filesystem picks)
+        if not isinstance(e, FileExistsError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
         builder = prepare(builder_for(name, data_dir))
     sources = builder.as_data_source()
     if split is None:

@@ -1,6 +1,7 @@
 """Tests for opd.data.text_sources and opd.data.builders (tfds array_record, no TensorFlow)."""
 
 import ast
+import errno
 import gzip
 import json
 import logging
@@ -175,8 +176,7 @@ def test_jsonl_builder(tmp_path, data_dir):
 def test_hosts_building_the_same_set_at_once(tmp_path, monkeypatch):
     """Multi-host launches share the workdir: two builds of one set that run at once (both
     threads wait for each other inside example generation, i.e. after tfds found no finished
-    set) both succeed; the later rename loses to the first (tfds raises FileExistsError) and
-    reads the finished copy."""
+    set) both succeed; the later rename loses to the first and reads the finished copy."""
     import threading
 
     path = tmp_path / "p.jsonl"
@@ -198,15 +198,41 @@ def test_hosts_building_the_same_set_at_once(tmp_path, monkeypatch):
             builder._generate_examples = generate_together
         try:
             return prepare(builder)
-        except FileExistsError:
-            lost.append(1)
+        except OSError as e:
+            lost.append(e)
             raise
 
     monkeypatch.setattr(builders, "prepare", racing_prepare)
     got, errors = run_as_hosts(lambda i: builders.load_prompts(str(path), data_dir))
     assert not errors, errors
-    assert lost == [1]  # the race happened: one host's rename lost
+    assert len(lost) == 1, lost  # the race happened: one host's rename lost
     assert got[0] == got[1] == assets.load_prompt_set(str(path))
+
+
+@pytest.mark.parametrize("code", [errno.EEXIST, errno.ENOTEMPTY])
+def test_a_lost_rename_reads_the_finished_set(tmp_path, monkeypatch, code):
+    """A rename that loses between etils' exists check and os.rename gets ENOTEMPTY or EEXIST (CI
+    got ENOTEMPTY and a multi-host test failed): another host finished the set, which is read.
+    Any other OSError is raised."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"id": str(i), "prompt": f"prompt {i}"}) for i in range(3)) + "\n")
+    data_dir = str(tmp_path / "tfds")
+    prepare, calls = builders.prepare, []
+
+    def losing_prepare(builder, err=code):
+        calls.append(1)
+        if len(calls) == 1:
+            prepare(builder)  # the other host's finished copy
+            raise OSError(err, os.strerror(err))
+        return prepare(builder)
+
+    monkeypatch.setattr(builders, "prepare", losing_prepare)
+    assert builders.load_prompts(str(path), data_dir) == assets.load_prompt_set(str(path))
+    assert len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(builders, "prepare", lambda b: losing_prepare(b, errno.EACCES))
+    with pytest.raises(PermissionError):
+        builders.load_prompts(str(path), str(tmp_path / "other"))
 
 
 # ----------------------------------------------------------------------------- trajectories
