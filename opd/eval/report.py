@@ -106,14 +106,17 @@ def tau_standard_error(metrics: dict):
 
 def autoregressive_rows(rows: Sequence[dict]) -> list[dict]:
     """The "no drafter" rows: for each (prompt set, temperature, batch) the autoregressive
-    throughput measured in the same runs (the reference each speed-up divides by)."""
+    throughput measured in the same runs (the reference each speed-up divides by): their mean,
+    and in `ar_timings` the distinct timings (more than one when rows were timed in separate
+    runs, e.g. a table that spans sessions, whose speed-ups are then not side by side)."""
     groups: dict = {}
     for r in rows:
         if r.get("ar_tokens_per_second"):
             groups.setdefault((r["prompt_set"], r["temperature"], r["batch_size"]), []).append(r["ar_tokens_per_second"])
     return [{"run": "ar", "drafter": "none", "method": "-", "training_flops": 0.0, "tau": 1.0, "speedup": 1.0,
              "prompt_set": ps, "temperature": t, "batch_size": b, "tokens_per_second": sum(v) / len(v),
-             "ar_tokens_per_second": sum(v) / len(v)} for (ps, t, b), v in sorted(groups.items())]
+             "ar_tokens_per_second": sum(v) / len(v), "ar_timings": sorted(set(v))}
+            for (ps, t, b), v in sorted(groups.items())]
 
 
 def main_tables(rows: Sequence[dict]) -> str:
@@ -136,6 +139,9 @@ def main_tables(rows: Sequence[dict]) -> str:
                     pm = f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else ""
                     if d == "none":  # the reference: its measured throughput
                         line[r["prompt_set"]] = f"{r['tokens_per_second']:.1f} tok/s"
+                        timings = r.get("ar_timings") or []
+                        if len(timings) > 1:
+                            line[r["prompt_set"]] += f" ({len(timings)} timings, {timings[0]:.1f}–{timings[-1]:.1f})"
                     elif tau is not None and sp is not None:
                         line[r["prompt_set"]] = f"{tau:.2f}{pm} / {sp:.2f}×"
                     else:
@@ -144,6 +150,11 @@ def main_tables(rows: Sequence[dict]) -> str:
         out.append(f"**T = {t:g}, batch {b}** (τ (its 95 % interval over the batches) / wall-clock speed-up over "
                    "autoregressive decoding; the `none` row: autoregressive tokens/s)\n\n")
         out.append(markdown_table(table, ("drafter", "method", "train PFLOPs", *sets)) + "\n")
+        apart = [r["prompt_set"] for r in sub if r["drafter"] == "none" and len(r.get("ar_timings") or []) > 1]
+        if apart:
+            out.append(f"\nTimed apart: {', '.join(apart)} hold rows timed in separate runs (another session or "
+                       "machine), each speed-up over its own run's autoregressive timing: compare speed-ups only "
+                       "between rows with the same `ar_tokens_per_second` (results.json); τ compares across all.\n")
         acc = [r for r in sub if r.get("acceptance_by_offset")]
         if acc:
             K = max(len(r["acceptance_by_offset"]) for r in acc)
