@@ -418,9 +418,9 @@ def load_source(name: str, data_dir: str, split: str | None = None):
     except OSError as e:
         # the hosts of a multi-host launch share `data_dir` and build the same set: the one
         # that finished first renamed its copy into place, which is what this one would write.
-        # The rename fails with FileExistsError (etils saw the folder) or, when that copy lands
-        # between etils' check and the rename, with ENOTEMPTY or EEXIST (the filesystem picks)
-        if not isinstance(e, FileExistsError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        # The rename fails with FileExistsError (etils saw the folder, or the filesystem says
+        # EEXIST) or, when that copy lands between etils' check and the rename, with ENOTEMPTY
+        if not isinstance(e, FileExistsError) and e.errno != errno.ENOTEMPTY:
             raise
         builder = prepare(builder_for(name, data_dir))
     sources = builder.as_data_source()
