@@ -140,6 +140,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     return c
 
 
+def row_variant(row: str, seed: str) -> str:
+    """The `experiments/opd_smollm2.py` variant whose run exports row `<kind>/<run>` of seed `seed`'s
+    decisive table (the runner retrains it when a machine lost the export before its rows were decoded)."""
+    if row not in ROWS or row.endswith("/shipped"):
+        raise ValueError(f"experiments/main_table_smollm2.py: {row!r} is no trained row of the decisive table "
+                         f"(one of {', '.join(r for r in ROWS if not r.endswith('/shipped'))})")
+    kind, run = row.split("/")
+    method, ref = run.split("_plateau")  # e.g. "sft_cont", "_reference"
+    return ",".join([kind, "plateau"] + (["reference"] if ref else []) + ([] if method == "opd" else [method]) + [seed])
+
+
 def decisive_rows(seed: str, workdir: str, kept: str) -> tuple[list, list]:
     """The decisive table of seed `seed` across machines that lose `workdir` (the runner's helper):
     puts each row's kept `<kept>/<eval run>.json` back as `workdir/eval/<eval run>/metrics.json` and

@@ -23,7 +23,8 @@
 # are kept ($RESULTS/opd_decisive/rollouts/, gzipped) and put back for SFT on them (the run is
 # redone only when neither has them); seed s0's main table is decoded a row at a time, each
 # method's right after its run (its export is in DIR then), its eval metrics kept
-# ($RESULTS/main_table_decisive_s0/runs/) and put back, and reported once every row has them.
+# ($RESULTS/main_table_decisive_s0/runs/) and put back, and reported once every row has them (a method
+# whose export DIR lost before its rows were decoded is run again for them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-workdirs/smollm2_scale}
@@ -73,10 +74,13 @@ keep_rollouts() {  # keep_rollouts KIND SEED: a finished reference run's rollout
     mv "$d.tmp" "$d"
   fi
 }
+rows_left() {  # rows_left SEED 0|1: seed SEED's main-table rows left to decode whose drafter is in DIR (0) / is not (1)
+  python -c "from experiments.main_table_smollm2 import decisive_rows
+print(*decisive_rows('$1', '$DIR', '$RESULTS/main_table_decisive_$1/runs')[$2])"
+}
 table_rows() {  # table_rows SEED: the main table's rows whose drafters are in DIR, decoded once (kept in RESULTS)
   local rows
-  rows=$(python -c "from experiments.main_table_smollm2 import decisive_rows
-print(*decisive_rows('$1', '$DIR', '$RESULTS/main_table_decisive_$1/runs')[0])")
+  rows=$(rows_left "$1" 0)
   if [ -z "$rows" ]; then return; fi
   echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,$1 rows ${rows// /,}"
   python -m opd.main --config="experiments/main_table_smollm2.py:decisive,$1,${rows// /,}" --workdir="$DIR"
@@ -104,29 +108,40 @@ generalization() {  # generalization KIND SEED: where the pair's gains land (its
       --name="$name" --out_dir="$RESULTS/$name"
   record "generalization:$1,$2"
 }
+need_rollouts() {  # need_rollouts KIND SEED: the reference Draft-OPD run's rollouts in DIR (kept ones, else the run again)
+  keep_rollouts "$1" "$2"
+  if [ ! -d "$DIR/opd_plateau_reference_$2/$1/rollouts" ]; then
+    echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$1,plateau,reference,$2 again: its rollouts are not in $DIR"
+    python -m opd.main --config="experiments/opd_smollm2.py:$1,plateau,reference,$2" --workdir="$DIR"
+    keep_rollouts "$1" "$2"
+  fi
+}
 others() {  # SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default Draft-OPD
   for k in $KINDS; do
     local todo=("$k,plateau,reference,sft_rollouts,$1")
     if [ "$k" = eagle3 ]; then todo+=("eagle3,plateau,reference,ttt_rollouts,$1"); fi
     for v in "${todo[@]}"; do
       keep_rollouts "$k" "$1"
-      if ! finished "$v" && [ ! -d "$DIR/opd_plateau_reference_$1/$k/rollouts" ]; then
-        echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$k,plateau,reference,$1 again: $v trains on its rollouts, not in $DIR"
-        python -m opd.main --config="experiments/opd_smollm2.py:$k,plateau,reference,$1" --workdir="$DIR"
-        keep_rollouts "$k" "$1"
-      fi
+      if ! finished "$v"; then need_rollouts "$k" "$1"; fi
       run "$v" $(match_flops "$k" "$1")
     done
     run "$k,plateau,$1"
   done
 }
 main_table() {  # seed s0's main table of every method: each row decoded (table_rows), then the report
-  local missing
+  local missing row v
   table_rows s0
-  missing=$(python -c "from experiments.main_table_smollm2 import decisive_rows
-print(*decisive_rows('s0', '$DIR', '$RESULTS/main_table_decisive_s0/runs')[1])")
+  for row in $(rows_left s0 1); do  # DIR lost its export before its rows were decoded: the run again
+    v=$(python -c "from experiments.main_table_smollm2 import row_variant; print(row_variant('$row', 's0'))")
+    if [[ "$v" == *_rollouts,s0 ]]; then need_rollouts "${row%/*}" s0; fi
+    echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$v again: the main table's row $row, its export not in $DIR"
+    python -m opd.main --config="experiments/opd_smollm2.py:$v" --workdir="$DIR" $(match_flops "${row%/*}" s0)
+    summaries || echo "(a summary has no runs yet)"
+    table_rows s0
+  done
+  missing=$(rows_left s0 1)
   if [ -n "$missing" ]; then
-    echo "=== main_table_smollm2.py:decisive,s0 not reported: no metrics for $missing, and no export in $DIR/export/ (run them again)"
+    echo "=== main_table_smollm2.py:decisive,s0 not reported: no metrics for $missing, and no export in $DIR/export/"
   elif ! finished "main_table:decisive,s0"; then
     echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
     python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"

@@ -198,6 +198,14 @@ def test_the_decisive_main_table_evaluates_what_the_decisive_runs_export():
     assert len({r["name"] for r in c.eval.runs}) == len(c.eval.runs) and c.report.results_name == "main_table_decisive_s1"
     with pytest.raises(ValueError, match="goes with `decisive`"):
         configs.load_config(f"{path}:shipped,s1")
+    # each trained row's variant (the runner's, to export it again) exports that row's drafter
+    from experiments.main_table_smollm2 import ROWS, get_config, row_variant
+    for row in ROWS[2:]:
+        opd = configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{row_variant(row, 's1')}"))
+        export = {f"workdir:export/{st.split(':')[1]}_{row.split('/')[0]}" for st in opd.stages if st.startswith("export:")}
+        assert export == {r["drafter_path"] for r in get_config(f"decisive,s1,{row}").eval.runs}
+    with pytest.raises(ValueError, match="no trained row"):
+        row_variant("eagle3/shipped", "s0")
 
 
 def _decisive_runner(tmp_path, workdir, **env):
@@ -326,12 +334,22 @@ def test_the_decisive_runner_continues_on_a_machine_without_the_workdir(tmp_path
     assert (new / "opd_plateau_reference_s0" / "eagle3" / "rollouts" / "shard-000001.jsonl").read_text() \
         == '{"prompt_id": "1@opd1.0"}\n'
     variants = [ln.split("opd_smollm2.py:")[1].split()[0] for ln in launches if "opd_smollm2.py:" in ln]
-    assert "eagle3,plateau,reference,s0" not in variants  # its rollouts were kept
+    last = variants.index("dflash,plateau,s0")  # the last run; then the main table
+    assert "eagle3,plateau,reference,s0" not in variants[:last]  # its rollouts were kept
     i = next(i for i, ln in enumerate(launches) if "eagle3,plateau,reference,sft_rollouts" in ln)
     assert launches[i].endswith(curve("eagle3"))
     i = next(i for i, ln in enumerate(launches) if "dflash,plateau,reference,sft_rollouts" in ln)
     assert launches[i - 1].split()[2:] == ["--config=experiments/opd_smollm2.py:dflash,plateau,reference,s0",
                                            f"--workdir={new}"]  # nobody kept them: the run again
+    # the main table: every trained row lacks its export (the stub exports nothing), so each one's
+    # run again (SFT on the rollouts after its rollouts, put back or the run again), its rows then
+    from experiments.main_table_smollm2 import ROWS, row_variant
+    again = [row_variant(r, "s0") for r in ROWS if not r.endswith("/shipped")]
+    assert again[-1] == "dflash,plateau,reference,sft_rollouts,s0"
+    assert variants[last + 1:] == again[:-1] + ["dflash,plateau,reference,s0"] + again[-1:]  # nobody kept its rollouts
+    j = [i for i, ln in enumerate(launches) if "opd_smollm2.py:eagle3,plateau,reference,sft_cont,s0 " in ln + " "][-1]
+    assert launches[j].endswith(curve("eagle3")) and "main_table_smollm2.py:decisive,s0,eagle3/shipped,dflash/shipped " \
+        in launches[j + 1]  # the rows are tried again after each run
     assert not any("main_table_smollm2.py:decisive,s0 " in ln + " " for ln in launches)
     assert "main_table_smollm2.py:decisive,s0 not reported: no metrics for eagle3/opd_plateau_reference " in out
 
