@@ -129,13 +129,15 @@ others() {  # SFT on the rollouts, EAGLE-3's TTT-on-rollouts recipe, our default
   done
 }
 main_table() {  # seed s0's main table of every method: each row decoded (table_rows), then the report
-  local missing row v
+  local missing row v flops
   table_rows s0
   for row in $(rows_left s0 1); do  # DIR lost its export before its rows were decoded: the run again
     v=$(python -c "from experiments.main_table_smollm2 import row_variant; print(row_variant('$row', 's0'))")
     if [[ "$v" == *_rollouts,s0 ]]; then need_rollouts "${row%/*}" s0; fi
+    flops=""  # the SFT baselines match the reference Draft-OPD run's FLOPs; a Draft-OPD run has its own steps
+    if [[ "$row" != */opd_* ]]; then flops=$(match_flops "${row%/*}" s0); fi
     echo "=== $(date -u +%FT%TZ) opd_smollm2.py:$v again: the main table's row $row, its export not in $DIR"
-    python -m opd.main --config="experiments/opd_smollm2.py:$v" --workdir="$DIR" $(match_flops "${row%/*}" s0)
+    python -m opd.main --config="experiments/opd_smollm2.py:$v" --workdir="$DIR" $flops
     summaries || echo "(a summary has no runs yet)"
     table_rows s0
   done

@@ -347,6 +347,7 @@ def test_the_decisive_runner_continues_on_a_machine_without_the_workdir(tmp_path
     again = [row_variant(r, "s0") for r in ROWS if not r.endswith("/shipped")]
     assert again[-1] == "dflash,plateau,reference,sft_rollouts,s0"
     assert variants[last + 1:] == again[:-1] + ["dflash,plateau,reference,s0"] + again[-1:]  # nobody kept its rollouts
+    assert not any("match_flops" in ln for ln in launches if "opd_smollm2.py:" in ln and "sft" not in ln and "ttt" not in ln)
     j = [i for i, ln in enumerate(launches) if "opd_smollm2.py:eagle3,plateau,reference,sft_cont,s0 " in ln + " "][-1]
     assert launches[j].endswith(curve("eagle3")) and "main_table_smollm2.py:decisive,s0,eagle3/shipped,dflash/shipped " \
         in launches[j + 1]  # the rows are tried again after each run
