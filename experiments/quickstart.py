@@ -83,6 +83,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.eval.num_prompts = 4
     c.eval.max_new_tokens = 64
+    c.eval.side_by_side = True  # per prompt set every drafter against one AR timing: speed-ups compare
     for ps in ("mtbench", "humaneval"):
         c.eval.runs.append(dict(name=f"ngram_{ps}", drafter="ngram", prompt_set=ps))
         for run in ("sft", "opd", "sft_cont"):

@@ -113,6 +113,18 @@ def _with(c, **fields):
     return c
 
 
+def test_the_quickstart_decodes_its_drafters_side_by_side():
+    """Its table's speed-ups compare: per prompt set one decode run, one AR timing for all drafters."""
+    from opd.pipeline import eval_groups
+
+    for variant in ("", ":tiny"):
+        c = configs.load_config(os.path.join(REPO, "experiments", "quickstart.py" + variant))
+        groups = eval_groups(configs.eval_runs(c), bool(c.eval.side_by_side))
+        assert [{r["prompt_set"] for r in g} for g in groups] == [{ps} for ps in dict.fromkeys(
+            r["prompt_set"] for r in c.eval.runs)]
+        assert [len(g) for g in groups] == [5] * len(groups)  # n-gram, sft, opd, sft_cont, shipped
+
+
 def test_the_plateau_experiment_starts_every_branch_from_the_shipped_drafter():
     def load(variant):
         return configs.load_config(os.path.join(REPO, "experiments", f"opd_smollm2.py:{variant}"))

@@ -42,6 +42,10 @@ def test_quickstart_tiny_runs_and_resumes(tmp_path):
         ("none", "-"), ("ngram", "-"), ("eagle3", "sft"), ("eagle3", "opd"), ("eagle3", "sft_scale"), ("eagle3", "sft_cont")}
     shipped = json.load(open(tmp_path / "eval" / "eagle3_shipped_mtbench" / "metrics.json"))
     assert shipped["greedy_matches_ar"] is True and shipped["tau"] > 1.0  # the drafter shipped in the repo
+    # all five decoded side by side, against one autoregressive timing: the speed-ups compare
+    assert shipped["side_by_side"] == ["ngram"] + ["eagle3"] * 4
+    assert {opd["ar_seconds"], sft["ar_seconds"], cont["ar_seconds"]} == {shipped["ar_seconds"]}
+    assert "Timed apart" not in open(tmp_path / "report" / "results.md").read()
     curves = report["curves"]["eagle3"]
     assert [p["step"] for p in curves["sft"]] == [0, 20, 40] and [p["step"] for p in curves["opd"]] == [0, 2, 4]
     # Draft-OPD (the reference preset) and continued SFT both start from the shipped drafter's

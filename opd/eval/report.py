@@ -152,8 +152,9 @@ def main_tables(rows: Sequence[dict]) -> str:
         out.append(markdown_table(table, ("drafter", "method", "train PFLOPs", *sets)) + "\n")
         apart = [r["prompt_set"] for r in sub if r["drafter"] == "none" and len(r.get("ar_timings") or []) > 1]
         if apart:
-            out.append(f"\nTimed apart: {', '.join(apart)} hold rows timed in separate runs (another session or "
-                       "machine), each speed-up over its own run's autoregressive timing: compare speed-ups only "
+            out.append(f"\nTimed apart: {', '.join(apart)} hold rows timed in separate runs (`eval.side_by_side` "
+                       "off, or rows from another session or machine), each speed-up over its own run's "
+                       "autoregressive timing: compare speed-ups only "
                        "between rows with the same `ar_tokens_per_second` (results.json); τ compares across all.\n")
         acc = [r for r in sub if r.get("acceptance_by_offset")]
         if acc:
