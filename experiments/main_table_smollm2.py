@@ -31,6 +31,11 @@ DIR (its exports are there), on the first 16 prompts of each set at 128 new toke
 report): each method's rows while its export is in DIR, e.g. right after its run, on a machine
 that may lose DIR before the last run; their `eval/<run>/metrics.json` kept and put back, the
 full `decisive,sN` then reports without decoding them again (experiments/opd_decisive_runs.sh).
+`decisive,sN,sofar`: the report of the rows decoded so far in DIR, naming the others (nothing is
+decoded); on a machine without them, first put the kept rows back in DIR:
+
+  python -c "from experiments.main_table_smollm2 import decisive_rows as d; d('s0', 'workdirs/t', 'experiments/results/main_table_decisive_s0/runs')"
+  python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0,sofar --workdir=workdirs/t
 
 Every field and its default: `opd.configs.default_config`.
 """
@@ -68,9 +73,12 @@ ROWS = tuple(f"{kind}/shipped" for kind, _, _ in SHIPPED) + tuple(f"{kind}/{run}
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "b1", "b4", "decisive") + SEEDS + ROWS,
+    parts = variant_parts(variant, ("shipped", "quick", "t0", "t1", "b1", "b4", "decisive", "sofar") + SEEDS + ROWS,
                           "experiments/main_table_smollm2.py")
     rows = [p for p in parts if p in ROWS]
+    if "sofar" in parts and ("decisive" not in parts or rows):
+        raise ValueError("experiments/main_table_smollm2.py: `sofar` reports the whole `decisive` table's rows "
+                         "decoded so far: name `decisive` and no rows")
     if rows and "decisive" not in parts:
         raise ValueError("experiments/main_table_smollm2.py: rows (<kind>/<run>) are parts of the `decisive` table")
     seeds = [p for p in parts if p in SEEDS]
@@ -119,6 +127,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                       if not rows or f"{kind}/{run}" in rows])
         if rows:  # some rows: decoded now, reported with the full table
             c.stages = ("fetch_assets", "eval")
+        if "sofar" in parts:  # the rows decoded so far, the others named; nothing decoded
+            c.stages = ("report",)
+            c.report.partial = True
     for temperature in temperatures:
         for batch in batches:
             for drafter, run, K, path in entries:

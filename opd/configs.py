@@ -195,6 +195,7 @@ def default_config() -> CD:
     c.report.curve_runs = ()  # DIR/<run>/<kind>/metrics.jsonl with probe_tau rows, for curves.png
     c.report.curve_drafters = ()  # drafter kinds whose runs are plotted
     c.report.results_name = ""  # also write experiments/results/<name>/ ("" = only DIR/report/)
+    c.report.partial = False  # report the eval runs written so far and name the others (a table still decoding)
     return c
 
 

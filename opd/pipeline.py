@@ -174,27 +174,39 @@ def stage_report(config, workdir: str) -> dict:
     prompt_set, temperature, batch_size, seed, ...), results.md (τ / speed-up tables, one per
     temperature and batch size) and curves.png (probe τ against cumulative training FLOPs of
     `config.report.curve_runs`); with `config.report.results_name` also
-    experiments/results/<name>/ (with the command, commit and machine). Prints the tables."""
+    experiments/results/<name>/ (with the command, commit and machine). Prints the tables.
+    With `config.report.partial`, runs not decoded yet are left out and named (results.md's
+    first line, results.json's `missing`); otherwise a missing run is an error."""
     if not is_main_process():  # reads files only; process 0 writes the report
         return {}
-    rows = []
-    for r in eval_runs(config):
+    rc = config.report
+    rows, missing = [], []
+    runs = eval_runs(config)
+    for r in runs:
         path = os.path.join(workdir, "eval", r["name"], "metrics.json")
         if not os.path.isfile(path):
+            if rc.partial:
+                missing.append(r["name"])
+                continue
             raise FileNotFoundError(f"report: eval run {r['name']!r} has no {path}; run the `eval` stage first")
         with open(path) as f:
             rows.append(report.summary_row(r["name"], json.load(f)))
-    rc = config.report
+    if not rows:
+        raise FileNotFoundError(f"report: none of the {len(runs)} eval runs has a metrics.json under "
+                                f"{os.path.join(workdir, 'eval')}; run the `eval` stage first")
     rows = report.autoregressive_rows(rows) + rows
     out_dir = os.path.join(workdir, "report")
     os.makedirs(out_dir, exist_ok=True)
     curves = report.probe_curves(workdir, list(rc.curve_runs), list(rc.curve_drafters))
     curve_rows = report.plot_curves(curves, os.path.join(out_dir, "curves.png")) if curves else []
     md = report.main_tables(rows)
+    if missing:
+        md = (f"**Partial:** {len(missing)} of {len(runs)} eval runs are not decoded yet: "
+              f"{', '.join(missing)}.\n\n" + md)
     if curve_rows:
         md += ("Training curve (held-out probe τ; `curves.png`):\n\n"
                + report.markdown_table(curve_rows, report.CURVE_COLUMNS, "{:.3f}"))
-    payload = {"rows": rows, "curves": curves, "curve_rows": curve_rows}
+    payload = {"rows": rows, "curves": curves, "curve_rows": curve_rows, "missing": missing}
     report.write_results("report", payload, md, out_dir)
     if rc.results_name:
         dest = report.write_results(rc.results_name, payload, md)

@@ -5,6 +5,7 @@ defaults taken from their dataclasses, typos named with the nearest field."""
 import dataclasses
 import glob
 import inspect
+import json
 import os
 
 import pytest
@@ -22,7 +23,7 @@ VARIANTS = {  # every experiment config with a few variants each
                        "dflash,plateau,sft_cont,s2", "eagle3,plateau,sft_rollouts,tiny", "eagle3,plateau,abl_suffix,s0"],
     "quickstart.py": ["", "tiny"],
     "main_table_smollm2.py": ["", "shipped", "shipped,quick", "shipped,t0", "shipped,t1", "shipped,t1,b4", "decisive",
-                              "decisive,s2"],
+                              "decisive,s2", "decisive,s1,sofar"],
     "pod.py": ["qwen3_8b,dflash,v5p-8", "llama31_8b,eagle3,v6e-32,from_sft", "tiny"],
 }
 
@@ -218,6 +219,33 @@ def test_the_decisive_main_table_evaluates_what_the_decisive_runs_export():
         assert export == {r["drafter_path"] for r in get_config(f"decisive,s1,{row}").eval.runs}
     with pytest.raises(ValueError, match="no trained row"):
         row_variant("eagle3/shipped", "s0")
+
+
+def test_the_decisive_table_so_far_reports_the_kept_rows_without_decoding(tmp_path):
+    """`decisive,sN,sofar` is the report stage alone over the same runs, naming those not decoded;
+    decisive_rows puts the kept rows back in a workdir for it."""
+    from experiments.main_table_smollm2 import decisive_rows, get_config
+    from opd import pipeline
+    c = get_config("decisive,s0,sofar")
+    assert tuple(c.stages) == ("report",) and c.report.partial
+    assert [r["name"] for r in c.eval.runs] == [r["name"] for r in get_config("decisive,s0").eval.runs]
+    with pytest.raises(ValueError, match="`sofar` reports the whole `decisive` table"):
+        get_config("decisive,s0,eagle3/shipped,sofar")
+    with pytest.raises(ValueError, match="`sofar` reports the whole `decisive` table"):
+        get_config("shipped,sofar")
+    kept, workdir = tmp_path / "kept", tmp_path / "w"
+    kept.mkdir()
+    name = c.eval.runs[0]["name"]  # e.g. main_eagle3_shipped_smollm2_eagle3_mtbench_t0_b1
+    (kept / f"{name}.json").write_text(json.dumps(
+        {"drafter": "eagle3", "training": "sft_scale (9000 steps)", "training_flops": 8e14, "prompt_set": "mtbench",
+         "temperature": 0.0, "batch_size": 1, "num_draft_tokens": 4, "num_prompts": 16, "tau": 1.37, "speedup": 0.78,
+         "tokens_per_second": 21.7, "ar_tokens_per_second": 27.8, "greedy_matches_ar": True}))
+    decisive_rows("s0", str(workdir), str(kept))
+    c.report.results_name = ""  # DIR/report/ only: the test leaves experiments/results/ alone
+    out = pipeline.stage_report(c, str(workdir))
+    assert [r["run"] for r in out["rows"] if r["drafter"] != "none"] == [name]
+    assert len(out["missing"]) == len(c.eval.runs) - 1 and name not in out["missing"]
+    assert f"**Partial:** {len(c.eval.runs) - 1} of {len(c.eval.runs)} eval runs" in (workdir / "report" / "results.md").read_text()
 
 
 def _decisive_runner(tmp_path, workdir, **env):

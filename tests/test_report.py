@@ -90,6 +90,24 @@ def test_report_names_the_missing_eval_run(tmp_path):
         pipeline.stage_report(_config(runs), str(tmp_path))
 
 
+def test_a_partial_report_names_the_runs_not_decoded_yet(tmp_path):
+    runs = [dict(name="e3_sft", drafter="eagle3", drafter_path="x", prompt_set="mtbench"),
+            dict(name="e3_opd", drafter="eagle3", drafter_path="y", prompt_set="mtbench")]
+    c = _config(runs, curve_runs=())
+    c.report.partial = True
+    with pytest.raises(FileNotFoundError, match="none of the 2 eval runs has a metrics.json"):
+        pipeline.stage_report(c, str(tmp_path))
+    _write(tmp_path, "e3_sft", _eval_metrics("eagle3", "sft (60 steps)", "mtbench", 0.0, 1, 1.3, 0.7, 22.0, 1e14))
+    with pytest.raises(FileNotFoundError, match="eval run 'e3_opd' has no"):  # a full report needs every run
+        pipeline.stage_report(_config(runs, curve_runs=()), str(tmp_path))
+    out = pipeline.stage_report(c, str(tmp_path))
+    assert out["missing"] == ["e3_opd"] and [r["run"] for r in out["rows"] if r["drafter"] != "none"] == ["e3_sft"]
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "**Partial:** 1 of 2 eval runs are not decoded yet: e3_opd." in md
+    assert "| eagle3 | sft | 0.100 | 1.30 (1.10–1.50) / 0.70× |" in md
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["missing"] == ["e3_opd"]
+
+
 def test_report_config_is_validated():
     with pytest.raises(TypeError, match="curve_runs"):  # the schema's field is a tuple: refused when set
         _config([dict(name="ng", drafter="ngram", prompt_set="mtbench")], curve_runs="opd")
