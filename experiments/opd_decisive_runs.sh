@@ -23,8 +23,9 @@
 # are kept ($RESULTS/opd_decisive/rollouts/, gzipped) and put back for SFT on them (the run is
 # redone only when neither has them); seed s0's main table is decoded a row at a time, each
 # method's right after its run (its export is in DIR then), its eval metrics kept
-# ($RESULTS/main_table_decisive_s0/runs/) and put back, and reported once every row has them (a method
-# whose export DIR lost before its rows were decoded is run again for them).
+# ($RESULTS/main_table_decisive_s0/runs/) and put back, the table so far reported after each batch of
+# rows and in full once every row has them ($RESULTS/main_table_decisive_s0/; a method whose export
+# DIR lost before its rows were decoded is run again for them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-workdirs/smollm2_scale}
@@ -89,6 +90,12 @@ table_rows() {  # table_rows SEED: the main table's rows whose drafters are in D
     n=$(basename "$(dirname "$f")")
     if [ -f "$f" ] && [ ! -f "$kept/$n.json" ]; then cp "$f" "$kept/$n.json.tmp" && mv "$kept/$n.json.tmp" "$kept/$n.json"; fi
   done
+  report_table "$1" sofar || echo "(the table so far: not reported)"
+}
+report_table() {  # report_table SEED [sofar]: seed SEED's main table (so far: the rows decoded, the rest named)
+  echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,$1${2:+,$2}"
+  python -m opd.main --config="experiments/main_table_smollm2.py:decisive,$1${2:+,$2}" --workdir="$DIR" \
+      --config.report.results_root="$(realpath "$RESULTS")"
 }
 
 pair() {  # the goal's ratio: Draft-OPD (reference preset) and continued SFT at its fairly priced FLOPs
@@ -145,8 +152,7 @@ main_table() {  # seed s0's main table of every method: each row decoded (table_
   if [ -n "$missing" ]; then
     echo "=== main_table_smollm2.py:decisive,s0 not reported: no metrics for $missing, and no export in $DIR/export/"
   elif ! finished "main_table:decisive,s0"; then
-    echo "=== $(date -u +%FT%TZ) main_table_smollm2.py:decisive,s0"
-    python -m opd.main --config=experiments/main_table_smollm2.py:decisive,s0 --workdir="$DIR"
+    report_table s0
     record "main_table:decisive,s0"
   fi
 }

@@ -195,6 +195,7 @@ def default_config() -> CD:
     c.report.curve_runs = ()  # DIR/<run>/<kind>/metrics.jsonl with probe_tau rows, for curves.png
     c.report.curve_drafters = ()  # drafter kinds whose runs are plotted
     c.report.results_name = ""  # also write experiments/results/<name>/ ("" = only DIR/report/)
+    c.report.results_root = ""  # the folder that <results_name>/ goes in ("" = this checkout's experiments/results)
     c.report.partial = False  # report the eval runs written so far and name the others (a table still decoding)
     return c
 
@@ -560,6 +561,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"config.report.{field} must be a list of names, got the string {rc[field]!r}")
         if rc.results_name:
             _check_name(rc.results_name, "report.results_name")
+        if rc.results_root and not os.path.isdir(rc.results_root):
+            raise ValueError(f"config.report.results_root {rc.results_root!r} is not a folder")
 
 
 def probe_num_draft_tokens(config, block) -> int:

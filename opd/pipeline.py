@@ -174,7 +174,8 @@ def stage_report(config, workdir: str) -> dict:
     prompt_set, temperature, batch_size, seed, ...), results.md (τ / speed-up tables, one per
     temperature and batch size) and curves.png (probe τ against cumulative training FLOPs of
     `config.report.curve_runs`); with `config.report.results_name` also
-    experiments/results/<name>/ (with the command, commit and machine). Prints the tables.
+    experiments/results/<name>/ (with the command, commit and machine; `config.report.results_root`
+    puts <name>/ elsewhere). Prints the tables.
     With `config.report.partial`, runs not decoded yet are left out and named (results.md's
     first line, results.json's `missing`); otherwise a missing run is an error."""
     if not is_main_process():  # reads files only; process 0 writes the report
@@ -209,7 +210,8 @@ def stage_report(config, workdir: str) -> dict:
     payload = {"rows": rows, "curves": curves, "curve_rows": curve_rows, "missing": missing}
     report.write_results("report", payload, md, out_dir)
     if rc.results_name:
-        dest = report.write_results(rc.results_name, payload, md)
+        dest = report.write_results(rc.results_name, payload, md, rc.results_root
+                                    and os.path.join(rc.results_root, rc.results_name))
         if curves:
             shutil.copy(os.path.join(out_dir, "curves.png"), os.path.join(dest, "curves.png"))
         logging.info("report: also written to %s", dest)

@@ -241,11 +241,16 @@ def test_the_decisive_table_so_far_reports_the_kept_rows_without_decoding(tmp_pa
          "temperature": 0.0, "batch_size": 1, "num_draft_tokens": 4, "num_prompts": 16, "tau": 1.37, "speedup": 0.78,
          "tokens_per_second": 21.7, "ar_tokens_per_second": 27.8, "greedy_matches_ar": True}))
     decisive_rows("s0", str(workdir), str(kept))
-    c.report.results_name = ""  # DIR/report/ only: the test leaves experiments/results/ alone
+    c.report.results_root = str(tmp_path / "res")  # not the checkout's experiments/results/
+    with pytest.raises(ValueError, match="results_root .* is not a folder"):
+        configs.validate(c)
+    (tmp_path / "res").mkdir()
+    configs.validate(c)
     out = pipeline.stage_report(c, str(workdir))
     assert [r["run"] for r in out["rows"] if r["drafter"] != "none"] == [name]
     assert len(out["missing"]) == len(c.eval.runs) - 1 and name not in out["missing"]
-    assert f"**Partial:** {len(c.eval.runs) - 1} of {len(c.eval.runs)} eval runs" in (workdir / "report" / "results.md").read_text()
+    for md in (workdir / "report" / "results.md", tmp_path / "res" / "main_table_decisive_s0" / "results.md"):
+        assert f"**Partial:** {len(c.eval.runs) - 1} of {len(c.eval.runs)} eval runs" in md.read_text()
 
 
 def _decisive_runner(tmp_path, workdir, **env):
@@ -305,11 +310,16 @@ def test_the_decisive_runner_launches_valid_variants_in_order(tmp_path):
     assert len(table) == 1 and "eagle3,plateau,reference,sft_rollouts,s1" in lines[table[0] + 1]
     assert [ln for ln in lines[:table[0]] if "opd_smollm2.py:" in ln][-1].split()[2].endswith("dflash,plateau,s0")
     # seed s0's rows, decoded after every s0 run while they lack metrics (the stub writes none) and
-    # before the report; each with its drafter in DIR (here all)
-    rows = [ln for ln in lines if "main_table_smollm2.py:decisive,s0," in ln]
+    # before the report; each with its drafter in DIR (here all), the table so far reported after each
+    rows = [i for i, ln in enumerate(lines) if "main_table_smollm2.py:decisive,s0," in ln and ",sofar" not in ln]
     s0_runs = [v for v in variants if v.endswith(",s0") and ",abl_" not in v]  # the ablations have no rows
-    assert len(rows) == len(s0_runs) + 1 and "main_table_smollm2.py:decisive,s0," in lines[table[0] - 1]
-    assert all(ln.split("decisive,s0,")[1].split()[0] == ",".join(ROWS) for ln in rows)
+    assert len(rows) == len(s0_runs) + 1 and rows[-1] == table[0] - 2
+    assert all(lines[i].split("decisive,s0,")[1].split()[0] == ",".join(ROWS) for i in rows)
+    assert all("main_table_smollm2.py:decisive,s0,sofar " in lines[i + 1] for i in rows)
+    # the reports go to RESULTS (the report stage would write into the checkout it runs from)
+    reports = [ln for ln in lines if "main_table_smollm2.py:decisive,s0 " in ln or ",sofar " in ln]
+    assert len(reports) == len(rows) + 1
+    assert all(ln.endswith(f"--config.report.results_root={tmp_path / 'results'}") for ln in reports)
     # the finished reference run's rollouts are kept, gzipped
     kept = tmp_path / "results" / "opd_decisive" / "rollouts" / "eagle3" / "opd_plateau_reference_s0"
     assert gzip.decompress((kept / "shard-000001.jsonl.gz").read_bytes()).decode() == shard.read_text()
