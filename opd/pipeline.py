@@ -210,8 +210,8 @@ def stage_report(config, workdir: str) -> dict:
     payload = {"rows": rows, "curves": curves, "curve_rows": curve_rows, "missing": missing}
     report.write_results("report", payload, md, out_dir)
     if rc.results_name:
-        dest = report.write_results(rc.results_name, payload, md, rc.results_root
-                                    and os.path.join(rc.results_root, rc.results_name))
+        dest = os.path.join(rc.results_root, rc.results_name) if rc.results_root else None  # None: experiments/results/
+        dest = report.write_results(rc.results_name, payload, md, dest)
         if curves:
             shutil.copy(os.path.join(out_dir, "curves.png"), os.path.join(dest, "curves.png"))
         logging.info("report: also written to %s", dest)
