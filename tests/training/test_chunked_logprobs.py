@@ -112,10 +112,11 @@ def targets():
             "tied": make_target("llama_mha_tied", seed=6, vocab_size=TV)}
 
 
-def _record(drafter, exact: bool, seed: int = 0) -> ro.RolloutRecord:
+def make_record(drafter, exact: bool, seed: int = 0, error: bool = True, commit: bool = False) -> ro.RolloutRecord:
     """A rollout record of 3 rows x RR rounds of RK drafts (one round inactive) with random text,
-    drafts from the drafter's support and teacher log-probs: the replay reads nothing else (a
-    real rollout would only cost compile time here)."""
+    drafts from the drafter's support and teacher log-probs (on the support if `exact`, at the
+    error positions if `error`, of the committed tokens if `commit`): the replay reads nothing
+    else (a real rollout would only cost compile time here)."""
     rs = np.random.RandomState(seed)
     Bt = 3
     sup = np.asarray(drafter.spec.support_ids(drafter.params))
@@ -130,7 +131,9 @@ def _record(drafter, exact: bool, seed: int = 0) -> ro.RolloutRecord:
         num_accepted_BR=jnp.asarray(n_acc, jnp.int32),
         active_BR=jnp.asarray([[True, True], [True, True], [True, False]]),
         logq_tok_BRK=jnp.zeros((Bt, RR, RK), jnp.float32), teacher_tok_BRK=logp(Bt, RR, RK, 3)[..., 0],
-        teacher_support_BRKW=logp(Bt, RR, RK, W) if exact else None, teacher_error_BRW=logp(Bt, RR, W))
+        teacher_support_BRKW=logp(Bt, RR, RK, W) if exact else None,
+        teacher_error_BRW=logp(Bt, RR, W) if error else None,
+        teacher_commit_BR=logp(Bt, RR, 3)[..., 0] if commit else None)
 
 
 def replay_loss_and_grad(target, drafter, rec, loss_cfg: OPDLossConfig, vocab_chunk: int):
@@ -156,7 +159,7 @@ def test_replay_loss_chunked_equals_the_full_logits_path(targets, kind, tied, na
     else:
         drafter = opd.init_drafter("dflash", target, seed=2, block_size=RK + 1)
     loss_cfg = OPDLossConfig(divergence=name, error_anchor_weight=err, post_rejection_weight=0.5)
-    rec = _record(drafter, exact=name != "k3")
+    rec = make_record(drafter, exact=name != "k3")
     trainable, _ = drafter.split()
     aux = ro.target_features(target.params, target.config, drafter.spec, rec.seq_BS)
     (loss0, out0), grads0 = replay_loss_and_grad(target, drafter, rec, loss_cfg, 0)

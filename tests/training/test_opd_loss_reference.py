@@ -20,7 +20,7 @@ from opd import configs
 from opd.training import rollout as ro
 from opd.training.opd_loss import (PRESETS, OPDLossConfig, TokenLogProbs, committed_teacher_logp,
                                    loss_from_divergences, opd_loss, preset)
-from test_chunked_logprobs import RK as _RK, RR as _RR, replay_loss_and_grad
+from test_chunked_logprobs import RK, TV, make_record, replay_loss_and_grad  # the replay test's K and vocabulary
 
 K = 3
 L = math.log
@@ -278,31 +278,6 @@ def test_defaults_are_unchanged_and_bad_options_are_named():
 
 # ----------------------------------------------------------------------------- rollout and replay
 
-RK, RR, TV, TS = 3, 2, 40, 24  # K, R, the target vocabulary and the text length of the replay test
-assert (RK, RR) == (_RK, _RR)  # replay_loss_and_grad's R and K
-
-
-def _record(drafter, seed=0):
-    """A rollout record of 3 rows x RR rounds (one inactive) with random text and teacher
-    log-probs (as tests/training/test_chunked_logprobs.py), plus the correction tokens' log p."""
-    rs = np.random.RandomState(seed)
-    Bt = 3
-    sup = np.asarray(drafter.spec.support_ids(drafter.params))
-    n_acc = np.array([[1, 3], [0, 2], [2, 1]])
-    anchor = 4 + np.concatenate([np.zeros((Bt, 1), int), np.cumsum(n_acc[:, :-1] + 1, axis=1)], axis=1)
-    logp = lambda *shape: jax.nn.log_softmax(jnp.asarray(2.0 * rs.randn(*shape), jnp.float32))
-    W = len(sup)
-    return ro.RolloutRecord(
-        seq_BS=jnp.asarray(rs.randint(0, TV, (Bt, TS)), jnp.int32), seq_len_B=jnp.full((Bt,), TS, jnp.int32),
-        anchor_BR=jnp.asarray(anchor, jnp.int32),
-        drafts_BRK=jnp.asarray(sup[rs.randint(0, W, (Bt, RR, RK))], jnp.int32),
-        num_accepted_BR=jnp.asarray(n_acc, jnp.int32),
-        active_BR=jnp.asarray([[True, True], [True, True], [True, False]]),
-        logq_tok_BRK=jnp.zeros((Bt, RR, RK), jnp.float32), teacher_tok_BRK=logp(Bt, RR, RK, 3)[..., 0],
-        teacher_support_BRKW=logp(Bt, RR, RK, W), teacher_error_BRW=None,
-        teacher_commit_BR=logp(Bt, RR, 3)[..., 0])
-
-
 @pytest.mark.slow  # two compiles of the replay's value and gradient
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
 def test_replay_loss_chunked_equals_the_full_logits_path_for_the_new_terms(kind):
@@ -315,7 +290,7 @@ def test_replay_loss_chunked_equals_the_full_logits_path_for_the_new_terms(kind)
         drafter = opd.init_drafter("eagle3", target, seed=1, draft_vocab_size=20)
     else:
         drafter = opd.init_drafter("dflash", target, seed=2, block_size=RK + 1)
-    rec = _record(drafter)
+    rec = make_record(drafter, exact=True, error=False, commit=True)
     if kind == "eagle3":  # the committed tokens are drawn from all TV ids: some outside the draft vocabulary
         _, ok = ro.support_index(drafter.params, drafter.spec, ro.committed_tokens(rec))
         assert not bool(np.all(np.asarray(ok))) and bool(np.any(np.asarray(ok)))
